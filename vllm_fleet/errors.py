@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class FleetError(Exception):
     """Base of every error vllm-fleet reports to a user (exit code 2 in the CLI)."""
 
 
-class SettingsError(FleetError):
-    """One bad setting: names the host, the key, the value and the remedy."""
+@dataclass(frozen=True)
+class Problem:
+    """One bad setting: the key, the value as given, what is wrong, how to fix it."""
 
-    def __init__(self, host: str | None, key: str, value: object, problem: str, remedy: str):
-        self.host, self.key, self.value, self.problem, self.remedy = host, key, value, problem, remedy
-        where = f"host {host}: " if host else ""
-        super().__init__(f"{where}{key}={value!r}: {problem}\n  remedy: {remedy}")
+    key: str
+    value: object
+    problem: str
+    remedy: str
+
+    def render(self) -> str:
+        return f"{self.key}={self.value!r}: {self.problem}\n    remedy: {self.remedy}"
+
+
+class SettingsError(FleetError):
+    """Bad host data: names the host, and for each problem the key, value and remedy."""
+
+    def __init__(self, host: str | None, problems: list[Problem]):
+        self.host, self.problems = host, problems
+        where = f"host {host}" if host else "settings"
+        if len(problems) == 1:
+            super().__init__(f"{where}: {problems[0].render()}")
+        else:
+            lines = "\n".join(f"  - {p.render()}" for p in problems)
+            super().__init__(f"{where}: {len(problems)} bad settings, nothing was changed:\n{lines}")
 
 
 class PreflightError(FleetError):
