@@ -1,0 +1,56 @@
+"""Every tunable of vllm-fleet, one commented line each, with its default.
+
+Override per group in group_data/<group>.py (the inventory file's name is a
+group: inventory/prod.py -> group_data/prod.py) or per host in the inventory.
+Unknown `vllm_` keys are an error (with the closest match), so typos cannot
+silently fall back to a default. Secrets come from the environment, never
+from a committed file.
+"""
+
+import os
+
+from vllm_fleet.versions import VLLM_VERSION
+
+# -- the model and its layout (the planner decides what is left as None / "auto") --
+vllm_model = "minimax-m2"                # model profile in models/*.yaml, or a local dir holding config.json
+vllm_served_model_name = None            # name clients send as "model"; None = the profile name
+vllm_gpus = None                         # GPU indices to use, e.g. [1, 3, 4, 5] -> CUDA_VISIBLE_DEVICES; None = all
+vllm_tensor_parallel_size = None         # TP size; None = all selected GPUs / (PP x DP)
+vllm_pipeline_parallel_size = 1          # PP size (layers split across GPUs / nodes)
+vllm_data_parallel_size = 1              # DP size (replicas; with expert parallel for MoE: DP+EP)
+vllm_enable_expert_parallel = None       # expert parallel for MoE; None = the planner's layout rules decide
+vllm_max_model_len = "auto"              # context length; "auto" = the largest that fits the KV cache
+vllm_kv_cache_dtype = "auto"             # auto (model dtype) | bf16 | fp8 (halves KV memory, small quality cost)
+vllm_block_size = None                   # KV block size in tokens; None = vLLM's default
+vllm_gpu_memory_utilization = 0.9        # fraction of each GPU vLLM may take (lower it if others share the GPU)
+vllm_kv_cache_memory_bytes = None        # fixed KV cache bytes per GPU instead of utilization-derived
+vllm_reasoning_parser = None             # None = profile default (minimax_m2_append_think keeps <think> in content)
+vllm_cudagraph_piecewise = False         # True = cudagraph_mode PIECEWISE (fixes "CUDA error: an illegal memory access")
+vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--max-num-seqs", "64"]
+vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
+
+# -- the service --
+vllm_bind_host = "127.0.0.1"             # listen address; anything but loopback requires vllm_api_key
+vllm_port = 8100                         # listen port (preflight fails if another process owns it)
+vllm_api_key = os.environ.get("VLLM_FLEET_API_KEY")  # API key; kept in a 0640 EnvironmentFile, never in argv/logs
+vllm_hf_token = os.environ.get("VLLM_FLEET_HF_TOKEN")  # Hugging Face token for gated repos (same handling)
+vllm_service_user = "vllm"               # unprivileged system user running vLLM
+vllm_service_name = "vllm"               # systemd unit name (vllm.service)
+vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs
+vllm_data_dir = "/var/lib/vllm-fleet"    # weights, compile cache, state
+
+# -- the Python stack --
+vllm_python_version = "3.12"             # Python of the service venv (uv provides it if the OS lacks it)
+vllm_version = VLLM_VERSION              # vLLM release to install (the pin in vllm_fleet/versions.py)
+vllm_channel = "release"                 # release | nightly | source
+vllm_source_url = None                   # git URL of vLLM for channel "source"
+vllm_source_ref = None                   # commit/tag/branch for channel "source"
+vllm_torch_backend = "auto"              # auto (from the driver's CUDA) | cu126 | cu128 | cu130 | cpu
+vllm_index_url = None                    # package index mirror; None = PyPI
+vllm_extra_index_urls = []               # extra package indexes
+vllm_find_links = []                     # wheel directories / URLs (air-gapped hosts)
+vllm_keep_venvs = 2                      # venvs kept for rollback; older ones are pruned
+
+# -- preflight --
+vllm_disk_headroom_gib = 20              # free disk required beyond venv + weights
+vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id -> VERSION_IDs accepted

@@ -1,0 +1,371 @@
+"""Validated settings of one host, built from its pyinfra host data.
+
+Every tunable is a `vllm_`-prefixed key in host data (inventory host data,
+group_data/<group>.py, group_data/all.py). `load_settings` turns the merged
+data of one host into one typed `Settings` value, or raises one
+`SettingsError` naming the host and, for each bad key, its value and remedy.
+It runs while pyinfra is still planning, so bad input changes nothing.
+
+The defaults here and in group_data/all.py are the same by construction: a
+unit test compares them, key by key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vllm_fleet.errors import Problem, SettingsError
+from vllm_fleet.versions import VLLM_VERSION
+
+PREFIX = "vllm_"
+
+# Flags the plan owns: setting them through extra_args would fight the plan.
+_PLAN_OWNED_FLAGS = {
+    "--host": "vllm_bind_host",
+    "--port": "vllm_port",
+    "--tensor-parallel-size": "vllm_tensor_parallel_size",
+    "-tp": "vllm_tensor_parallel_size",
+    "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
+    "-pp": "vllm_pipeline_parallel_size",
+    "--data-parallel-size": "vllm_data_parallel_size",
+    "-dp": "vllm_data_parallel_size",
+    "--enable-expert-parallel": "vllm_enable_expert_parallel",
+    "--max-model-len": "vllm_max_model_len",
+    "--kv-cache-dtype": "vllm_kv_cache_dtype",
+    "--block-size": "vllm_block_size",
+    "--gpu-memory-utilization": "vllm_gpu_memory_utilization",
+    "--kv-cache-memory-bytes": "vllm_kv_cache_memory_bytes",
+    "--served-model-name": "vllm_served_model_name",
+    "--reasoning-parser": "vllm_reasoning_parser",
+    "--trust-remote-code": "the model profile (models/*.yaml)",
+}
+_SECRET_FLAGS = ("--api-key", "--hf-token")
+_SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
+_PY_RE = re.compile(r"^3\.(\d{1,2})$")
+_VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
+
+
+class Settings(BaseModel):
+    """Everything a user can tune for one host. Field names are host-data keys without `vllm_`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    # -- the model and how it is laid out on the GPUs (decided by the planner) --
+    model: str = Field("minimax-m2", description="model profile name from models/*.yaml, or a local directory holding a config.json")
+    served_model_name: str | None = Field(None, description="name clients use in the API (default: the profile name)")
+    gpus: list[int] | None = Field(None, description="GPU indices to use, e.g. [1, 3, 4, 5] (becomes CUDA_VISIBLE_DEVICES); None = all GPUs")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="tensor parallel size; None = the planner picks (all selected GPUs / PP / DP)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline parallel size")
+    data_parallel_size: int = Field(1, ge=1, description="data parallel size")
+    enable_expert_parallel: bool | None = Field(None, description="expert parallelism for MoE models; None = the planner decides from the layout rules")
+    max_model_len: int | Literal["auto"] = Field("auto", description='context length to serve; "auto" = the largest that fits in the KV cache')
+    kv_cache_dtype: Literal["auto", "bfloat16", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field("auto", description="KV cache dtype; auto = the model's dtype")
+    block_size: int | None = Field(None, description="KV cache block size in tokens (None = vLLM's default)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="fraction of each GPU's memory vLLM may use")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="fixed KV cache size per GPU in bytes (overrides gpu_memory_utilization for KV)")
+    reasoning_parser: str | None = Field(None, description="reasoning parser (None = the profile's default)")
+    cudagraph_piecewise: bool = Field(False, description='use --compilation-config {"cudagraph_mode": "PIECEWISE"} (fix for "CUDA error: an illegal memory access")')
+    extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
+    extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service")
+
+    # -- the service --
+    bind_host: str = Field("127.0.0.1", description="address vLLM listens on; a non-loopback address needs vllm_api_key")
+    port: int = Field(8100, ge=1, le=65535, description="TCP port vLLM listens on")
+    api_key: SecretStr | None = Field(None, description="API key clients must send; lives only in the service's EnvironmentFile")
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated repos; lives only in an EnvironmentFile")
+    service_user: str = Field("vllm", description="unprivileged system user the service runs as")
+    service_name: str = Field("vllm", description="systemd unit name (without .service)")
+    base_dir: str = Field("/opt/vllm-fleet", description="venvs and the toolkit's programs on the host")
+    data_dir: str = Field("/var/lib/vllm-fleet", description="weights, caches and state on the host")
+
+    # -- the Python stack --
+    python_version: str = Field("3.12", description="Python version of the service venv (uv installs it if the host lacks it)")
+    version: str = Field(VLLM_VERSION, description="vLLM version (release channel) or minimum (nightly)")
+    channel: Literal["release", "nightly", "source"] = Field("release", description="where vLLM comes from")
+    source_url: str | None = Field(None, description="git URL for channel=source")
+    source_ref: str | None = Field(None, description="git ref (commit, tag, branch) for channel=source")
+    torch_backend: str = Field("auto", description="torch build: auto (from the driver's CUDA), cu128, cu130, cpu, ...")
+    index_url: str | None = Field(None, description="Python package index (a mirror); None = PyPI")
+    extra_index_urls: list[str] = Field(default_factory=list, description="extra package indexes")
+    find_links: list[str] = Field(default_factory=list, description="local wheel directories or URLs to find packages in")
+    keep_venvs: int = Field(2, ge=1, le=10, description="venvs kept for rollback (older ones are pruned)")
+
+    # -- preflight --
+    disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")
+    supported_os: dict[str, list[str]] = Field(
+        default_factory=lambda: {"ubuntu": ["22.04", "24.04"], "debian": ["12"]},
+        description="OS id -> supported VERSION_IDs (from /etc/os-release)",
+    )
+
+    # ---------------------------------------------------------------- checks --
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty|leave vllm_gpus unset (None) to use every GPU, or list indices like [0, 1]")
+        if any(i < 0 for i in v):
+            raise ValueError("GPU indices are never negative|use indices as `nvidia-smi -L` lists them, from 0")
+        dups = sorted({i for i in v if v.count(i) > 1})
+        if dups:
+            raise ValueError(f"lists GPU {dups[0]} twice|list each GPU index once")
+        return v
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _max_len(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 16:
+            raise ValueError('is too small to serve anything|use "auto" or a length such as 131072')
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int | None) -> int | None:
+        if v is not None and (v < 1 or v & (v - 1)):
+            raise ValueError("is not a power of two|use 16, 32 or 64, or leave it unset")
+        return v
+
+    @field_validator("bind_host")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("is not an IP address|use an address such as 127.0.0.1 or 0.0.0.0") from None
+        return v
+
+    @field_validator("service_user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not _USER_RE.match(v) or v == "root":
+            raise ValueError("is not a valid unprivileged user name|use a lower-case name such as vllm (never root)")
+        return v
+
+    @field_validator("service_name")
+    @classmethod
+    def _unit(cls, v: str) -> str:
+        if not _UNIT_RE.match(v) or v.endswith(".service"):
+            raise ValueError("is not a unit name|use letters, digits and -_. without the .service suffix, e.g. vllm")
+        return v
+
+    @field_validator("base_dir", "data_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        p = PurePosixPath(v)
+        if not p.is_absolute() or ".." in p.parts or str(p) == "/":
+            raise ValueError("must be an absolute path below /, without ..|use a path such as /opt/vllm-fleet")
+        return str(p)
+
+    @field_validator("python_version")
+    @classmethod
+    def _py(cls, v: str) -> str:
+        m = _PY_RE.match(v)
+        if not m or not 10 <= int(m.group(1)) <= 13:
+            raise ValueError("is not a Python vLLM supports|use 3.10, 3.11, 3.12 or 3.13")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not _VERSION_RE.match(v):
+            raise ValueError(f"is not a version|use a release such as {VLLM_VERSION}")
+        return v
+
+    @field_validator("index_url", "source_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
+            raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
+        return v
+
+    @field_validator("extra_index_urls", "find_links")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
+                raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
+        return v
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, v: list[str]) -> list[str]:
+        for a in v:
+            flag = a.split("=", 1)[0]
+            if flag in _SECRET_FLAGS:
+                raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
+            if flag in _PLAN_OWNED_FLAGS:
+                raise ValueError(f"sets {flag}, which the plan owns|set {_PLAN_OWNED_FLAGS[flag]} instead")
+        return v
+
+    @field_validator("extra_env")
+    @classmethod
+    def _extra_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if k in _SECRET_ENV:
+                raise ValueError(f"sets {k}, a secret, in plain service environment|set vllm_api_key / vllm_hf_token instead")
+            if k == "CUDA_VISIBLE_DEVICES":
+                raise ValueError("sets CUDA_VISIBLE_DEVICES|set vllm_gpus instead (the toolkit derives it)")
+        return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("is shorter than 8 characters|use a long random key, e.g. `openssl rand -hex 24`")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if self.api_key is None and not ipaddress.ip_address(self.bind_host).is_loopback:
+            raise _Cross("api_key", None, f"is missing while vLLM listens on {self.bind_host}, reachable from other machines",
+                         "set vllm_api_key (e.g. from an environment variable in group_data/all.py), or set vllm_bind_host = \"127.0.0.1\"")
+        if self.channel == "source" and not self.source_url:
+            raise _Cross("source_url", None, "is required when vllm_channel = \"source\"",
+                         "set vllm_source_url to a git URL of vLLM (and vllm_source_ref to a commit or tag)")
+        if self.channel != "source" and (self.source_url or self.source_ref):
+            raise _Cross("channel", self.channel, "is not \"source\" but vllm_source_url/ref are set",
+                         "set vllm_channel = \"source\", or remove vllm_source_url/vllm_source_ref")
+        if self.gpus is not None:
+            used = self.pipeline_parallel_size * self.data_parallel_size * (self.tensor_parallel_size or 1)
+            if self.tensor_parallel_size is not None and used != len(self.gpus):
+                raise _Cross("tensor_parallel_size", self.tensor_parallel_size,
+                             f"times pipeline ({self.pipeline_parallel_size}) x data ({self.data_parallel_size}) parallel uses {used} GPUs, "
+                             f"but vllm_gpus selects {len(self.gpus)}",
+                             f"make TP x PP x DP equal the number of GPUs in vllm_gpus ({len(self.gpus)}), or leave vllm_tensor_parallel_size unset")
+            if self.tensor_parallel_size is None and len(self.gpus) % (self.pipeline_parallel_size * self.data_parallel_size):
+                raise _Cross("gpus", self.gpus,
+                             f"selects {len(self.gpus)} GPUs, not a multiple of PP x DP = {self.pipeline_parallel_size * self.data_parallel_size}",
+                             "select a number of GPUs divisible by vllm_pipeline_parallel_size x vllm_data_parallel_size")
+        return self
+
+    # ----------------------------------------------------------------- views --
+
+    @property
+    def cuda_visible_devices(self) -> str | None:
+        return None if self.gpus is None else ",".join(str(i) for i in self.gpus)
+
+
+class _Cross(ValueError):
+    """A cross-field problem, carried out of a model validator with its key and remedy."""
+
+    def __init__(self, key: str, value: object, problem: str, remedy: str):
+        super().__init__(problem)
+        self.problem = Problem(PREFIX + key, value, problem, remedy)
+
+
+def _remedy_for(key: str, err: dict[str, Any]) -> tuple[str, str]:
+    """Turn one pydantic error into (problem, remedy) text."""
+    field = Settings.model_fields.get(key[len(PREFIX):])
+    desc = field.description if field else ""
+    msg: str = err.get("msg", "is invalid")
+    if err["type"] == "value_error":
+        text = msg.removeprefix("Value error, ")
+        problem, _, remedy = text.partition("|")
+        return problem, remedy or f"{key}: {desc}"
+    expected = msg[0].lower() + msg[1:] if msg else "is invalid"
+    return f"is invalid ({expected})", f"set {key} to a valid value: {desc}"
+
+
+def _unknown_key_problem(key: str) -> Problem:
+    known = [PREFIX + k for k in Settings.model_fields]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see group_data/all.py for every key"
+    return Problem(key, "...", "is not a vllm-fleet setting", f"{hint} (remove or rename it)")
+
+
+def load_settings(data: Mapping[str, Any], host: str | None = None) -> Settings:
+    """Validate the `vllm_*` keys of one host's data into `Settings`.
+
+    + data: the host's merged data (``host.data.dict()``); keys without the
+      ``vllm_`` prefix belong to pyinfra and its connectors and are ignored.
+    + host: the host's name, used in error messages.
+
+    Raises `SettingsError` listing every bad key with its remedy.
+    """
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):]
+        if name not in Settings.model_fields:
+            problems.append(_unknown_key_problem(key))
+            continue
+        values[name] = value
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            ctx = err.get("ctx") or {}
+            if isinstance(ctx.get("error"), _Cross):
+                problems.append(ctx["error"].problem)
+                continue
+            loc = err["loc"]
+            key = PREFIX + str(loc[0]) if loc else PREFIX + "?"
+            value = _shown(str(loc[0]), values.get(str(loc[0]))) if loc else None
+            problem, remedy = _remedy_for(key, err)
+            problems.append(Problem(key, value, problem, remedy))
+        raise SettingsError(host, _dedupe(problems)) from None
+    problems.extend(_model_problems(settings))
+    if problems:
+        raise SettingsError(host, problems)
+    return settings
+
+
+def _model_problems(settings: Settings) -> list[Problem]:
+    """The model must name a profile in models/ or a directory holding config.json."""
+    from vllm_fleet.errors import FleetError
+    from vllm_fleet.modelinfo import load_profile
+
+    try:
+        load_profile(settings.model)
+    except FleetError as exc:
+        return [Problem(PREFIX + "model", settings.model, str(exc).split("\n")[0],
+                        "use a profile name from `vllm-fleet plan --list-models` (models/*.yaml) or a directory holding config.json")]
+    return []
+
+
+def _shown(name: str, value: object) -> object:
+    """A value as it may appear in an error: secrets, and argv/env that may hold one, masked."""
+    if name in ("api_key", "hf_token"):
+        return "***"
+    if name == "extra_args" and isinstance(value, list):
+        out, hide = [], False
+        for a in value:
+            flag = str(a).split("=", 1)[0]
+            out.append("***" if hide else f"{flag}=***" if flag in _SECRET_FLAGS and "=" in str(a) else a)
+            hide = flag in _SECRET_FLAGS and "=" not in str(a)
+        return out
+    if name == "extra_env" and isinstance(value, dict):
+        return {k: "***" if k in _SECRET_ENV else v for k, v in value.items()}
+    return value
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    """Union-typed fields report one error per member type; keep the first per key."""
+    seen: set[str] = set()
+    out = []
+    for p in problems:
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+    return out
