@@ -68,7 +68,7 @@ PACKAGES = (
 )
 IMAGE = "fleet-testhost:bookworm"
 LABEL_KEY = "vllm-fleet.rootfs"
-LABEL_HOST = "vllm-fleet.testhost"
+LABEL_SPEC = "vllm-fleet.container"
 DOUBLE_ETC = "etc/vllm-fleet-test"
 OVERLAY_STAMP = f"{DOUBLE_ETC}/overlay.sha256"
 HOLDER_COMMAND = ("/usr/bin/python3", "-c", "import signal; signal.pause()")
@@ -283,22 +283,32 @@ def is_healthy(host: TestHost, key: str) -> tuple[bool, str]:
         return False, "absent"
     if not info["State"]["Running"]:
         return False, f"not running ({info['State']['Status']})"
-    if info["Config"]["Labels"].get(LABEL_KEY) != key:
-        return False, "made from an older image"
+    labels = info["Config"]["Labels"]
+    if labels.get(LABEL_KEY) != key or labels.get(LABEL_SPEC) != spec_digest(host):
+        return False, "made from an older image or with other flags"
     state = systemd_state(host.name, wait=True)
     if state not in ("running", "degraded"):
         return False, f"systemd is {state}"
     return True, state
 
 
+def create_args(host: TestHost) -> list[str]:
+    """The `docker create` arguments of a host (its own hostname resolves, for sudo)."""
+    return [*RUN_FLAGS, "--name", host.name, "--hostname", host.name, "--add-host", f"{host.name}:127.0.1.1"]
+
+
+def spec_digest(host: TestHost) -> str:
+    """Digest of the create arguments: a container made with other flags is recreated."""
+    return hashlib.sha256(json.dumps(create_args(host)).encode()).hexdigest()[:16]
+
+
 def create(host: TestHost, key: str) -> None:
     """Create the container, put its overlay in place and boot systemd."""
     docker("rm", "-f", host.name, check=False)
     docker(
-        "create", *RUN_FLAGS, "--name", host.name, "--hostname", host.name,
-        "--label", f"{LABEL_KEY}={key}", "--label", f"{LABEL_HOST}=1",
+        "create", *create_args(host), "--label", f"{LABEL_KEY}={key}", "--label", f"{LABEL_SPEC}={spec_digest(host)}",
         IMAGE, "/lib/systemd/systemd",
-    )  # fmt: skip
+    )
     install_overlay(host)
     docker("start", host.name)
     state = systemd_state(host.name, wait=True)
