@@ -103,6 +103,7 @@ class SshAccess:
 class TestHost:
     """One test host: its container name, hardware file and optional SSH access."""
 
+    __test__ = False  # a data class, not a pytest test class
     name: str
     hardware: Path
     ssh: SshAccess | None

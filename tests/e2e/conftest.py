@@ -1,0 +1,49 @@
+"""End-to-end fixtures: bring the container test hosts up once per session.
+
+`python -m pytest` on a machine with a Docker engine and debootstrap builds and
+starts the hosts itself (tests/hosts.py up); without a Docker engine the e2e
+tests fail with the reason, they are never silently skipped. The hosts are left
+running afterwards (reused by the next session); `python tests/hosts.py down`
+removes them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+import pytest
+from tests import hosts
+from tests.e2e.harness import REPO
+
+HERE = Path(__file__).resolve().parent
+UP_TIMEOUT_S = 1200  # a cold start runs debootstrap (about a minute or two)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e carries the `e2e` marker (select with -m e2e / -m 'not e2e')."""
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def test_hosts() -> list[hosts.TestHost]:
+    """The test hosts (tests/hosts.py TestHost objects), up and with systemd running."""
+    if not hosts.engine_answers():
+        pytest.fail(
+            "e2e tests need a Docker engine and none answers `docker info`: install docker.io and start "
+            "`dockerd --bridge=none --iptables=false --ip-forward=false` (or run .ci/run), see tests/README.md",
+            pytrace=False,
+        )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "hosts.py"), "up"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=UP_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"tests/hosts.py up failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}", pytrace=False)
+    return hosts.load_hosts()
