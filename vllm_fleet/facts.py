@@ -216,7 +216,8 @@ class HostSnapshot(FactBase[Snapshot]):
     A missing tool or a failing section does not fail the fact: the section
     is named in ``errors`` with its exit status and its fields stay empty.
 
-    + paths: directories whose filesystem to measure (missing ones at their nearest existing ancestor)
+    + paths: directories whose filesystem to measure (missing ones at their nearest
+      existing ancestor); one string is one path, as ``pyinfra @HOST fact`` passes it
 
     .. code:: python
 
@@ -236,8 +237,8 @@ class HostSnapshot(FactBase[Snapshot]):
     """
 
     @override
-    def command(self, paths: Sequence[str] = ()) -> str:
-        return snapshot_command(list(paths))
+    def command(self, paths: str | Sequence[str] = ()) -> str:
+        return snapshot_command([paths] if isinstance(paths, str) else list(paths))
 
     @override
     def process(self, output: list[str]) -> Snapshot:

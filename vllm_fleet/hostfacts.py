@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 #: The three nvidia-smi queries. They are also the contract with the
@@ -57,8 +57,16 @@ class HostFactError(ValueError):
     """A command printed something its parser does not understand."""
 
 
+class _Result:
+    """Base of the fact results: ``to_json`` lets ``pyinfra INVENTORY fact ...`` print them."""
+
+    def to_json(self) -> dict[str, object]:
+        """The result as plain dicts and lists."""
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class Gpu:
+class Gpu(_Result):
     """One GPU as ``nvidia-smi --query-gpu`` reports it (memory in MiB; None: not reported)."""
 
     index: int
@@ -70,7 +78,7 @@ class Gpu:
 
 
 @dataclass(frozen=True)
-class GpuProcess:
+class GpuProcess(_Result):
     """One compute process holding GPU memory (``gpu_index`` is mapped from its GPU's uuid)."""
 
     gpu_index: int | None
@@ -81,7 +89,7 @@ class GpuProcess:
 
 
 @dataclass(frozen=True)
-class GpuInfo:
+class GpuInfo(_Result):
     """The NVIDIA driver, the newest CUDA it supports, its GPUs and who holds their memory.
 
     ``driver_error`` holds nvidia-smi's own message when it ran but could not
@@ -101,7 +109,7 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
-class Listener:
+class Listener(_Result):
     """One listening socket from ``ss -Htlnp`` (``pid``/``process`` None when ss could not see them)."""
 
     proto: str
@@ -112,7 +120,7 @@ class Listener:
 
 
 @dataclass(frozen=True)
-class DiskSpace:
+class DiskSpace(_Result):
     """Space on the filesystem holding ``path`` (or its nearest existing ancestor)."""
 
     path: str
@@ -122,7 +130,7 @@ class DiskSpace:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(_Result):
     """Everything preflight needs from one host, read in one round trip.
 
     ``errors`` maps a section that failed (or printed something unparseable)
