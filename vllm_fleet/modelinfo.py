@@ -10,6 +10,7 @@ and a real config.json go through the same parser (`Architecture.from_hf_config`
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from enum import Enum
@@ -264,7 +265,9 @@ def load_profile(name_or_path: str | Path) -> Profile:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def _profile_from_yaml(path: Path) -> Profile:
+    """Parse one profile file (cached: profiles do not change while a process runs)."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
