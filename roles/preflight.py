@@ -1,4 +1,4 @@
-"""Preflight: read the host in one round trip, stop everything if anything is wrong.
+"""Preflight: read the host in one round trip, plan on its real GPUs, stop everything if anything is wrong.
 
 Adds no operation. It runs while pyinfra plans, so a problem on any host ends
 the run before any host is changed.
@@ -6,19 +6,53 @@ the run before any host is changed.
 
 from __future__ import annotations
 
-from pyinfra import host
+from dataclasses import dataclass
+
+from pyinfra import host, logger
 
 from roles.common import abort
 from vllm_fleet import preflight
-from vllm_fleet.errors import PreflightError
+from vllm_fleet.errors import FleetError, PreflightError
 from vllm_fleet.facts import HostSnapshot
+from vllm_fleet.hardware import Hardware
+from vllm_fleet.hostfacts import Snapshot
+from vllm_fleet.plan import Plan, make_plan
 from vllm_fleet.settings import Settings
 
 
-def run(settings: Settings, weights_bytes: int = 0):
-    """Gather the host's snapshot, check it, and return it for later steps."""
+@dataclass(frozen=True)
+class HostState:
+    """What preflight learnt and decided for one host, for the later steps."""
+
+    snapshot: Snapshot
+    plan: Plan
+
+
+def run(settings: Settings) -> HostState:
+    """Gather the host's snapshot, plan on its selected GPUs, check both; return them."""
     snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir])
-    problems = preflight.check(settings, snap, weights_bytes=weights_bytes)
+    problems = preflight.check(settings, snap)
+    plan = None
+    if not problems:
+        try:
+            plan = _plan(settings, snap)
+        except FleetError as exc:
+            problems.append(f"cannot plan: {exc}")
+    if plan is not None:
+        problems += [f"plan {f.code}: {f.message}; remedy: {f.remedy}" for f in plan.errors]
+        problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes)
     if problems:
         abort(PreflightError(host.name, problems))
-    return snap
+    for f in plan.warnings:
+        logger.warning(f"{host.print_prefix}plan warning {f.code}: {f.message} (remedy: {f.remedy})")
+    return HostState(snap, plan)
+
+
+def _plan(settings: Settings, snap: Snapshot) -> Plan:
+    gpus = {g.index: g for g in snap.gpu.gpus}
+    selected = settings.gpus if settings.gpus is not None else sorted(gpus)
+    hardware = Hardware.from_facts([
+        {"name": gpus[i].name, "memory_total_mib": gpus[i].memory_total_mib, "compute_cap": gpus[i].compute_capability}
+        for i in selected
+    ])
+    return make_plan(settings.model, hardware, settings.plan_options())

@@ -40,20 +40,14 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def check(settings: Settings, snap, *, ours: Ours = Ours(), weights_bytes: int = 0) -> list[str]:
-    """Every problem preflight finds on one host (empty list: go ahead).
+def check(settings: Settings, snap, *, ours: Ours = Ours()) -> list[str]:
+    """Every problem preflight finds on one host before planning (empty list: go ahead).
 
     + settings: the host's validated settings.
     + snap: the host's `hostfacts.Snapshot`.
     + ours: PIDs of this deploy's own service (they may hold the port and GPUs).
-    + weights_bytes: bytes of weights still to place on the host (0 if unknown/present).
     """
-    problems: list[str] = []
-    problems += _os(settings, snap)
-    problems += _gpus(settings, snap, ours)
-    problems += _port(settings, snap, ours)
-    problems += _disk(settings, snap, weights_bytes)
-    return problems
+    return _os(settings, snap) + _gpus(settings, snap, ours) + _port(settings, snap, ours)
 
 
 def _os(settings: Settings, snap) -> list[str]:
@@ -63,7 +57,7 @@ def _os(settings: Settings, snap) -> list[str]:
         supported = ", ".join(f"{k} {'/'.join(v)}" for k, v in settings.supported_os.items())
         out.append(f"OS {snap.os_id} {snap.os_version} is not supported (supported: {supported}); "
                    "remedy: use a supported OS, or add it to vllm_supported_os if you have tested it")
-    if not snap.systemd_version:
+    if not snap.systemd_running:
         out.append("systemd is not running on the host (the service is a systemd unit); remedy: boot the host with systemd as PID 1")
     want = settings.python_version
     if snap.python_version is None:
@@ -97,6 +91,9 @@ def _gpus(settings: Settings, snap, ours: Ours) -> list[str]:
     fits = []
     for i in selected:
         g = by_index[i]
+        if not g.memory_total_mib or g.memory_used_mib is None:
+            out.append(f"GPU {i} ({g.name}) reports no memory figures ([N/A]); remedy: check `nvidia-smi -i {i}` (MIG mode, a fallen-off GPU)")
+            continue
         foreign = [p for p in gpu.processes if p.gpu_index == i and p.pid not in ours.pids]
         ours_mib = sum(p.used_memory_mib for p in gpu.processes if p.gpu_index == i and p.pid in ours.pids)
         used_mib = max(0, g.memory_used_mib - ours_mib)
@@ -122,7 +119,8 @@ def _port(settings: Settings, snap, ours: Ours) -> list[str]:
             f"remedy: stop that process, or set vllm_port to a free port for this host"]
 
 
-def _disk(settings: Settings, snap, weights_bytes: int) -> list[str]:
+def check_disk(settings: Settings, snap, weights_bytes: int) -> list[str]:
+    """Free disk for the venv (base_dir) and the weights (data_dir), per filesystem."""
     out = []
     headroom = settings.disk_headroom_gib * GIB
     needs = {settings.base_dir: VENV_BYTES, settings.data_dir: weights_bytes}

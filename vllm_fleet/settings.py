@@ -263,6 +263,30 @@ class Settings(BaseModel):
     def cuda_visible_devices(self) -> str | None:
         return None if self.gpus is None else ",".join(str(i) for i in self.gpus)
 
+    def plan_options(self, model_path: str | None = None):
+        """The planner's options for this host (the planner decides every vLLM flag)."""
+        from vllm_fleet.plan import PlanOptions
+
+        return PlanOptions(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            enable_expert_parallel=self.enable_expert_parallel,
+            max_model_len=self.max_model_len,
+            kv_cache_dtype=self.kv_cache_dtype,
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            vllm_version=self.version,
+            model_path=model_path,
+            served_model_name=self.served_model_name,
+            host=self.bind_host,
+            port=self.port,
+            reasoning_parser=self.reasoning_parser,
+            cudagraph_piecewise=self.cudagraph_piecewise,
+            extra_args=tuple(self.extra_args),
+        )
+
 
 class _Cross(ValueError):
     """A cross-field problem, carried out of a model validator with its key and remedy."""
