@@ -88,26 +88,26 @@ def _gpus(settings: Settings, snap, ours: Ours) -> list[str]:
         out.append(f"vllm_gpus={settings.gpus} names GPU {', '.join(map(str, missing))}, but the host has GPUs "
                    f"{sorted(by_index)}; remedy: pick indices from `nvidia-smi -L`")
         return out
-    fits = []
+    fits, short = [], []
     for i in selected:
         g = by_index[i]
         if not g.memory_total_mib or g.memory_used_mib is None:
             out.append(f"GPU {i} ({g.name}) reports no memory figures ([N/A]); remedy: check `nvidia-smi -i {i}` (MIG mode, a fallen-off GPU)")
             continue
         foreign = [p for p in gpu.processes if p.gpu_index == i and p.pid not in ours.pids]
-        ours_mib = sum(p.used_memory_mib for p in gpu.processes if p.gpu_index == i and p.pid in ours.pids)
+        ours_mib = sum(p.used_memory_mib or 0 for p in gpu.processes if p.gpu_index == i and p.pid in ours.pids)
         used_mib = max(0, g.memory_used_mib - ours_mib)
         free_mib = g.memory_total_mib - used_mib
         want_mib = settings.gpu_memory_utilization * g.memory_total_mib
         fits.append(free_mib / g.memory_total_mib)
         if free_mib < want_mib:
             holders = ", ".join(f"pid {p.pid} ({p.name}, {p.used_memory_mib} MiB)" for p in foreign) or "no listed process (check `nvidia-smi`)"
-            out.append(f"GPU {i} ({g.name}) has {free_mib / 1024:.2f}/{g.memory_total_mib / 1024:.2f} GiB free, less than "
-                       f"vllm_gpu_memory_utilization={settings.gpu_memory_utilization} needs ({want_mib / 1024:.2f} GiB); held by {holders}")
-    if out and fits:
+            short.append(f"GPU {i} ({g.name}) has {free_mib / 1024:.2f}/{g.memory_total_mib / 1024:.2f} GiB free, less than "
+                         f"vllm_gpu_memory_utilization={settings.gpu_memory_utilization} needs ({want_mib / 1024:.2f} GiB); held by {holders}")
+    if short:
         best = math.floor(min(fits) * 100) / 100
-        out.append(f"remedy: stop the processes above, choose other GPUs with vllm_gpus, or set vllm_gpu_memory_utilization <= {best:.2f}")
-    return out
+        short.append(f"remedy: stop the processes above, choose other GPUs with vllm_gpus, or set vllm_gpu_memory_utilization <= {best:.2f}")
+    return out + short
 
 
 def _port(settings: Settings, snap, ours: Ours) -> list[str]:
