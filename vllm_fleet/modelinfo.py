@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,6 @@ class Profile:
     known_issues: tuple[KnownIssue, ...] = ()
     local_path: Path | None = None
     """Set when the model was given as a directory/config.json rather than a profile name."""
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def list_profiles() -> list[str]:
@@ -303,7 +302,6 @@ def _profile_from_yaml(path: Path) -> Profile:
         enable_auto_tool_choice=bool(flags.get("enable_auto_tool_choice", False)),
         expert_parallel=str(flags.get("expert_parallel", "auto")),
         known_issues=issues,
-        notes=tuple(str(n) for n in data.get("notes") or ()),
     )
 
 

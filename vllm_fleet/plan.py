@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +182,6 @@ class Plan:
     env_reasons: dict[str, str]
     warnings: tuple[Finding, ...]
     errors: tuple[Finding, ...]
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def argv(self) -> list[str]:
@@ -330,7 +329,12 @@ def _fp8_block_problems(arch: Architecture, tp: int, ep: bool) -> list[str]:
     if arch.moe is not None and not ep:
         inter = arch.moe.intermediate_size
         if inter % tp or (inter // tp) % bk or (inter // tp) % bn:
-            out.append(f"expert intermediate size {inter}/{tp}={inter / tp:g} is not divisible by the FP8 block {bk}")
+            # vllm/model_executor/layers/quantization/fp8.py Fp8MoEMethod.create_weights
+            out.append(
+                f"expert intermediate size {inter}/{tp}={inter / tp:g} is not divisible by the FP8 block {bn} "
+                f"(vLLM: \"The output_size of gate's and up's weight = {inter // tp} is not divisible by "
+                f"weight quantization block_n = {bn}\")"
+            )
     if arch.attention is not AttentionKind.MLA:
         qd = arch.num_attention_heads * arch.head_dim
         if qd % tp == 0 and (qd // tp) % bn:
@@ -400,7 +404,6 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
     tp = layout.tensor_parallel_size
     errors: list[Finding] = []
     warnings: list[Finding] = []
-    notes: list[str] = []
 
     if layout.world_size > hw.count:
         errors.append(Finding(
@@ -515,8 +518,6 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
 
     flags = _flags(profile, layout, options, chosen, source)
     env, env_reasons = _env(layout)
-    if layout.expert_parallel and options.enable_expert_parallel is None:
-        notes.append("expert parallel chosen by the layout rules")
     return Plan(
         model=profile.name, hardware=hw.describe(), gpu_count=hw.count, vllm_version=options.vllm_version,
         layout=layout, attention=arch.attention.value, kv_cache_dtype=options.kv_cache_dtype, block_size=block,
@@ -524,7 +525,7 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
         max_model_len_that_fits=fits, model_max_len=model_max,
         kv_cache_bytes_per_token_per_gpu=layout_kv.bytes_per_token(), kv_capacity_tokens=capacity,
         memory_per_gpu=memory, weights_bytes=profile.weights_bytes, flags=tuple(flags), env=env,
-        env_reasons=env_reasons, warnings=tuple(warnings), errors=tuple(errors), notes=tuple(notes),
+        env_reasons=env_reasons, warnings=tuple(warnings), errors=tuple(errors),
     )
 
 
