@@ -536,7 +536,7 @@ def _fit_remedy(short: kv.KVShortfall, profile: Profile, layout: Layout, hw: Har
     if options.kv_cache_memory_bytes is None:
         util = (weights + overhead.total + short.needed) / total
         if util <= 0.98:
-            ways.append(f"--gpu-memory-utilization {-(-int(util * 100)) / 100:.2f}")
+            ways.append(f"--gpu-memory-utilization {math.ceil(util * 100) / 100:.2f}")
     if options.kv_cache_dtype == "auto" and profile.arch.dtype_bytes > 1:
         fp8 = kv.layout_for(profile.arch, tensor_parallel_size=layout.tensor_parallel_size,
                             pipeline_parallel_size=layout.pipeline_parallel_size, kv_cache_dtype="fp8",
@@ -605,7 +605,8 @@ def _env(layout: Layout) -> tuple[dict[str, str], dict[str, str]]:
     values = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     if layout.world_size > 1:
         nvls = "NVLink multicast off, as in the working 2xH200 run (gpu/NOTES.md)"
-        for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "VLLM_ALLREDUCE_USE_SYMM_MEM"):
+        for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                    "VLLM_ALLREDUCE_USE_SYMM_MEM"):
             reasons[key] = nvls
         values.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NVSHMEM_DISABLE_NVLS": "1", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"})

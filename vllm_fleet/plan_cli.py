@@ -98,7 +98,8 @@ def render(plan: Plan) -> str:
 
     t = Table(title="Layout", title_justify="left", show_header=False)
     t.add_row("GPUs used", f"{lay.world_size} of {plan.gpu_count}")
-    t.add_row("tensor / pipeline / data parallel", f"{lay.tensor_parallel_size} / {lay.pipeline_parallel_size} / {lay.data_parallel_size}")
+    sizes = f"{lay.tensor_parallel_size} / {lay.pipeline_parallel_size} / {lay.data_parallel_size}"
+    t.add_row("tensor / pipeline / data parallel", sizes)
     t.add_row("expert parallel", "yes" if lay.expert_parallel else "no")
     t.add_row("attention", plan.attention)
     console.print(t)
@@ -111,7 +112,8 @@ def render(plan: Plan) -> str:
     m.add_row("overhead", f"{_gib(o.total)} = non-torch {_gib(o.non_torch)} (measured) + activations "
               f"{_gib(o.activations)} + CUDA graphs {_gib(o.cuda_graphs)} + margin {_gib(o.margin)} (estimates)")
     m.add_row("available for KV cache", _gib(mem.available_for_kv) + (" (fixed)" if mem.available_is_exact else " (predicted)"))
-    m.add_row("KV for max-model-len", f"{_gib(mem.kv_for_max_len)} (kv-cache-dtype {plan.kv_cache_dtype}, block {plan.block_size})")
+    kv_note = f"kv-cache-dtype {plan.kv_cache_dtype}, block {plan.block_size}"
+    m.add_row("KV for max-model-len", f"{_gib(mem.kv_for_max_len)} ({kv_note})")
     m.add_row("KV bytes per token", f"{plan.kv_cache_bytes_per_token_per_gpu:,}")
     m.add_row("KV capacity", f"{plan.kv_capacity_tokens:,} tokens")
     console.print(m)

@@ -197,3 +197,11 @@ def test_other_profiles_plan_on_8xh200(model: str) -> None:
     plan = make_plan(model, "8xH200")
     assert plan.ok, plan.errors
     assert plan.max_model_len > 0 and plan.weights_bytes > 50e9
+
+
+def test_suggested_utilization_makes_the_length_fit() -> None:
+    plan = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608))
+    err = [e for e in plan.errors if e.code == "KV_DOES_NOT_FIT"][0]
+    util = float(err.remedy.split("--gpu-memory-utilization ")[1].split(",")[0].split(" ")[0].rstrip("."))
+    again = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608, gpu_memory_utilization=util))
+    assert again.ok, again.errors
