@@ -48,12 +48,12 @@ class GpuModel:
 
 
 # A800-80G: the seed log's vLLM error reports "79.25 GiB" total on an A800-SXM4-80GB.
-# A100-80G is the same board memory-wise (A800 is the export variant), so it shares it.
+# A100-80G is assumed to match (A800 is its export variant) but that is not measured: "nominal".
 # H200: NOTES.md, nvidia-smi memory.total 143771 MiB, which vLLM reported as 140.40 GiB.
 _A800_80G = int(79.25 * GiB)
 CATALOG: tuple[GpuModel, ...] = (
     GpuModel("A100-40G", 40 * GiB, (8, 0), "nominal", ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100-40GB")),
-    GpuModel("A100-80G", _A800_80G, (8, 0), "measured", ("A100-SXM4-80GB", "A100-80GB-PCIE", "A100-80GB")),
+    GpuModel("A100-80G", _A800_80G, (8, 0), "nominal", ("A100-SXM4-80GB", "A100-80GB-PCIE", "A100-80GB")),
     GpuModel("A800-40G", 40 * GiB, (8, 0), "nominal", ("A800-SXM4-40GB", "A800-PCIE-40GB", "A800-40GB")),
     GpuModel("A800-80G", _A800_80G, (8, 0), "measured", ("A800-SXM4-80GB", "A800-80GB-PCIE", "A800-80GB")),
     GpuModel("A10", 24 * GiB, (8, 6), "nominal", ("A10-24G",)),
