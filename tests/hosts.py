@@ -142,19 +142,14 @@ def load_hosts() -> list[TestHost]:
 
 
 def docker(*args: str, check: bool = True, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the docker CLI and capture its output."""
-    proc = subprocess.run(
-        ["docker", *args],
-        input=stdin.decode("latin-1") if stdin is not None else None,
-        capture_output=True,
-        text=True,
-        encoding="latin-1",
-        timeout=timeout,
-        check=False,
+    """Run the docker CLI (stdin may be binary, e.g. a tar stream) and capture its output as text."""
+    proc = subprocess.run(["docker", *args], input=stdin, capture_output=True, timeout=timeout, check=False)
+    result = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     )
-    if check and proc.returncode != 0:
-        raise HostError(f"docker {' '.join(args[:3])} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
+    if check and result.returncode != 0:
+        raise HostError(f"docker {' '.join(args[:3])} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
 
 
 def docker_exec(
