@@ -24,9 +24,12 @@ vllm_kv_cache_dtype = "auto"             # auto (model dtype) | bf16 | fp8 (halv
 vllm_block_size = None                   # KV block size in tokens; None = vLLM's default
 vllm_gpu_memory_utilization = 0.9        # fraction of each GPU vLLM may take (lower it if others share the GPU)
 vllm_kv_cache_memory_bytes = None        # fixed KV cache bytes per GPU instead of utilization-derived
+vllm_max_num_seqs = None                 # most sequences per batch; None = vLLM's default for the GPU
+vllm_max_num_batched_tokens = None       # most tokens per batch; None = vLLM's default for the GPU
+vllm_enforce_eager = False               # True = no CUDA graphs / torch.compile (faster start, slower serving)
 vllm_reasoning_parser = None             # None = profile default (minimax_m2_append_think keeps <think> in content)
 vllm_cudagraph_piecewise = False         # True = cudagraph_mode PIECEWISE (fixes "CUDA error: an illegal memory access")
-vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--max-num-seqs", "64"]
+vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
 
 # -- the service --

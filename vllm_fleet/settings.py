@@ -52,6 +52,10 @@ _PLAN_OWNED_FLAGS = {
     "--kv-cache-memory-bytes": "vllm_kv_cache_memory_bytes",
     "--served-model-name": "vllm_served_model_name",
     "--reasoning-parser": "vllm_reasoning_parser",
+    "--max-num-seqs": "vllm_max_num_seqs",
+    "--max-num-batched-tokens": "vllm_max_num_batched_tokens",
+    "--enforce-eager": "vllm_enforce_eager",
+    "--compilation-config": "vllm_cudagraph_piecewise",
     "--trust-remote-code": "the model profile (models/*.yaml)",
 }
 _SECRET_FLAGS = ("--api-key", "--hf-token")
@@ -76,10 +80,13 @@ class Settings(BaseModel):
     data_parallel_size: int = Field(1, ge=1, description="data parallel size")
     enable_expert_parallel: bool | None = Field(None, description="expert parallelism for MoE models; None = the planner decides from the layout rules")
     max_model_len: int | Literal["auto"] = Field("auto", description='context length to serve; "auto" = the largest that fits in the KV cache')
-    kv_cache_dtype: Literal["auto", "bfloat16", "bf16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field("auto", description="KV cache dtype; auto = the model's dtype")
+    kv_cache_dtype: Literal["auto", "bfloat16", "bf16", "float16", "fp16", "half", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field("auto", description="KV cache dtype; auto = the model's dtype")
     block_size: int | None = Field(None, description="KV cache block size in tokens (None = vLLM's default)")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="fraction of each GPU's memory vLLM may use")
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="fixed KV cache size per GPU in bytes (overrides gpu_memory_utilization for KV)")
+    max_num_seqs: int | None = Field(None, ge=1, description="most sequences in one batch (None = vLLM's default for the GPU)")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one batch (None = vLLM's default for the GPU)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs, no torch.compile: faster start, slower serving")
     reasoning_parser: str | None = Field(None, description="reasoning parser (None = the profile's default)")
     cudagraph_piecewise: bool = Field(False, description='use --compilation-config {"cudagraph_mode": "PIECEWISE"} (fix for "CUDA error: an illegal memory access")')
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
@@ -282,6 +289,9 @@ class Settings(BaseModel):
             served_model_name=self.served_model_name,
             host=self.bind_host,
             port=self.port,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            enforce_eager=self.enforce_eager,
             reasoning_parser=self.reasoning_parser,
             cudagraph_piecewise=self.cudagraph_piecewise,
             extra_args=tuple(self.extra_args),
@@ -364,7 +374,7 @@ def _model_problems(settings: Settings) -> list[Problem]:
         load_profile(settings.model)
     except FleetError as exc:
         return [Problem(PREFIX + "model", settings.model, str(exc).split("\n")[0],
-                        "use a profile name from `vllm-fleet plan --list-models` (models/*.yaml) or a directory holding config.json")]
+                        "use a profile name from models/*.yaml (listed by `vllm-fleet plan --help`) or a directory holding config.json")]
     return []
 
 
