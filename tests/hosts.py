@@ -464,10 +464,13 @@ def ensure_ssh(host: TestHost, reload_units: bool) -> None:
     if result.returncode != 0:
         raise HostError(f"{host.name}: SSH setup failed: {result.stderr.strip()}")
     key_type, key_data = result.stdout.split()[:2]
-    entry = f"[{access.hostname}]:{access.port} {key_type} {key_data}\n"
-    if not access.known_hosts.exists() or access.known_hosts.read_text() != entry:
+    address = f"[{access.hostname}]:{access.port}"
+    old = access.known_hosts.read_text().splitlines(keepends=True) if access.known_hosts.exists() else []
+    # Keep other hosts' entries; replace this address's (a recreated host has a new key).
+    new = [line for line in old if line.split(" ", 1)[0] != address] + [f"{address} {key_type} {key_data}\n"]
+    if new != old:
         access.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        access.known_hosts.write_text(entry)
+        access.known_hosts.write_text("".join(new))
         log(f"ssh: wrote {access.known_hosts}")
 
 
