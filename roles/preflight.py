@@ -43,9 +43,23 @@ def run(settings: Settings) -> HostState:
         problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes)
     if problems:
         abort(PreflightError(host.name, problems))
+    _show(settings, plan)
+    return HostState(snap, plan)
+
+
+def _show(settings: Settings, plan: Plan) -> None:
+    """The host's plan in a few lines (the full table: `vllm-fleet plan`)."""
+    lay, mem = plan.layout, plan.memory_per_gpu
+    gib = 1024**3
+    gpus = settings.cuda_visible_devices or "all"
+    logger.info(
+        f"{host.print_prefix}plan: {plan.model} on GPUs {gpus}, TP={lay.tensor_parallel_size} PP={lay.pipeline_parallel_size} "
+        f"DP={lay.data_parallel_size} EP={'on' if lay.expert_parallel else 'off'}; max-model-len {plan.max_model_len} "
+        f"(fits {plan.max_model_len_that_fits}); per GPU: weights {mem.weights / gib:.2f} GiB, KV {mem.available_for_kv / gib:.2f} GiB"
+    )
+    logger.info(f"{host.print_prefix}plan: {' '.join(plan.argv)}")
     for f in plan.warnings:
         logger.warning(f"{host.print_prefix}plan warning {f.code}: {f.message} (remedy: {f.remedy})")
-    return HostState(snap, plan)
 
 
 def _plan(settings: Settings, snap: Snapshot) -> Plan:
