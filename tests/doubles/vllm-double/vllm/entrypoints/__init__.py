@@ -1,0 +1,1 @@
+"""Entry points of the vLLM TEST DOUBLE (mirrors vllm.entrypoints's layout)."""

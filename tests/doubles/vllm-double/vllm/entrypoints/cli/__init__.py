@@ -1,0 +1,1 @@
+"""The `vllm` command line of the vLLM TEST DOUBLE."""

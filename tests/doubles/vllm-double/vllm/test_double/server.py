@@ -1,0 +1,345 @@
+"""HTTP side of the vLLM TEST DOUBLE: /health, /version, /v1/models, chat and text completions.
+
+Shapes follow vLLM 0.25's OpenAI server as recorded on an H200 (NOTES.md):
+401 `{"error": "Unauthorized"}` on /v1/* without the right Bearer key,
+/health 200 with an empty body, chat content starting with `<think>` under
+the minimax_m2_append_think reasoning parser, SSE streams ending with
+`data: [DONE]`. Answers are canned text, never model output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, List, Optional
+
+from vllm.test_double.logs import ProcLog
+
+APPEND_THINK_PARSER = "minimax_m2_append_think"
+_TOKEN = re.compile(r"\s*\S+")
+
+
+@dataclass
+class ServeState:
+    """What the handlers need to know about the served model and the injected fault."""
+
+    served_names: List[str]
+    model_root: str
+    max_model_len: int
+    version: str
+    api_keys: List[str] = field(default_factory=list)
+    reasoning_parser: Optional[str] = None
+    tool_call_parser: Optional[str] = None
+    auto_tool_choice: bool = False
+    unhealthy: bool = False
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, kind: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        """vLLM's ErrorResponse JSON."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+def _bad_request(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, "BadRequestError", param)
+
+
+def _engine_dead() -> ApiError:
+    message = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+    return ApiError(500, message, "InternalServerError")
+
+
+class DoubleServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that binds at once and listens only when `activate` is called (like vLLM)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int, state: ServeState, log: ProcLog) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.state = state
+        self.log = log
+        super().__init__((host, port), Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except OSError:
+            self.server_close()
+            raise
+
+
+def _count_tokens(text: str) -> int:
+    return len(_TOKEN.findall(text))
+
+
+def _split_tokens(text: str) -> List[str]:
+    return _TOKEN.findall(text)
+
+
+def _message_text(content: object) -> str:
+    """Text of an OpenAI message content (a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP request to the double."""
+
+    server: DoubleServer
+    protocol_version = "HTTP/1.1"
+
+    def version_string(self) -> str:
+        """The Server header uvicorn sends."""
+        return "uvicorn"
+
+    # ------------------------------------------------------------ logging --
+    def log_request(self, code: object = "-", size: object = "-") -> None:
+        """uvicorn's access line: `127.0.0.1:54321 - "GET /health HTTP/1.1" 200 OK`."""
+        try:
+            phrase = HTTPStatus(int(code)).phrase  # type: ignore[arg-type]
+        except ValueError:
+            phrase = ""
+        host, port = self.client_address[:2]
+        self.server.log.uvicorn(f'{host}:{port} - "{self.requestline}" {code} {phrase}')
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+        """Silence http.server's own stderr lines (errors are answered, not logged)."""
+
+    # ----------------------------------------------------------- plumbing --
+    def _send(self, status: int, body: Optional[object], content_type: str = "application/json") -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        if body is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        keys = self.server.state.api_keys
+        if not keys or not self.path.startswith("/v1"):
+            return True
+        given = self.headers.get("Authorization", "")
+        return any(secrets.compare_digest(given.encode(), f"Bearer {k}".encode()) for k in keys)
+
+    def _json_body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise _bad_request(f"JSON decode error: {exc}") from exc
+        if not isinstance(body, dict):
+            raise _bad_request("The request body must be a JSON object.")
+        return body
+
+    def _route(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        if not self._authorized():
+            self._send(401, {"error": "Unauthorized"})
+            return
+        routes = {
+            ("GET", "/health"): self._health,
+            ("GET", "/version"): self._version,
+            ("GET", "/v1/models"): self._models,
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/completions"): self._completions,
+        }
+        handler = routes.get((method, path))
+        if handler is None:
+            known = {p for _, p in routes}
+            if path in known:
+                self._send(405, {"detail": "Method Not Allowed"})
+            else:
+                self._send(404, {"detail": "Not Found"})
+            return
+        try:
+            handler()
+        except ApiError as exc:
+            self._send(exc.status, exc.body())
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        """GET routes."""
+        self._route("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        """POST routes."""
+        self._route("POST")
+
+    # ------------------------------------------------------------- routes --
+    def _health(self) -> None:
+        self._send(500 if self.server.state.unhealthy else 200, None)
+
+    def _version(self) -> None:
+        self._send(200, {"version": self.server.state.version})
+
+    def _models(self) -> None:
+        st = self.server.state
+        cards = [
+            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm", "root": st.model_root,
+             "parent": None, "max_model_len": st.max_model_len, "permission": []}
+            for name in st.served_names
+        ]
+        self._send(200, {"object": "list", "data": cards})
+
+    def _check_model(self, body: dict) -> str:
+        names = self.server.state.served_names
+        model = body.get("model")
+        if model is None:
+            return names[0]
+        if model not in names:
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return str(model)
+
+    def _max_tokens(self, body: dict, prompt_tokens: int, default: Optional[int]) -> int:
+        value = body.get("max_completion_tokens", body.get("max_tokens", default))
+        room = self.server.state.max_model_len - prompt_tokens
+        if value is None:
+            return room
+        if not isinstance(value, int) or value < 1:
+            raise _bad_request("max_tokens must be at least 1", "max_tokens")
+        if value > room:
+            raise _bad_request(
+                f"This model's maximum context length is {self.server.state.max_model_len} tokens. However, you "
+                f"requested {value} output tokens and your prompt contains at least {prompt_tokens} input tokens, "
+                f"for a total of at least {value + prompt_tokens} tokens.", "max_tokens")
+        return value
+
+    def _chat(self) -> None:
+        st = self.server.state
+        body = self._json_body()
+        model = self._check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise _bad_request("messages must be a non-empty list of message objects", "messages")
+        tool_choice = body.get("tool_choice", "auto" if body.get("tools") else "none")
+        if body.get("tools") and tool_choice == "auto" and not (st.auto_tool_choice and st.tool_call_parser):
+            raise _bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
+        if st.unhealthy:
+            raise _engine_dead()
+        texts = [_message_text(m.get("content")) for m in messages]
+        prompt_tokens = sum(_count_tokens(t) for t in texts) + 4 * len(messages)
+        limit = self._max_tokens(body, prompt_tokens, None)
+        question = " ".join(texts[-1].split()[:24]) or "(empty)"
+        thinking = f"The user wrote: {question}. I am a test double, so I answer with canned text."
+        answer = f"Hello from the vLLM test double (vllm {st.version}). You said: {question}"
+        reasoning: Optional[str] = None
+        if st.reasoning_parser == APPEND_THINK_PARSER:
+            answer = f"<think>\n{thinking}\n</think>\n\n{answer}"
+        elif st.reasoning_parser:
+            reasoning = thinking
+        pieces = _split_tokens(answer)
+        finish = "length" if len(pieces) > limit else "stop"
+        pieces = pieces[:limit]
+        usage = _usage(prompt_tokens, len(pieces) + (_count_tokens(reasoning) if reasoning else 0))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            self._stream(_chat_chunks(rid, created, model, reasoning, pieces, finish, usage, _include_usage(body)))
+            return
+        message = {"role": "assistant", "content": "".join(pieces), "refusal": None, "annotations": None,
+                   "audio": None, "function_call": None, "tool_calls": [], "reasoning": reasoning}
+        self._send(200, {
+            "id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish,
+                         "stop_reason": None}],
+            "service_tier": None, "system_fingerprint": None, "usage": usage, "prompt_logprobs": None,
+            "kv_transfer_params": None,
+        })
+
+    def _completions(self) -> None:
+        st = self.server.state
+        body = self._json_body()
+        model = self._check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad_request("prompt must be a string or a list of strings", "prompt")
+        if st.unhealthy:
+            raise _engine_dead()
+        prompt_tokens = _count_tokens(prompt)
+        limit = self._max_tokens(body, prompt_tokens, 16)  # vLLM's CompletionRequest default
+        pieces = _split_tokens(" and this is the vLLM test double completing it with canned text.")
+        finish = "length" if len(pieces) > limit else "stop"
+        pieces = pieces[:limit]
+        usage = _usage(prompt_tokens, len(pieces))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.get("stream"):
+            self._stream(_completion_chunks(rid, created, model, pieces, finish, usage, _include_usage(body)))
+            return
+        self._send(200, {
+            "id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None, "finish_reason": finish,
+                         "stop_reason": None, "prompt_logprobs": None}],
+            "service_tier": None, "system_fingerprint": None, "usage": usage, "kv_transfer_params": None,
+        })
+
+    def _stream(self, events: Iterator[dict]) -> None:
+        """Server-sent events over chunked transfer encoding, ending with `data: [DONE]`."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for payload in [f"data: {json.dumps(e)}\n\n" for e in events] + ["data: [DONE]\n\n"]:
+            data = payload.encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion,
+            "prompt_tokens_details": None}
+
+
+def _include_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def _chat_chunks(rid: str, created: int, model: str, reasoning: Optional[str], pieces: List[str],
+                 finish: str, usage: dict, include_usage: bool) -> Iterator[dict]:
+    def chunk(delta: dict, finish_reason: Optional[str] = None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    for piece in _split_tokens(reasoning or ""):
+        yield chunk({"reasoning": piece})
+    for piece in pieces:
+        yield chunk({"content": piece})
+    yield chunk({}, finish)
+    if include_usage:
+        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+               "usage": usage}
+
+
+def _completion_chunks(rid: str, created: int, model: str, pieces: List[str], finish: str, usage: dict,
+                       include_usage: bool) -> Iterator[dict]:
+    def chunk(text: str, finish_reason: Optional[str] = None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
+                             "stop_reason": None}]}
+
+    for i, piece in enumerate(pieces):
+        yield chunk(piece, finish if i == len(pieces) - 1 else None)
+    if not pieces:
+        yield chunk("", finish)
+    if include_usage:
+        yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": usage}
+
