@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from pyinfra_cli.exceptions import CliError
+from pyinfra.api.exceptions import PyinfraError
 
 from vllm_fleet.errors import FleetError
+
+
+class FleetAbort(PyinfraError):
+    """A FleetError raised while pyinfra plans: pyinfra prints it as one message, no traceback."""
 
 
 def abort(exc: FleetError) -> NoReturn:
     """End the run while pyinfra is still planning: no operation has run on any host.
 
-    pyinfra re-raises a CliError from deploy code as-is and prints its message
-    without a traceback ("--> pyinfra error: ..."), which is what a user with
-    bad input should see.
+    pyinfra re-raises a PyinfraError from deploy code as-is and prints its
+    message ("--> pyinfra error ...: <message>") instead of a traceback.
     """
-    raise CliError(str(exc)) from exc
+    raise FleetAbort(str(exc)) from None

@@ -50,10 +50,16 @@ class Result:
     output: str
 
 
-def run_pyinfra(args: list[str], *, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600) -> Result:
-    """Run `pyinfra -y inventory/ci.py ARGS` from the repo root with this venv's pyinfra."""
+def run_pyinfra(args: list[str], *, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600,
+                yes: bool = True) -> Result:
+    """Run `pyinfra -y inventory/ci.py ARGS` from the repo root with this venv's pyinfra.
+
+    + yes: pass -y (no prompt). Without it, pyinfra prints the detected changes
+      first, which is what a user sees with `--dry`.
+    """
     proc = subprocess.run(
-        [str(PYINFRA), "-y", str(INVENTORY.relative_to(REPO)), *args],
+        [str(PYINFRA), *(["-y"] if yes else []), str(INVENTORY.relative_to(REPO)), *args],
+        stdin=subprocess.DEVNULL,
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
