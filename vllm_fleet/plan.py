@@ -28,6 +28,10 @@ PIECEWISE_CONFIG = '{"cudagraph_mode": "PIECEWISE"}'
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
 
+# vLLM 0.25 serves an FP8 KV cache only on SM89+ (see the FP8_KV_UNSUPPORTED rule).
+FP8_KV_MIN_CC = (8, 9)
+
+
 class PlanError(FleetError):
     """Input the planner cannot plan with (unknown model, unparsable GPU spec, bad option)."""
 
@@ -464,6 +468,17 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "accept the slower kernels, or use GPUs with compute capability >= 8.9 (L40S, H100/H800/H200, B200).",
         ))
 
+    if options.kv_cache_dtype.startswith("fp8") and hw.min_compute_capability < FP8_KV_MIN_CC:
+        cc = "%d.%d" % hw.min_compute_capability
+        errors.append(Finding(
+            "FP8_KV_UNSUPPORTED",
+            f"--kv-cache-dtype {options.kv_cache_dtype} on compute capability {cc}: vLLM {options.vllm_version}'s "
+            "attention backends need SM89+ for an FP8 KV cache (flash_attn.py supports_kv_cache_dtype, "
+            "triton_attn.py raises \"FP8 KV cache is not supported by the Triton attention backend\").",
+            "use --kv-cache-dtype auto (the model's dtype) and a shorter --max-model-len, or GPUs with compute "
+            "capability >= 8.9.",
+        ))
+
     tokens, seqs = _batch_defaults(hw, options)
     block = options.block_size or kv.DEFAULT_BLOCK_SIZE
     layout_kv = kv.layout_for(arch, tensor_parallel_size=tp, pipeline_parallel_size=layout.pipeline_parallel_size,
@@ -537,7 +552,7 @@ def _fit_remedy(short: kv.KVShortfall, profile: Profile, layout: Layout, hw: Har
         util = (weights + overhead.total + short.needed) / total
         if util <= 0.98:
             ways.append(f"--gpu-memory-utilization {math.ceil(util * 100) / 100:.2f}")
-    if options.kv_cache_dtype == "auto" and profile.arch.dtype_bytes > 1:
+    if options.kv_cache_dtype == "auto" and profile.arch.dtype_bytes > 1 and hw.min_compute_capability >= FP8_KV_MIN_CC:
         fp8 = kv.layout_for(profile.arch, tensor_parallel_size=layout.tensor_parallel_size,
                             pipeline_parallel_size=layout.pipeline_parallel_size, kv_cache_dtype="fp8",
                             block_size=options.block_size or kv.DEFAULT_BLOCK_SIZE)

@@ -43,7 +43,17 @@ def test_predicted_seed_memory_is_conservative() -> None:
     assert available <= 10_067_673_087
     assert available > 10_066_657_280 - GiB
     assert codes(plan.errors) == ["KV_DOES_NOT_FIT"]
-    assert "--kv-cache-dtype fp8" in plan.errors[0].remedy
+    # A800 is SM80: vLLM 0.25 has no FP8 KV cache there, so the remedy must not offer it.
+    assert plan.errors[0].remedy == "use --max-model-len 155600, or --gpu-memory-utilization 0.94."
+
+
+def test_fp8_kv_is_offered_only_where_vllm_serves_it() -> None:
+    short = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608, gpu_memory_utilization=0.86))
+    assert codes(short.errors) == ["KV_DOES_NOT_FIT"]
+    assert "--kv-cache-dtype fp8" in short.errors[0].remedy
+    refused = make_plan("minimax-m2", "4xA800-80G", PlanOptions(kv_cache_dtype="fp8"))
+    assert "FP8_KV_UNSUPPORTED" in codes(refused.errors)
+    assert "FP8_KV_UNSUPPORTED" not in codes(make_plan("minimax-m2", "4xH200", PlanOptions(kv_cache_dtype="fp8")).errors)
 
 
 def test_auto_len_is_largest_that_fits_and_says_so() -> None:
