@@ -3,14 +3,14 @@
     pyinfra inventory/prod.py deploy.py          # converge every host
     pyinfra inventory/prod.py deploy.py --dry    # show the plan and diffs, change nothing
 
-Settings are validated (and preflight runs) while pyinfra plans, before any
-operation runs on any host: bad input or a bad host ends the run with one
-message and nothing changed.
+Settings are validated, and preflight and the plan run on every host's real
+GPUs, while pyinfra plans, before any operation runs on any host: bad input
+or a bad host ends the run with one message and nothing changed.
 """
 
 from pyinfra import host
 
-from roles import preflight, service_user
+from roles import preflight, service_user, weights
 from roles.common import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
@@ -20,8 +20,9 @@ try:
 except FleetError as exc:
     abort(exc)
 
-snapshot = preflight.run(settings)
+model = weights.source(settings)
+state = preflight.run(settings, model_path=model.serve_path or None)
 service_user.apply(settings)
-# Next steps, each its own role (see the issues): python env (uv venv, torch,
-# vLLM), weights (detached, verified download), service (unit + env file,
-# health-gated restart with rollback), verify.
+# python env (issue 4): venv = python_env.apply(settings, state)
+weights_changed = weights.apply(settings, model)
+# service + health gate (issue 6): service.apply(settings, state, venv, weights_changed)

@@ -28,14 +28,17 @@ class HostState:
     plan: Plan
 
 
-def run(settings: Settings) -> HostState:
-    """Gather the host's snapshot, plan on its selected GPUs, check both; return them."""
+def run(settings: Settings, model_path: str | None = None) -> HostState:
+    """Gather the host's snapshot, plan on its selected GPUs, check both; return them.
+
+    + model_path: what `vllm serve` is given on the host (None: the profile's repo id).
+    """
     snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir])
     problems = preflight.check(settings, snap)
     plan = None
     if not problems:
         try:
-            plan = _plan(settings, snap)
+            plan = _plan(settings, snap, model_path)
         except FleetError as exc:
             problems.append(f"cannot plan: {exc}")
     if plan is not None:
@@ -62,11 +65,11 @@ def _show(settings: Settings, plan: Plan) -> None:
         logger.warning(f"{host.print_prefix}plan warning {f.code}: {f.message} (remedy: {f.remedy})")
 
 
-def _plan(settings: Settings, snap: Snapshot) -> Plan:
+def _plan(settings: Settings, snap: Snapshot, model_path: str | None) -> Plan:
     gpus = {g.index: g for g in snap.gpu.gpus}
     selected = settings.gpus if settings.gpus is not None else sorted(gpus)
     hardware = Hardware.from_facts([
         {"name": gpus[i].name, "memory_total_mib": gpus[i].memory_total_mib, "compute_cap": gpus[i].compute_capability}
         for i in selected
     ])
-    return make_plan(settings.model, hardware, settings.plan_options())
+    return make_plan(settings.model, hardware, settings.plan_options(model_path))
