@@ -589,6 +589,11 @@ def _flags(profile: Profile, layout: Layout, options: PlanOptions, max_len: int,
         flags.append(Flag("--kv-cache-dtype", options.kv_cache_dtype, "KV cache element type"))
     if options.block_size is not None:
         flags.append(Flag("--block-size", str(options.block_size), "tokens per KV block (pinned so the plan is exact)"))
+    if options.max_num_seqs is not None:
+        flags.append(Flag("--max-num-seqs", str(options.max_num_seqs), "most sequences per batch (sizes activations)"))
+    if options.max_num_batched_tokens is not None:
+        flags.append(Flag("--max-num-batched-tokens", str(options.max_num_batched_tokens),
+                          "most tokens per batch (sizes activations)"))
     if options.enforce_eager:
         flags.append(Flag("--enforce-eager", None, "no CUDA graphs / torch.compile"))
     if profile.trust_remote_code:

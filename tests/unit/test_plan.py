@@ -215,3 +215,12 @@ def test_suggested_utilization_makes_the_length_fit() -> None:
     util = float(err.remedy.split("--gpu-memory-utilization ")[1].split(",")[0].split(" ")[0].rstrip("."))
     again = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608, gpu_memory_utilization=util))
     assert again.ok, again.errors
+
+
+def test_batch_limits_the_plan_sizes_with_reach_the_argv() -> None:
+    """The activation estimate uses max_num_seqs / max_num_batched_tokens: vLLM must get the same values."""
+    plan = make_plan("minimax-m2", "8xH200", PlanOptions(max_num_seqs=64, max_num_batched_tokens=4096))
+    argv = plan.argv
+    assert argv[argv.index("--max-num-seqs") + 1] == "64"
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"
+    assert "--max-num-seqs" not in make_plan("minimax-m2", "8xH200", PlanOptions()).argv
