@@ -14,8 +14,8 @@ change it, and nobody else can read its data or secrets):
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, server
 
+from roles.ops import Dir, directories, system_account
 from vllm_fleet.settings import Settings
 
 CONFIG_DIR = "/etc/vllm-fleet"
@@ -24,23 +24,16 @@ CONFIG_DIR = "/etc/vllm-fleet"
 @deploy("Service user and directories")
 def apply(settings: Settings):
     user = settings.service_user
-    server.group(name=f"Ensure the {user} system group exists", group=user, system=True)
-    server.user(
-        name=f"Ensure the {user} system user exists (no login shell)",
-        user=user,
-        group=user,
-        system=True,
-        home=settings.data_dir,
-        shell="/usr/sbin/nologin",
-        ensure_home=False,
+    system_account(name=f"Ensure the {user} system user and group exist (no login shell)",
+                   account=user, home=settings.data_dir)
+    directories(
+        name="Ensure the toolkit's directories exist with their owners and modes",
+        dirs=[
+            Dir(settings.base_dir, "root", "root", "755"),
+            Dir(f"{settings.base_dir}/venvs", "root", "root", "755"),
+            Dir(settings.data_dir, user, user, "750"),
+            Dir(f"{settings.data_dir}/models", user, user, "750"),
+            Dir(f"{settings.data_dir}/cache", user, user, "750"),
+            Dir(CONFIG_DIR, "root", user, "750"),
+        ],
     )
-    dirs = [
-        (settings.base_dir, "root", "root", "755"),
-        (f"{settings.base_dir}/venvs", "root", "root", "755"),
-        (settings.data_dir, user, user, "750"),
-        (f"{settings.data_dir}/models", user, user, "750"),
-        (f"{settings.data_dir}/cache", user, user, "750"),
-        (CONFIG_DIR, "root", user, "750"),
-    ]
-    for path, owner, group, mode in dirs:
-        files.directory(name=f"Ensure {path} exists ({owner}:{group} {mode})", path=path, user=owner, group=group, mode=mode)

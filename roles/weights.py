@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files
 
+from roles.ops import mirror_dir
 from vllm_fleet.settings import Settings
 
 
@@ -41,13 +41,10 @@ def apply(settings: Settings, src: ModelSource) -> OperationMeta | None:
     """Place the weights; return the operation whose change means "the weights changed"."""
     if src.local_dir is None:
         return None
-    return files.sync(
-        name=f"Ensure the model files of {src.local_dir.name} are in {src.serve_path}",
+    return mirror_dir(
+        name=f"Ensure {src.serve_path} holds exactly the model files of {src.local_dir}",
         src=str(src.local_dir),
         dest=src.serve_path,
         user=settings.service_user,
         group=settings.service_user,
-        mode="640",
-        dir_mode="750",
-        delete=True,
     )

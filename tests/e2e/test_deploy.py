@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.e2e.harness import changed_ops, host_exec, run_pyinfra
+from tests.e2e.harness import REPO, changed_ops, host_exec, run_pyinfra
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(test_hosts):
     probe = "/srv/vllm-fleet-dry-probe"
     result = run_pyinfra(["deploy.py", "--dry", "--data", f"vllm_data_dir={probe}"], yes=False)
     assert "--> Detected changes:" in result.output
-    assert f"Ensure {probe} exists" in result.output
+    assert f"Weights | Ensure {probe}/models/tiny-minimax-m2 holds exactly the model files" in result.output
+    assert "Ensure the toolkit's directories exist" in result.output
     for host in HOSTS:
         assert re.search(rf"\[{re.escape(host)}\] +plan: tiny-minimax-m2 on GPUs", result.output), host
         assert re.search(rf"\[{re.escape(host)}\] +plan: vllm serve \S+ --served-model-name tiny-minimax-m2", result.output), host
@@ -58,11 +59,17 @@ def test_deploy_converges_then_a_second_run_changes_nothing(test_hosts):
 
 def test_a_drifted_host_is_repaired_and_only_it_changes(test_hosts):
     run_pyinfra(["deploy.py"])
+    model = "/var/lib/vllm-fleet/models/tiny-minimax-m2"
     host_exec("fleet-b", ["chmod", "0777", "/etc/vllm-fleet"])
+    host_exec("fleet-c", ["sh", "-c", f"echo corrupt >> {model}/config.json && touch {model}/stray.bin"])
     result = run_pyinfra(["deploy.py"])
     changes = changed_ops(result)
-    assert changes["@docker/fleet-b"] == 1 and changes["@docker/fleet-a"] == 0 and changes["fleet-c"] == 0, result.output
+    assert changes == {"@docker/fleet-a": 0, "@docker/fleet-b": 1, "fleet-c": 1}, result.output
     assert host_exec("fleet-b", ["stat", "-c", "%a", "/etc/vllm-fleet"]).stdout.strip() == "750"
+    local = (REPO / "tests/fixtures/tiny-minimax-m2/config.json").read_text()
+    assert host_exec("fleet-c", ["cat", f"{model}/config.json"]).stdout == local
+    assert host_exec("fleet-c", ["test", "-e", f"{model}/stray.bin"]).returncode == 1
+    assert host_exec("fleet-c", ["stat", "-c", "%U:%G %a", f"{model}/config.json"]).stdout.strip() == "vllm:vllm 640"
 
 
 @pytest.mark.parametrize("data,words", [
