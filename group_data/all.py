@@ -53,6 +53,11 @@ vllm_index_url = None                    # package index mirror; None = PyPI
 vllm_extra_index_urls = []               # extra package indexes
 vllm_find_links = []                     # wheel directories / URLs (air-gapped hosts)
 vllm_keep_venvs = 2                      # venvs kept for rollback; older ones are pruned
+vllm_torch_version = None                # torch to pin, e.g. "2.11.0"; None = what the vLLM release requires
+vllm_torch_index_url = None              # torch builds index (mirror of download.pytorch.org/whl/cuXXX); None = uv --torch-backend
+vllm_nightly_index_url = "https://wheels.vllm.ai/nightly"  # extra index for vllm_channel = "nightly"
+vllm_no_index = False                    # True = only vllm_find_links / vllm_wheelhouse, never an index
+vllm_wheelhouse = None                   # wheel dir on the control machine, pushed to the host, installed with --no-index (air-gapped)
 
 # -- preflight --
 vllm_disk_headroom_gib = 20              # free disk required beyond venv + weights

@@ -138,3 +138,21 @@ def check_disk(settings: Settings, snap, weights_bytes: int) -> list[str]:
                        f"+ {settings.disk_headroom_gib} GiB headroom; remedy: free space, point vllm_data_dir/vllm_base_dir "
                        f"at a bigger disk, or lower vllm_disk_headroom_gib")
     return out
+
+
+def check_stack(settings: Settings, snap) -> list[str]:
+    """The driver can run the torch build the venv will get (vllm_torch_backend, or the best for the driver).
+
+    Only when the GPU section itself is healthy (`check` reports a missing or
+    broken driver once, not twice).
+    """
+    from vllm_fleet.stack import StackError, resolve_backend
+
+    gpu = snap.gpu
+    if gpu is None or gpu.driver_error or not gpu.gpus:
+        return []
+    try:
+        resolve_backend(settings.torch_backend, gpu.cuda_version)
+    except StackError as exc:
+        return [f"driver {gpu.driver_version}: {exc}"]
+    return []

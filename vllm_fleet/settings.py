@@ -113,6 +113,11 @@ class Settings(BaseModel):
     extra_index_urls: list[str] = Field(default_factory=list, description="extra package indexes")
     find_links: list[str] = Field(default_factory=list, description="local wheel directories or URLs to find packages in")
     keep_venvs: int = Field(2, ge=1, le=10, description="venvs kept for rollback (older ones are pruned)")
+    torch_version: str | None = Field(None, description="torch version to pin (None = what the vLLM release requires)")
+    torch_index_url: str | None = Field(None, description="index of torch builds for the backend, e.g. a mirror of download.pytorch.org/whl/cu128 (None = uv --torch-backend)")
+    nightly_index_url: str = Field("https://wheels.vllm.ai/nightly", description="extra index for channel=nightly")
+    no_index: bool = Field(False, description="install only from vllm_find_links / vllm_wheelhouse, never from an index")
+    wheelhouse: str | None = Field(None, description="directory of wheels on the control machine, pushed to the host and installed from with --no-index (air-gapped hosts)")
 
     # -- preflight --
     disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")
@@ -197,12 +202,43 @@ class Settings(BaseModel):
             raise ValueError(f"is not a version|use a release such as {VLLM_VERSION}")
         return v
 
-    @field_validator("index_url", "source_url")
+    @field_validator("index_url", "source_url", "torch_index_url", "nightly_index_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
             raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
+        if v is not None and re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", v):
+            raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host (uv and pip read it) and use the URL without them")
         return v
+
+    @field_validator("torch_backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        from vllm_fleet.stack import KNOWN_BACKENDS
+
+        if v != "auto" and v not in KNOWN_BACKENDS:
+            raise ValueError(f"is not a torch backend|use auto (from the driver's CUDA) or one of {', '.join(KNOWN_BACKENDS)}")
+        return v
+
+    @field_validator("torch_version")
+    @classmethod
+    def _torch_version(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", v):
+            raise ValueError("is not a torch release|use a version such as 2.11.0 (the build, +cu130 etc., comes from vllm_torch_backend)")
+        return v
+
+    @field_validator("wheelhouse")
+    @classmethod
+    def _wheelhouse(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from pathlib import Path
+
+        p = Path(v).expanduser()
+        if not p.is_dir() or not any(p.glob("*.whl")):
+            raise ValueError("is not a directory of wheels on the control machine|build one (e.g. `pip download -d DIR vllm==X`, "
+                             "or `python tests/e2e/wheelhouse.py` for the test hosts) and point vllm_wheelhouse at it")
+        return str(p.resolve())
 
     @field_validator("extra_index_urls", "find_links")
     @classmethod
@@ -210,6 +246,8 @@ class Settings(BaseModel):
         for u in v:
             if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
                 raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
+            if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", u):
+                raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host and use the URL without them")
         return v
 
     @field_validator("extra_args")

@@ -47,3 +47,21 @@ def test_hosts() -> list[hosts.TestHost]:
     if proc.returncode != 0:
         pytest.fail(f"tests/hosts.py up failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}", pytrace=False)
     return hosts.load_hosts()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wheelhouse():
+    """The local wheelhouse (tests/e2e/wheelhouse.py), built once and served on 127.0.0.1 for the session.
+
+    Every deploy of the test hosts installs its Python stack from it:
+    group_data/ci.py pushes the directory (VLLM_FLEET_CI_WHEELHOUSE, set here);
+    tests of the find-links path use the URL. Yields (directory, url).
+    """
+    import os
+
+    from tests.e2e import wheelhouse as wh
+
+    path = wh.build()
+    os.environ["VLLM_FLEET_CI_WHEELHOUSE"] = str(path)
+    with wh.serve(path) as url:
+        yield path, url

@@ -1,0 +1,107 @@
+"""The local wheelhouse the e2e hosts install from: real wheels, built once, cached, served on 127.0.0.1.
+
+    python tests/e2e/wheelhouse.py        # build (or reuse) it; prints its directory
+
+Holds the vLLM TEST DOUBLE as `vllm` 0.25.0 and 0.26.0 (tests/doubles/), uv,
+the real torch 2.13.0 CPU wheel for CPython 3.11 (from /opt/wheels, or
+$VLLM_FLEET_TORCH_WHEEL) and torch's dependencies, for the test hosts
+(Debian 12, Python 3.11, x86_64). It lives in
+`$VLLM_FLEET_CACHE/wheelhouse-<key>` (default cache ~/.cache/vllm-fleet; the
+key hashes the double's source and the wanted list) with a stable link
+`$VLLM_FLEET_CACHE/wheelhouse`, which group_data/ci.py points vllm_wheelhouse at.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from tests.doubles.build_wheelhouse import PROJECT as DOUBLE_SRC, build_wheel  # noqa: E402
+
+CACHE = Path(os.environ.get("VLLM_FLEET_CACHE", Path.home() / ".cache" / "vllm-fleet"))
+DOUBLE_VERSIONS = ("0.25.0", "0.26.0")
+TORCH_WHEEL = Path(os.environ.get("VLLM_FLEET_TORCH_WHEEL", "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"))
+TORCH_VERSION = "2.13.0"
+# torch 2.13.0's Requires-Dist (METADATA), plus uv; downloaded for the hosts' CPython 3.11 on x86_64.
+DOWNLOADS = ("uv", "filelock", "typing-extensions>=4.10.0", "setuptools>=77.0.3", "sympy>=1.13.3",
+             "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5")
+TARGET = ["--only-binary", ":all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
+          "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
+LINK = CACHE / "wheelhouse"
+
+
+def _key() -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in DOUBLE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(DOUBLE_SRC)).encode() + b"\0" + path.read_bytes())
+    h.update(repr((DOUBLE_VERSIONS, DOWNLOADS, TARGET, TORCH_WHEEL.name)).encode())
+    return h.hexdigest()[:16]
+
+
+def _pip() -> list[str]:
+    """A pip that can download: a seeded uv venv in the cache (the project venv has no pip)."""
+    venv = CACHE / "pip-venv"
+    if not (venv / "bin" / "pip").exists():
+        subprocess.run(["uv", "venv", "--seed", "--quiet", str(venv)], check=True)
+    return [str(venv / "bin" / "pip"), "download", "--disable-pip-version-check", "--quiet"]
+
+
+def build() -> Path:
+    """Build the wheelhouse unless the cached one for this key is complete; return its directory."""
+    out = CACHE / f"wheelhouse-{_key()}"
+    done = out / ".complete"
+    if not done.exists():
+        if not TORCH_WHEEL.is_file():
+            raise RuntimeError(f"{TORCH_WHEEL} is missing: set VLLM_FLEET_TORCH_WHEEL to a torch 2.13.0 CPU wheel for cp311")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for version in DOUBLE_VERSIONS:
+            build_wheel(version, tmp)
+        try:
+            os.link(TORCH_WHEEL, tmp / TORCH_WHEEL.name)
+        except OSError:
+            shutil.copy2(TORCH_WHEEL, tmp / TORCH_WHEEL.name)
+        subprocess.run([*_pip(), *TARGET, "--dest", str(tmp), *DOWNLOADS], check=True)
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    if LINK.is_symlink() or LINK.exists():
+        if LINK.resolve() != out:
+            LINK.unlink()
+    if not LINK.exists():
+        LINK.symlink_to(out.name)
+    return out
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@contextmanager
+def serve(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on 127.0.0.1 (a free port) as a find-links page; yield its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+if __name__ == "__main__":
+    print(build())
