@@ -59,6 +59,16 @@ vllm_nightly_index_url = "https://wheels.vllm.ai/nightly"  # extra index for vll
 vllm_no_index = False                    # True = only vllm_find_links / vllm_wheelhouse, never an index
 vllm_wheelhouse = None                   # wheel dir on the control machine, pushed to the host, installed with --no-index (air-gapped)
 
+# -- weights (docs/weights.md) --
+vllm_weights_sources = None              # [{"kind": "hf"|"modelscope"|"local", "repo", "endpoint", "revision", "path"}], tried in order; None = local model dir copied / vLLM fetches
+vllm_weights_wait = True                 # deploy waits for the download unit with a progress line; False = start it and go on
+vllm_weights_wait_timeout_s = 21600      # deploy's wait for the download (the unit keeps going; a rerun attaches)
+vllm_weights_retries = 5                 # attempts per source before the next source
+vllm_weights_backoff_s = 10.0            # wait before a source's 2nd attempt; doubles each time, max 300 s
+vllm_weights_workers = 8                 # files downloaded in parallel
+vllm_weights_reverify = False            # True = hash every file again on the next run (normally: only changed files)
+vllm_hf_xet = False                      # huggingface_hub Xet storage; off because HF mirrors serve plain resolve URLs only
+
 # -- preflight --
 vllm_disk_headroom_gib = 20              # free disk required beyond venv + weights
 vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id -> VERSION_IDs accepted

@@ -66,6 +66,29 @@ _PY_RE = re.compile(r"^3\.(\d{1,2})$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
 
 
+class WeightsSource(BaseModel):
+    """One place the weights can come from (an entry of vllm_weights_sources)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["hf", "modelscope", "local"]
+    repo: str | None = None
+    endpoint: str | None = None
+    revision: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _fields(self) -> "WeightsSource":
+        if self.kind == "local":
+            if not self.path or not self.path.startswith("/"):
+                raise ValueError("a local source needs path: an absolute directory on the host holding config.json")
+        elif not self.repo or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo):
+            raise ValueError(f"a {self.kind} source needs repo: an id like MiniMaxAI/MiniMax-M2")
+        if self.endpoint is not None and not re.match(r"^https?://[^@\s]+$", self.endpoint):
+            raise ValueError("endpoint must be an http(s) URL without credentials (the token goes in vllm_hf_token)")
+        return self
+
+
 class Settings(BaseModel):
     """Everything a user can tune for one host. Field names are host-data keys without `vllm_`."""
 
@@ -118,6 +141,16 @@ class Settings(BaseModel):
     nightly_index_url: str = Field("https://wheels.vllm.ai/nightly", description="extra index for channel=nightly")
     no_index: bool = Field(False, description="install only from vllm_find_links / vllm_wheelhouse, never from an index")
     wheelhouse: str | None = Field(None, description="directory of wheels on the control machine, pushed to the host and installed from with --no-index (air-gapped hosts)")
+
+    # -- weights (docs/weights.md) --
+    weights_sources: list[WeightsSource] | None = Field(None, description="where the weights come from, tried in order: [{kind: hf|modelscope|local, repo, endpoint, revision, path}]; None = the local model dir of vllm_model is copied, or vLLM fetches the profile's repo itself")
+    weights_wait: bool = Field(True, description="the deploy waits for the download unit (progress line); False = start it and go on")
+    weights_wait_timeout_s: int = Field(6 * 3600, ge=10, description="how long the deploy waits for the download before failing (the unit keeps going; a rerun attaches)")
+    weights_retries: int = Field(5, ge=1, le=100, description="attempts per source before the next source is tried")
+    weights_backoff_s: float = Field(10.0, ge=0, description="wait before the second attempt; doubles per attempt, capped at 300 s")
+    weights_workers: int = Field(8, ge=1, le=64, description="files downloaded in parallel")
+    weights_reverify: bool = Field(False, description="hash every file again on the next run (normally only files whose size/mtime changed)")
+    hf_xet: bool = Field(False, description="let huggingface_hub use Xet storage; off: HF mirrors (hf-mirror.com, local ones) serve plain HTTP resolve URLs only")
 
     # -- preflight --
     disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")

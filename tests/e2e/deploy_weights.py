@@ -1,0 +1,22 @@
+"""The weights steps of deploy.py alone (settings -> preflight -> service user -> weights), for tests/e2e/test_weights.py.
+
+The other steps (python env, service) have their own e2e tests; this keeps the
+weights tests independent of them and quick.
+"""
+
+from pyinfra import host
+
+from roles import preflight, service_user, weights
+from roles.common import abort
+from vllm_fleet.errors import FleetError
+from vllm_fleet.settings import load_settings
+
+try:
+    settings = load_settings(host.data.dict(), host=host.name)
+    model = weights.source(settings)
+except (FleetError, ValueError) as exc:
+    abort(FleetError(str(exc)))
+
+state = preflight.run(settings, model_path=model.serve_path or None)
+service_user.apply(settings)
+weights.apply(settings, model)

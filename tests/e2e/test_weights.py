@@ -1,0 +1,142 @@
+"""Weights from an HF-compatible mirror on a real systemd container host (fleet-b), with faults.
+
+The mirror (tests/hfmirror) runs in this process on 127.0.0.1; the hosts share
+the loopback (--network host), so the host's huggingface_hub reaches it. The
+host's fetch venv installs huggingface_hub from the mirror's /wheels/ (no index).
+Everything uses its own data dir, unit name and port, so other e2e tests on
+the same containers do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.e2e.harness import changed_ops, host_exec, run_pyinfra
+from tests.hfmirror import repo, wheels
+from tests.hfmirror.server import Mirror
+
+HOST = "@docker/fleet-b"
+DATA = "/srv/weights-test"
+UNIT = "vllm-wtest-fetch"
+DEST = f"{DATA}/models/{repo.REPO_ID}"
+STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}"
+
+
+@pytest.fixture(scope="module")
+def mirrors(test_hosts):
+    """Two mirrors of the same repo: the primary and the fallback."""
+    d, w = repo.build(), wheels.build()
+    primary, fallback = Mirror(d, wheels=w).start(), Mirror(d, wheels=w).start()
+    host_exec(HOST, f"systemctl stop {UNIT} 2>/dev/null; rm -rf {DATA}")
+    yield primary, fallback
+    primary.stop()
+    fallback.stop()
+
+
+def deploy(mirror: Mirror, *extra: str, sources: list[dict] | None = None, data: str = DATA, check: bool = True,
+           host: str = HOST):
+    srcs = sources or [{"kind": "hf", "repo": repo.REPO_ID, "endpoint": mirror.url}]
+    args = ["--limit", host, "tests/e2e/deploy_weights.py",
+            "--data", "vllm_port=18960", "--data", f"vllm_data_dir={data}", "--data", "vllm_service_name=vllm-wtest",
+            "--data", f"vllm_weights_sources={json.dumps(srcs)}",
+            "--data", f'vllm_find_links=["{mirror.url}/wheels/"]', "--data", "vllm_no_index=true",
+            "--data", "vllm_weights_workers=2", "--data", "vllm_weights_retries=2", "--data", "vllm_weights_backoff_s=0.5",
+            "--data", "vllm_disk_headroom_gib=0", *extra]
+    return run_pyinfra(args, check=check, timeout=300)
+
+
+def status() -> dict:
+    out = host_exec(HOST, f"cat {STATE}/status.json").stdout
+    return json.loads(out) if out.strip() else {}
+
+
+def shard_bytes(m: Mirror) -> int:
+    return sum(v for k, v in m.bytes_served.items() if k.endswith(".safetensors"))
+
+
+def test_not_enough_disk_is_a_clear_error_before_any_download(mirrors):
+    """On fleet-c (SSH): docker cp, which the docker connector uploads with, cannot write into a tmpfs mounted in a container."""
+    primary, _ = mirrors
+    small = "/srv/weights-small"
+    mount = host_exec("fleet-c", f"mkdir -p {small} && (mountpoint -q {small} || mount -t tmpfs -o size=8m tmpfs {small})")
+    assert mount.returncode == 0, mount.stderr
+    try:
+        primary.reset_counters()
+        r = deploy(primary, "--data", "vllm_port=18961", data=small, check=False, host="fleet-c")
+        assert r.returncode != 0
+        assert "not enough disk for the weights" in r.output and "nothing was downloaded" in r.output
+        assert shard_bytes(primary) == 0, primary.bytes_served
+    finally:
+        host_exec("fleet-c", f"systemctl stop {UNIT}; umount {small}; rm -rf {small}")
+
+
+def test_kill_the_unit_midway_and_rerun_resumes(mirrors, capsys):
+    primary, _ = mirrors
+    primary.reset_counters()
+    primary.rate = 1024 * 1024  # bytes/s per response: 2 workers, ~12 s for the 24 MiB of shards
+    t0 = time.monotonic()
+    r = deploy(primary, "--data", "vllm_weights_wait=false")
+    assert time.monotonic() - t0 < 60 and r.returncode == 0
+    deadline = time.monotonic() + 60
+    while (s := status()).get("done", 0) < 0.4 * primary.total_bytes:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.3)
+    host_exec(HOST, f"systemctl kill -s KILL {UNIT}")
+    time.sleep(1)
+    before = sum(primary.bytes_served.values())
+    assert 0 < before < primary.total_bytes
+    primary.rate = 0
+    r = deploy(primary)
+    served = sum(primary.bytes_served.values())
+    refetched = served - primary.total_bytes
+    with capsys.disabled():
+        print(f"\n[weights] killed at {before} of {primary.total_bytes} bytes; the rerun fetched {served - before}; "
+              f"bytes fetched twice: {refetched}")
+    assert "weights: complete" in r.output
+    assert refetched < primary.total_bytes // 4, "the rerun did not resume"
+    check = host_exec(HOST, f"python3 /opt/vllm-fleet/fetch/fetch_weights.py check {STATE}/fetch.json")
+    assert json.loads(check.stdout)["complete"] is True
+    assert host_exec(HOST, f"test -f {DEST}/config.json && test ! -e {DEST}/.cache").returncode == 0
+
+
+def test_second_run_downloads_nothing_and_changes_nothing(mirrors):
+    primary, _ = mirrors
+    primary.reset_counters()
+    r = deploy(primary)
+    assert set(changed_ops(r).values()) == {0}, [ln for ln in r.output.splitlines() if "Starting operation" in ln or "Success" in ln]
+    assert sum(primary.bytes_served.values()) == 0
+
+
+def test_corrupted_shard_is_detected_and_refetched(mirrors):
+    primary, _ = mirrors
+    shard = f"{DEST}/model-00002-of-00004.safetensors"
+    host_exec(HOST, f"printf 'garbage' | dd of={shard} bs=1 seek=4096 conv=notrunc status=none")
+    primary.reset_counters()
+    r = deploy(primary)
+    assert changed_ops(r)[HOST] > 0
+    assert dict(primary.bytes_served) == {"model-00002-of-00004.safetensors": repo.SHARD_BYTES + 104}
+    state = json.loads(host_exec(HOST, f"cat {STATE}/state.json").stdout)
+    assert state["complete"] and state["refetched_files"] == ["model-00002-of-00004.safetensors"]
+    got = host_exec(HOST, f"sha256sum {shard}").stdout.split()[0]
+    want = {f.name: f.sha256 for f in repo.manifest(repo.build())}["model-00002-of-00004.safetensors"]
+    assert got == want
+
+
+def test_mirror_down_falls_back_to_the_next_source(mirrors):
+    primary, fallback = mirrors
+    host_exec(HOST, f"rm -rf {DEST} {STATE}")
+    primary.set_mode("down")
+    try:
+        fallback.reset_counters()
+        sources = [{"kind": "hf", "repo": repo.REPO_ID, "endpoint": primary.url},
+                   {"kind": "hf", "repo": repo.REPO_ID, "endpoint": fallback.url}]
+        r = deploy(fallback, sources=sources)
+        assert f"from hf:{repo.REPO_ID} at {fallback.url}" in r.output
+        assert sum(fallback.bytes_served.values()) == fallback.total_bytes
+        state = json.loads(host_exec(HOST, f"cat {STATE}/state.json").stdout)
+        assert state["complete"] and fallback.url in state["source"]
+    finally:
+        primary.set_mode("ok")

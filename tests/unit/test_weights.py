@@ -1,0 +1,167 @@
+"""Weights: the pure plan (vllm_fleet/weights.py) and the host program's worker against the local mirror.
+
+The worker tests run fetch_weights.py in this process with the real
+huggingface_hub against tests/hfmirror on 127.0.0.1 (a second or so each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hfmirror import repo
+from tests.hfmirror.server import Mirror
+from vllm_fleet import weights
+from vllm_fleet.settings import load_settings
+
+sys.path.insert(0, str(Path(weights.__file__).parent / "hostprog"))
+import fetch_weights as fw  # noqa: E402
+
+HF = {"kind": "hf", "repo": "MiniMaxAI/MiniMax-M2"}
+
+
+def settings(**data):
+    return load_settings({"vllm_model": "minimax-m2", **{f"vllm_{k}": v for k, v in data.items()}}, host="h")
+
+
+def test_serve_path_is_the_snapshot_dir_never_a_cache_root():
+    plan = weights.fetch_plan(settings(weights_sources=[HF], data_dir="/data"))
+    assert plan.serve_path == "/data/models/MiniMaxAI/MiniMax-M2"
+    with pytest.raises(ValueError, match="cache root"):
+        weights.check_serve_path("/root/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2")
+
+
+def test_profile_revision_pins_sources_without_their_own():
+    own = {**HF, "revision": "a" * 40}
+    s = settings(weights_sources=[HF, own])
+    got = weights.resolved_sources(s, "f" * 40)
+    assert [x.revision for x in got] == ["f" * 40, "a" * 40]
+
+
+def test_identity_ignores_the_endpoint_but_not_the_revision():
+    a = weights.fetch_plan(settings(weights_sources=[{**HF, "endpoint": "https://hf-mirror.com"}]))
+    b = weights.fetch_plan(settings(weights_sources=[{**HF, "endpoint": "http://127.0.0.1:1"}]))
+    c = weights.fetch_plan(settings(weights_sources=[{**HF, "revision": "b" * 40}]))
+    assert a.config["identity"] == b.config["identity"] != c.config["identity"]
+
+
+def test_local_source_first_is_served_in_place():
+    plan = weights.fetch_plan(settings(weights_sources=[{"kind": "local", "path": "/models/m2"}]))
+    assert plan.serve_path == "/models/m2" and not plan.downloads
+
+
+@pytest.mark.parametrize("bad", [{"kind": "hf"}, {"kind": "local", "path": "rel"}, {**HF, "endpoint": "https://u:p@x"},
+                                 {"kind": "s3", "repo": "a/b"}])
+def test_bad_sources_are_refused(bad):
+    with pytest.raises(Exception, match="weights_sources"):
+        settings(weights_sources=[bad])
+
+
+def test_xet_off_by_default_and_token_never_in_the_unit_environment():
+    s = settings(weights_sources=[HF], hf_token="hf_secret")
+    plan = weights.fetch_plan(s)
+    env = weights.unit_environment(s, plan)
+    assert "HF_HUB_DISABLE_XET=1" in env and not any("secret" in e for e in env)
+    assert "secret" not in json.dumps(plan.config)
+    assert "HF_HUB_DISABLE_XET=1" not in weights.unit_environment(settings(weights_sources=[HF], hf_xet=True), plan)
+
+
+def test_backoff_doubles_and_is_capped():
+    assert fw.backoff_delays(5, 10, 30) == [10, 20, 30, 30]
+    assert fw.backoff_delays(1, 10, 30) == []
+
+
+def test_progress_line_has_bytes_rate_and_eta():
+    line = fw.progress_line(12 * 2**20, 24 * 2**20, 3 * 2**20)
+    assert line == "12.0/24.0 MiB (50.0%), 3.0 MiB/s, ETA 4 s"
+
+
+# --- the worker against the mirror ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mirror():
+    m = Mirror(repo.build()).start()
+    yield m
+    m.stop()
+
+
+def config(tmp_path, *endpoints, **kw):
+    return {"identity": "t", "dest": str(tmp_path / "m"), "state_dir": str(tmp_path / "s"), "retries": 2,
+            "backoff_s": 0.01, "workers": 2, "headroom_bytes": 0,
+            "sources": [{"kind": "hf", "repo": repo.REPO_ID, "endpoint": e} for e in endpoints], **kw}
+
+
+def run(cfg) -> int:
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    return fw.Worker(cfg, log=lambda m: None).run()
+
+
+def test_download_verifies_records_state_and_cleans_leftovers(mirror, tmp_path):
+    cfg = config(tmp_path, mirror.url)
+    os.makedirs(cfg["dest"] + "/.cache/huggingface/download")
+    Path(cfg["dest"], "stale.bin").write_bytes(b"x")
+    mirror.reset_counters()
+    assert run(cfg) == 0
+    assert sum(mirror.bytes_served.values()) == mirror.total_bytes
+    names = sorted(os.listdir(cfg["dest"]))
+    assert names == sorted(f.name for f in repo.manifest(repo.build()))  # no .cache, no stale.bin
+    state = fw.read_json(cfg["state_dir"] + "/state.json", {})
+    assert state["complete"] and state["commit"] == mirror.commit
+    assert fw.check_state(cfg, state)["complete"]
+    mirror.reset_counters()
+    assert run(cfg) == 0 and sum(mirror.bytes_served.values()) == 0  # nothing fetched twice
+
+
+def test_truncated_file_is_detected_by_check_and_refetched(mirror, tmp_path):
+    cfg = config(tmp_path, mirror.url)
+    assert run(cfg) == 0
+    shard = Path(cfg["dest"], "model-00003-of-00004.safetensors")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert not fw.check_state(cfg, fw.read_json(cfg["state_dir"] + "/state.json", {}))["complete"]
+    mirror.reset_counters()
+    assert run(cfg) == 0
+    assert dict(mirror.bytes_served) == {shard.name: shard.stat().st_size}
+
+
+def test_failing_mirror_falls_back_to_the_next_source(mirror, tmp_path):
+    bad = Mirror(repo.build()).start()
+    bad.set_mode("fail")
+    try:
+        cfg = config(tmp_path, bad.url, mirror.url)
+        assert run(cfg) == 0
+        assert mirror.url in fw.read_json(cfg["state_dir"] + "/state.json", {})["source"]
+        assert sum(bad.bytes_served.values()) == 0
+    finally:
+        bad.stop()
+
+
+def test_every_source_down_fails_with_each_error(tmp_path):
+    down = Mirror(repo.build()).start()
+    down.set_mode("down")
+    cfg = config(tmp_path, down.url)
+    assert run(cfg) == 1
+    status = fw.read_json(cfg["state_dir"] + "/status.json", {})
+    assert status["phase"] == "failed" and "attempt 2" in status["error"]
+
+
+def test_not_enough_disk_fails_before_fetching(mirror, tmp_path):
+    cfg = config(tmp_path, mirror.url, headroom_bytes=2**62)
+    mirror.reset_counters()
+    assert run(cfg) == 4
+    assert sum(mirror.bytes_served.values()) == 0
+    assert "not enough disk" in fw.read_json(cfg["state_dir"] + "/status.json", {})["error"]
+
+
+def test_a_second_worker_does_not_start(mirror, tmp_path):
+    import fcntl
+
+    cfg = config(tmp_path, mirror.url)
+    os.makedirs(cfg["state_dir"])
+    with open(cfg["state_dir"] + "/fetch.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        assert run(cfg) == 3
