@@ -10,7 +10,7 @@ or a bad host ends the run with one message and nothing changed.
 
 from pyinfra import host
 
-from roles import preflight, python_env, service_user, weights
+from roles import preflight, python_env, service, service_user, weights
 from roles.common import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
@@ -25,4 +25,4 @@ state = preflight.run(settings, model_path=model.serve_path or None)
 service_user.apply(settings)
 venv = python_env.apply(settings, state)
 weights_changed = weights.apply(settings, model)
-# service + health gate (issue 6): service.apply(settings, state, venv, weights_changed)
+service.apply(settings, state, venv, weights_changed)

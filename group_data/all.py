@@ -9,6 +9,8 @@ from a committed file.
 
 import os
 
+from pydantic import SecretStr  # secrets stay masked in host data, which `pyinfra --debug` prints
+
 from vllm_fleet.versions import VLLM_VERSION
 
 # -- the model and its layout (the planner decides what is left as None / "auto") --
@@ -35,12 +37,16 @@ vllm_extra_env = {}                      # extra non-secret service environment,
 # -- the service --
 vllm_bind_host = "127.0.0.1"             # listen address; anything but loopback requires vllm_api_key
 vllm_port = 8100                         # listen port (preflight fails if another process owns it)
-vllm_api_key = os.environ.get("VLLM_FLEET_API_KEY")  # API key; kept in a 0640 EnvironmentFile, never in argv/logs
-vllm_hf_token = os.environ.get("VLLM_FLEET_HF_TOKEN")  # Hugging Face token for gated repos (same handling)
+vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key; kept in a 0640 EnvironmentFile, never in argv/logs
+vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos (same handling)
 vllm_service_user = "vllm"               # unprivileged system user running vLLM
 vllm_service_name = "vllm"               # systemd unit name (vllm.service)
 vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs
 vllm_data_dir = "/var/lib/vllm-fleet"    # weights, compile cache, state
+vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
+vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
+vllm_purge_venvs = False                 # uninstall.py: also delete the venvs (default: keep them)
+vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
 # -- the Python stack --
 vllm_python_version = "3.12"             # Python of the service venv (uv provides it if the OS lacks it)

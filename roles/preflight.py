@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyinfra import host, logger
+from pyinfra.facts.server import Command
 
 from roles.common import abort
 from vllm_fleet import preflight
@@ -34,7 +35,7 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
     + model_path: what `vllm serve` is given on the host (None: the profile's repo id).
     """
     snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir])
-    problems = preflight.check(settings, snap)
+    problems = preflight.check(settings, snap, ours=_ours(settings))
     plan = None
     if not problems:
         try:
@@ -48,6 +49,19 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
         abort(PreflightError(host.name, problems))
     _show(settings, plan)
     return HostState(snap, plan)
+
+
+def _ours(settings: Settings) -> preflight.Ours:
+    """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
+    unit, user, port = f"{settings.service_name}.service", settings.service_user, settings.port
+    out = host.get_fact(Command, (
+        f"pid=$(systemctl show -p MainPID --value {unit} 2>/dev/null); "
+        f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then cg=$(sed -n "s/^0:://p" /proc/$pid/cgroup); '
+        f'cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null; u=$(id -u {user}); '
+        f'ss -Htlne "sport = :{port}" | grep -q " uid:$u " && echo port; fi; true'
+    )) or ""
+    words = out.split()
+    return preflight.Ours(pids=[int(w) for w in words if w.isdigit()], port=port if "port" in words else None)
 
 
 def _show(settings: Settings, plan: Plan) -> None:

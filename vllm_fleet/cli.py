@@ -15,7 +15,7 @@ from vllm_fleet import __version__
 from vllm_fleet.errors import FleetError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["vllm_fleet.plan_cli", "vllm_fleet.doctor_cli"]
+COMMANDS = ["vllm_fleet.plan_cli", "vllm_fleet.doctor_cli", "vllm_fleet.render_cli", "vllm_fleet.status_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ class Ours:
     """What already belongs to this deploy on the host (so a rerun does not fail on it)."""
 
     pids: Collection[int] = ()
+    port: int | None = None
+    """The port this deploy's own service is seen listening on (when `ss` cannot name the pid, e.g. no CAP_SYS_PTRACE)."""
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -112,7 +114,7 @@ def _gpus(settings: Settings, snap, ours: Ours) -> list[str]:
 
 def _port(settings: Settings, snap, ours: Ours) -> list[str]:
     owner = snap.port_owner(settings.port)
-    if owner is None or (owner.pid is not None and owner.pid in ours.pids):
+    if owner is None or (owner.pid is not None and owner.pid in ours.pids) or (owner.pid is None and ours.port == settings.port):
         return []
     who = f"{owner.process} (pid {owner.pid})" if owner.pid else "an unknown process"
     return [f"port {settings.port} is already taken by {who} on {owner.address}; "

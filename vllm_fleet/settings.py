@@ -124,6 +124,10 @@ class Settings(BaseModel):
     service_name: str = Field("vllm", description="systemd unit name (without .service)")
     base_dir: str = Field("/opt/vllm-fleet", description="venvs and the toolkit's programs on the host")
     data_dir: str = Field("/var/lib/vllm-fleet", description="weights, caches and state on the host")
+    restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
+    health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    purge_venvs: bool = Field(False, description="uninstall.py also deletes the venvs under base_dir")
+    purge_weights: bool = Field(False, description="uninstall.py also deletes the weights and caches under data_dir")
 
     # -- the Python stack --
     python_version: str = Field("3.12", description="Python version of the service venv (uv installs it if the host lacks it)")
