@@ -64,7 +64,8 @@ def test_a_drifted_host_is_repaired_and_only_it_changes(test_hosts):
     host_exec("fleet-c", ["sh", "-c", f"echo corrupt >> {model}/config.json && touch {model}/stray.bin"])
     result = run_pyinfra(["deploy.py"])
     changes = changed_ops(result)
-    assert changes == {"@docker/fleet-a": 0, "@docker/fleet-b": 1, "fleet-c": 1}, result.output
+    # fleet-c: the weights were repaired, so its service is restarted and gated (roles/service.py): 2 operations
+    assert changes == {"@docker/fleet-a": 0, "@docker/fleet-b": 1, "fleet-c": 2}, result.output
     assert host_exec("fleet-b", ["stat", "-c", "%a", "/etc/vllm-fleet"]).stdout.strip() == "750"
     local = (REPO / "tests/fixtures/tiny-minimax-m2/config.json").read_text()
     assert host_exec("fleet-c", ["cat", f"{model}/config.json"]).stdout == local
@@ -118,6 +119,7 @@ def test_preflight_names_who_holds_gpu_memory_and_the_utilization_that_fits(test
 
 
 def test_preflight_names_the_owner_of_a_busy_port(test_hosts):
+    host_exec("fleet-b", ["systemctl", "stop", "vllm.service"])  # our own service holds 8102 after a deploy
     listener = host_exec("fleet-b", ["systemd-run", "--unit", "port-squatter", "--collect",
                                      "python3", "-m", "http.server", "--bind", "127.0.0.1", "8102"])
     assert listener.returncode == 0, listener.stderr
