@@ -137,7 +137,8 @@ class Overhead:
     cuda_graphs: int
     """Estimate: graph pool for the largest captured batch (0 with --enforce-eager)."""
     margin: int
-    """Estimate: safety margin, calibrated so the seed's case comes out conservative."""
+    """Estimate: MARGIN_FRACTION of the estimated terms (activations + CUDA graphs), calibrated so the
+    seed's case comes out conservative; the measured non-torch term gets none."""
 
     @property
     def total(self) -> int:
@@ -257,11 +258,17 @@ class Plan:
 # --- overhead model (docs/planner.md, "Overhead") --------------------------------------
 
 NON_TORCH_TP1 = int(0.79 * GiB)
-"""Measured: requested minus available KV for the tiny model at TP=1 on H200 (0.62-0.79 GiB)."""
+"""Measured: requested minus available KV for the tiny model at TP=1 on H200 (0.62-0.79 GiB over 7 runs,
+two of them through the toolkit's rendered launch: docs/gpu-validation.md)."""
 NON_TORCH_MULTI = int(1.11 * GiB)
-"""Measured: the same at TP=2 (NCCL, custom all-reduce); assumed for larger TP too."""
-MARGIN_FRACTION = 0.03
-"""Estimate: 3% of GPU memory; makes the seed's 4xA800 case predict 9.2 GiB where vLLM had 9.38."""
+"""Measured: the same at TP=2 (NCCL, custom all-reduce; 1.05-1.11 GiB over 4 runs, TP+EP included);
+assumed for larger TP too (not measured)."""
+MARGIN_FRACTION = 0.5
+"""Estimate: half the estimated terms (activations + CUDA graphs); the measured non-torch term
+needs none. On H200 with vLLM 0.25 the model's terms alone predict the available KV memory to
+within 0.1 GiB, on the conservative side (docs/gpu-validation.md; a margin of 3 % of GPU memory,
+used until then, made those predictions 6 % low). 0.5 keeps the seed's 4xA800 case
+conservative: 9.07 GiB predicted where vLLM had 9.38."""
 SAMPLER_BYTES_PER_LOGIT = 26
 """Estimate: bf16 logits (2) + fp32 copy (4) + sorted values (4) + int64 sort indices (8) +
 probs (4) + cumulative sum (4) live at the peak of the dummy top-k/top-p sampler run."""
@@ -287,7 +294,7 @@ def _activation_bytes_per_token(arch: Architecture, layout: Layout) -> int:
 
 
 def estimate_overhead(
-    arch: Architecture, layout: Layout, gpu_memory: int, max_num_batched_tokens: int, max_num_seqs: int, eager: bool
+    arch: Architecture, layout: Layout, max_num_batched_tokens: int, max_num_seqs: int, eager: bool
 ) -> Overhead:
     """The documented overhead model (docs/planner.md)."""
     per_token = _activation_bytes_per_token(arch, layout)
@@ -295,7 +302,8 @@ def estimate_overhead(
     sampler = min(max_num_seqs, max_num_batched_tokens) * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT
     graphs = 0 if eager else min(CUDAGRAPH_CAPTURE_TOKENS, max_num_seqs * 2) * per_token
     non_torch = NON_TORCH_TP1 if layout.world_size == 1 else NON_TORCH_MULTI
-    return Overhead(non_torch, max(forward, sampler), graphs, int(gpu_memory * MARGIN_FRACTION))
+    activations = max(forward, sampler)
+    return Overhead(non_torch, activations, graphs, int((activations + graphs) * MARGIN_FRACTION))
 
 
 def weights_per_gpu(profile: Profile, layout: Layout) -> int:
@@ -486,7 +494,7 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
     total = hw.min_memory_bytes
     requested = math.ceil(total * options.gpu_memory_utilization)  # gpu_worker.py request_memory
     weights = weights_per_gpu(profile, layout)
-    overhead = estimate_overhead(arch, layout, total, tokens, seqs, options.enforce_eager)
+    overhead = estimate_overhead(arch, layout, tokens, seqs, options.enforce_eager)
     exact = options.kv_cache_memory_bytes is not None
     available = options.kv_cache_memory_bytes if exact else requested - weights - overhead.total
     if weights > requested:
