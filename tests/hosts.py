@@ -313,12 +313,19 @@ def create(host: TestHost, key: str) -> None:
 
 
 def report_systemd(host: TestHost) -> str:
-    """Wait for boot to finish; return the state, logging failed units when degraded."""
+    """Wait for boot to finish; return the state.
+
+    A reused host can be degraded by units an earlier test session left failed
+    (a killed download, a crashed engine): log them and clear their failed
+    state, so every session starts from a host whose systemd is running.
+    """
     state = systemd_state(host.name, wait=True)
     if state == "degraded":
         failed = docker("exec", host.name, "systemctl", "--failed", "--plain", "--no-legend", check=False).stdout
         units = ", ".join(line.split()[0] for line in failed.splitlines() if line.strip())
-        log(f"{host.name}: systemd degraded, failed units: {units}")
+        log(f"{host.name}: systemd degraded, failed units left by an earlier run: {units}; clearing them")
+        docker("exec", host.name, "systemctl", "reset-failed", check=False)
+        state = systemd_state(host.name, wait=True)
     elif state != "running":
         raise HostError(f"{host.name}: systemd is {state}")
     return state

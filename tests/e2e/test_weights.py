@@ -34,6 +34,8 @@ def mirrors(test_hosts):
     yield primary, fallback
     primary.stop()
     fallback.stop()
+    # The kill test leaves the fetch unit failed: clear it so the host is not left degraded.
+    host_exec(HOST, f"systemctl stop {UNIT} 2>/dev/null; systemctl reset-failed {UNIT} 2>/dev/null; rm -rf {DATA}")
 
 
 def deploy(mirror: Mirror, *extra: str, sources: list[dict] | None = None, data: str = DATA, check: bool = True,
