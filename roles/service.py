@@ -30,7 +30,7 @@ from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File, Sha256File
-from pyinfra.facts.server import Command
+from pyinfra.facts.server import Command, Home
 from pyinfra.operations import files, python, systemd
 from pyinfra.operations.util import files as file_utils
 
@@ -75,7 +75,13 @@ def secret_file(path: str, content: Secret, user: str, group: str, mode: str):
     want = hashlib.sha256(text.encode()).hexdigest()
     info = host.get_fact(File, path=path)
     if not info or host.get_fact(Sha256File, path=path) != want:
-        yield FileUploadCommand(StringIO(text), path, remote_temp_filename=host.get_temp_filename(path))
+        # With sudo over SSH, pyinfra uploads as the login user to a temp file, then copies it
+        # as root. In /tmp that temp file would be readable by every local user for a moment,
+        # so it goes to a directory only the login user can enter (created as that user).
+        private = f"{host.get_fact(Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
+        yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
+        yield StringCommand("chmod", "700", private, _sudo=False)
+        yield FileUploadCommand(StringIO(text), path, remote_temp_filename=f"{private}/{want[:16]}")
         yield file_utils.chown(path, user, group)
         yield file_utils.chmod(path, mode)
         return
