@@ -99,6 +99,11 @@ def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
         "TRITON_CACHE_DIR": f"{cache}/triton",
         "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
     })
+    if plan.argv[2].startswith("/"):
+        # The weights are a directory on the host (the weights role put them there): vLLM needs
+        # no hub, and on air-gapped hosts a hub lookup only waits for timeouts (found on the
+        # GPU validation host, docs/gpu-validation.md).
+        env["HF_HUB_OFFLINE"] = "1"
     env.update(settings.extra_env)
     return env
 

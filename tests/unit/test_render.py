@@ -163,3 +163,15 @@ def test_render_cli_writes_what_render_returns(tmp_path, monkeypatch, capsys):
 def test_render_cli_refuses_a_plan_with_errors(tmp_path):
     assert main(["render", "--model", TINY, "--gpus", "1xA800-80G", "--max-model-len", "99999999", "--out", str(tmp_path)]) in (1, 2)
     assert not (tmp_path / "vllm.service").exists()
+
+
+def test_a_local_model_dir_runs_offline_and_a_repo_id_does_not():
+    from vllm_fleet.plan import make_plan
+    from vllm_fleet.render import service_environment
+    from vllm_fleet.settings import load_settings
+
+    s = load_settings({})
+    local = make_plan("minimax-m2", "4xH200", s.plan_options("/var/lib/vllm-fleet/models/MiniMaxAI/MiniMax-M2"))
+    assert service_environment(s, local)["HF_HUB_OFFLINE"] == "1"
+    hub = make_plan("minimax-m2", "4xH200", s.plan_options())
+    assert "HF_HUB_OFFLINE" not in service_environment(s, hub)
