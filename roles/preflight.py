@@ -34,7 +34,9 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
 
     + model_path: what `vllm serve` is given on the host (None: the profile's repo id).
     """
-    snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir])
+    fetch = _fetch_plan(settings)
+    snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir],
+                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None)
     problems = preflight.check(settings, snap, ours=_ours(settings))
     plan = None
     if not problems:
@@ -44,11 +46,39 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
             problems.append(f"cannot plan: {exc}")
     if plan is not None:
         problems += [f"plan {f.code}: {f.message}; remedy: {f.remedy}" for f in plan.errors]
-        problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes)
+        present = _weights_present(settings, snap, fetch, plan.weights_bytes)
+        problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes, present_bytes=present)
     if problems:
         abort(PreflightError(host.name, problems))
     _show(settings, plan)
     return HostState(snap, plan)
+
+
+def _fetch_plan(settings: Settings):
+    """The weights download's FetchPlan (None without vllm_weights_sources), as roles/weights.py decides it."""
+    if not settings.weights_sources:
+        return None
+    from roles.weights import source  # noqa: PLC0415 - roles.weights is the one place that resolves the revision
+
+    try:
+        return source(settings).fetch
+    except ValueError:
+        return None  # a bad serve path: deploy.py reports it before preflight runs
+
+
+def _weights_present(settings: Settings, snap: Snapshot, fetch, weights_bytes: int) -> int:
+    """Weights bytes already verified on the host (read in the snapshot's round trip); logged when not zero."""
+    if fetch is None:
+        return 0
+    if not fetch.downloads:
+        return weights_bytes  # a directory already on the host, served in place: nothing to store
+    present = preflight.weights_on_host(snap.weights_check, fetch.config["identity"], weights_bytes)
+    if present:
+        state = "complete" if (snap.weights_check or {}).get("complete") else "partly present"
+        logger.info(f"{host.print_prefix}preflight: the weights in {fetch.serve_path} are {state} and verified on the host; "
+                    f"the disk check asks {max(0, weights_bytes - present) / 1024**3:.2f} GiB for them "
+                    f"(not the planned {weights_bytes / 1024**3:.2f} GiB)")
+    return present
 
 
 def _ours(settings: Settings) -> preflight.Ours:

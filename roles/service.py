@@ -114,11 +114,18 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
     }
 
 
+def _weights_marker(settings: Settings) -> str:
+    """Left by a run that did not restart the service because the weights were incomplete; the next gate clears it."""
+    return f"{settings.base_dir}/state/{settings.service_name}.weights-pending"
+
+
 def _pending(settings: Settings, rendered: Rendered) -> bool:
-    """True when a previous run left the service unproven: live files differ from the last good, or it is not active."""
+    """True when a previous run left the service unproven: live files differ from the last good, it is not active,
+    or its restart was held back for incomplete weights."""
     prev = f"{CONFIG_DIR}/{Path(rendered.unit_path).name}.prev"
     env_prev = f"{rendered.env_path}.prev"
     script = (f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
+              f"test -e {_weights_marker(settings)} && {{ echo pending; exit 0; }}; "
               f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
               f"&& systemctl is-active --quiet {settings.service_name}.service && echo clean || echo pending")
     return (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").strip() == "pending"
@@ -191,13 +198,21 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
 
     pending = _pending(settings, rendered)
     changed = _changed(unit, env, getattr(venv, "changed", None), weights_changed)
-    python.call(
-        name=f"Restart {settings.service_name}.service and pass its health gate (rollback on failure)",
-        function=_run_gate,
-        command=f"/usr/bin/python3 {gate_bin} apply {gate_json}",
-        _if=lambda: pending or changed(),
-        _serial=True,
-    )
+    marker = _weights_marker(settings)
+    if not getattr(weights_changed, "ready", True):
+        # vllm_weights_wait=False and the download is not complete: never (re)start vLLM on partial weights.
+        logger.warning(f"{host.print_prefix}service: {settings.service_name}.service is not (re)started: "
+                       f"{weights_changed.reason}; rerun the deploy once the download is complete")
+        files.file(name=f"Hold back the restart of {settings.service_name}.service until the weights are complete "
+                        f"({marker})", path=marker, present=True, user="root", group="root", mode="644")
+    else:
+        python.call(
+            name=f"Restart {settings.service_name}.service and pass its health gate (rollback on failure)",
+            function=_run_gate,
+            command=f"/usr/bin/python3 {gate_bin} apply {gate_json} && rm -f {marker}",
+            _if=lambda: pending or changed(),
+            _serial=True,
+        )
     systemd.service(name=f"Ensure {settings.service_name}.service starts at boot",
                     service=f"{settings.service_name}.service", running=None, enabled=True)
 

@@ -69,6 +69,24 @@ def source(settings: Settings) -> ModelSource:
     return ModelSource(None, "")  # the planner uses the profile's repo id
 
 
+@dataclass(frozen=True)
+class WeightsResult:
+    """What roles/service.py gets from `apply`: did the weights change in this run, and may the service start on them.
+
+    ``did_change()`` is the weights operation's (the `_if` contract of an OperationMeta);
+    ``ready`` is False when the download is not known to be complete when the service step
+    runs (``vllm_weights_wait = False`` and the weights were not complete while planning):
+    the service is then not (re)started, and ``reason`` says why.
+    """
+
+    meta: OperationMeta | None
+    ready: bool = True
+    reason: str = ""
+
+    def did_change(self) -> bool:
+        return self.meta is not None and self.meta.did_change()
+
+
 class FetchState(FactBase[dict]):
     """
     The fetch venv's huggingface_hub, the unit's state and the recorded verification, in one command.
@@ -145,7 +163,7 @@ def follow_download(plan: wplan.FetchPlan, timeout_s: int):
     yield FunctionCommand(_wait, (plan, timeout_s, bool(host.data.get("_sudo"))), {})
 
 
-def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> OperationMeta:
+def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
     user = settings.service_user
     fact = host.get_fact(FetchState, plan=plan)
     hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
@@ -184,8 +202,8 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> OperationMeta:
     check = fact["check"] or {}
     running = fact["active"] in ("active", "activating")
     if check.get("complete") and not running:
-        return server.shell(name=f"Weights in {plan.serve_path} are complete and verified (commit {check.get('commit')})",
-                            commands=[])
+        return WeightsResult(server.shell(
+            name=f"Weights in {plan.serve_path} are complete and verified (commit {check.get('commit')})", commands=[]))
     if not running:
         mk = f"install -d -o {q(user)} -g {q(user)} -m 750 {q(plan.serve_path)}"
         server.shell(name=f"Start the weights download unit {plan.unit}.service into {plan.serve_path}",
@@ -194,14 +212,19 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> OperationMeta:
         logger.info(f"{host.print_prefix}weights: {plan.unit}.service is already running; attaching to it")
     if not settings.weights_wait:
         logger.info(f"{host.print_prefix}weights: not waiting (vllm_weights_wait=False); follow with journalctl -fu {plan.unit}")
-        return server.shell(name="Not waiting for the weights download (vllm_weights_wait=False)", commands=[])
-    return follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
-                           timeout_s=settings.weights_wait_timeout_s)
+        return WeightsResult(
+            server.shell(name="Not waiting for the weights download (vllm_weights_wait=False)", commands=[]),
+            ready=False,
+            reason=f"the weights in {plan.serve_path} are still downloading ({plan.unit}.service) and "
+                   f"vllm_weights_wait=False")
+    return WeightsResult(follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
+                                         timeout_s=settings.weights_wait_timeout_s))
 
 
 @deploy("Weights")
-def apply(settings: Settings, src: ModelSource) -> OperationMeta | None:
-    """Place the weights; return the operation whose change means "the weights changed"."""
+def apply(settings: Settings, src: ModelSource) -> WeightsResult | OperationMeta | None:
+    """Place the weights; return what says "the weights changed" (``did_change()``), and for a download
+    a `WeightsResult` whose ``ready`` says whether the service may be (re)started on them."""
     if src.fetch is not None:
         if not src.fetch.downloads:
             return None  # a directory already on the host, served in place

@@ -66,8 +66,24 @@ def disk_section(path: str) -> str:
     return section("df", f"p={shlex.quote(path)}; {_DF_NEAREST}", arg=path)
 
 
-def snapshot_command(paths: Sequence[str]) -> str:
-    """The one shell command behind :class:`HostSnapshot` (POSIX sh, C locale)."""
+def weights_section(program: str, config: str) -> str:
+    """The section printing ``fetch_weights.py check CONFIG`` (JSON; empty when the program or config is not there yet).
+
+    A second line ``identity=...`` is read from CONFIG itself, so the check of a fetch program
+    installed by an older toolkit (whose JSON has no ``identity``) still says what it is about.
+    """
+    q = shlex.quote
+    ident = "import json,sys; print('identity=' + json.load(open(sys.argv[1]))['identity'])"
+    return section("weights-check", f"if test -f {q(program)} -a -f {q(config)}; then python3 {q(program)} check {q(config)} "
+                                    f"&& python3 -c {q(ident)} {q(config)}; fi")
+
+
+def snapshot_command(paths: Sequence[str], weights: Sequence[str] | None = None) -> str:
+    """The one shell command behind :class:`HostSnapshot` (POSIX sh, C locale).
+
+    + weights: ``(fetch program, fetch config)`` of a weights download: adds the
+      recorded verification state (:func:`weights_section`), read without hashing
+    """
     parts = [
         "export LC_ALL=C",
         section("os-release", "cat /etc/os-release"),
@@ -79,6 +95,7 @@ def snapshot_command(paths: Sequence[str]) -> str:
         section("meminfo", "grep '^MemTotal:' /proc/meminfo"),
         section("nproc", "nproc"),
         *(disk_section(path) for path in paths),
+        *([weights_section(*weights)] if weights else []),
     ]
     return "; ".join(parts)
 
@@ -218,6 +235,8 @@ class HostSnapshot(FactBase[Snapshot]):
 
     + paths: directories whose filesystem to measure (missing ones at their nearest
       existing ancestor); one string is one path, as ``pyinfra @HOST fact`` passes it
+    + weights: optional ``(fetch program, fetch config)``: also read the weights'
+      recorded verification state (``Snapshot.weights_check``, see docs/weights.md)
 
     .. code:: python
 
@@ -237,8 +256,8 @@ class HostSnapshot(FactBase[Snapshot]):
     """
 
     @override
-    def command(self, paths: str | Sequence[str] = ()) -> str:
-        return snapshot_command([paths] if isinstance(paths, str) else list(paths))
+    def command(self, paths: str | Sequence[str] = (), weights: Sequence[str] | None = None) -> str:
+        return snapshot_command([paths] if isinstance(paths, str) else list(paths), weights)
 
     @override
     def process(self, output: list[str]) -> Snapshot:

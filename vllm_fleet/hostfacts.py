@@ -21,6 +21,7 @@ and the sectioned output of the one-round-trip snapshot command
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Callable, Iterable
@@ -149,6 +150,8 @@ class Snapshot(_Result):
     mem_total_bytes: int | None
     nproc: int | None
     errors: dict[str, str] = field(default_factory=dict)
+    weights_check: dict | None = None
+    """``fetch_weights.py check`` of the weights download (complete, identity, verified_bytes, ...); None: not asked or nothing recorded."""
 
     def port_owner(self, port: int) -> Listener | None:
         """The first socket listening on TCP ``port`` on any address, or None if it is free."""
@@ -469,6 +472,19 @@ def parse_snapshot(lines: Iterable[str], paths: Iterable[str] = ()) -> Snapshot:
         if path not in disks and f"df {path}" not in errors:
             errors[f"df {path}"] = "section missing from output"
     running = by_name.get("systemd-running")
+    weights_check = None
+    if (ws := by_name.get("weights-check")) is not None:
+        if ws.rc != 0:
+            errors["weights-check"] = _failure(ws)
+        elif ws.text:
+            try:
+                weights_check = json.loads(ws.lines[0])
+                for line in ws.lines[1:]:
+                    if line.startswith("identity="):
+                        weights_check.setdefault("identity", line.partition("=")[2].strip())
+            except (ValueError, AttributeError) as exc:
+                weights_check = None
+                errors["weights-check"] = f"not JSON: {exc}"
     return Snapshot(
         os_id=os_release.get("ID"),
         os_version=os_release.get("VERSION_ID"),
@@ -482,4 +498,5 @@ def parse_snapshot(lines: Iterable[str], paths: Iterable[str] = ()) -> Snapshot:
         mem_total_bytes=read("meminfo", parse_meminfo_total, None),
         nproc=read("nproc", parse_nproc, None),
         errors=errors,
+        weights_check=weights_check,
     )

@@ -121,11 +121,31 @@ def _port(settings: Settings, snap, ours: Ours) -> list[str]:
             f"remedy: stop that process, or set vllm_port to a free port for this host"]
 
 
-def check_disk(settings: Settings, snap, weights_bytes: int) -> list[str]:
-    """Free disk for the venv (base_dir) and the weights (data_dir), per filesystem."""
+def weights_on_host(check: dict | None, identity: str | None, weights_bytes: int) -> int:
+    """Bytes of the weights already verified on the host, which the disk check does not ask for again.
+
+    + check: ``Snapshot.weights_check`` (``fetch_weights.py check`` of the recorded state, no hashing)
+    + identity: the identity of this run's download (vllm_fleet.weights.identity); a record for
+      another model, revision or destination counts for nothing
+    + weights_bytes: the planner's weights size: returned whole when the download is complete
+      (the real files may differ from the estimate; none of them is fetched again)
+    """
+    if not check or identity is None or check.get("identity") != identity:
+        return 0
+    if check.get("complete"):
+        return weights_bytes
+    return min(weights_bytes, int(check.get("verified_bytes") or 0))
+
+
+def check_disk(settings: Settings, snap, weights_bytes: int, present_bytes: int = 0) -> list[str]:
+    """Free disk for the venv (base_dir) and the weights (data_dir), per filesystem.
+
+    + present_bytes: weights already verified on the host (`weights_on_host`): not asked for again,
+      so a rerun after a 230 GB download does not need another 230 GB free.
+    """
     out = []
     headroom = settings.disk_headroom_gib * GIB
-    needs = {settings.base_dir: VENV_BYTES, settings.data_dir: weights_bytes}
+    needs = {settings.base_dir: VENV_BYTES, settings.data_dir: max(0, weights_bytes - present_bytes)}
     # Both directories can live on one filesystem: add up what each mount must hold.
     by_mount: dict[str, tuple[int, list[str], int]] = {}
     for path, need in needs.items():

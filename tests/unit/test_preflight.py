@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_fleet.hostfacts import DiskSpace, Gpu, GpuInfo, GpuProcess, Listener, Snapshot
-from vllm_fleet.preflight import GIB, Ours, check, check_disk
+from vllm_fleet.preflight import GIB, Ours, check, check_disk, weights_on_host
 from vllm_fleet.settings import load_settings
 
 A800 = "NVIDIA A800-SXM4-80GB"
@@ -93,3 +93,43 @@ def test_disk_per_filesystem():
     assert "/ has 5.0 GiB free" in check_disk(S, snapshot(disks={
         "/opt/vllm-fleet": DiskSpace("/opt/vllm-fleet", "/", 50 * GIB, 5 * GIB),
         "/var/lib/vllm-fleet": DiskSpace("/var/lib/vllm-fleet", "/data", 4000 * GIB, 3000 * GIB)}), 230 * GIB)[0]
+
+
+def _disk_settings():
+    return load_settings({"vllm_disk_headroom_gib": 20})
+
+
+def _small_data_disk(free_gib: float) -> Snapshot:
+    return snapshot(disks={"/opt/vllm-fleet": DiskSpace("/opt/vllm-fleet", "/", 500 * GIB, 400 * GIB),
+                           "/var/lib/vllm-fleet": DiskSpace("/var/lib/vllm-fleet", "/data", 500 * GIB, int(free_gib * GIB))})
+
+
+WEIGHTS = 230 * GIB  # MiniMax-M2
+
+
+def test_disk_check_asks_the_full_weights_when_nothing_is_on_the_host():
+    problems = check_disk(_disk_settings(), _small_data_disk(100), WEIGHTS)
+    assert len(problems) == 1 and "/data has 100.0 GiB free, /var/lib/vllm-fleet need 230.0 GiB + 20 GiB headroom" in problems[0]
+
+
+def test_a_rerun_after_a_complete_download_does_not_ask_for_the_weights_again():
+    present = weights_on_host({"complete": True, "identity": "abc", "verified_bytes": 229 * GIB}, "abc", WEIGHTS)
+    assert present == WEIGHTS
+    assert check_disk(_disk_settings(), _small_data_disk(25), WEIGHTS, present_bytes=present) == []
+
+
+def test_a_partial_download_asks_only_for_what_is_missing():
+    present = weights_on_host({"complete": False, "identity": "abc", "verified_bytes": 200 * GIB}, "abc", WEIGHTS)
+    assert present == 200 * GIB
+    assert check_disk(_disk_settings(), _small_data_disk(55), WEIGHTS, present_bytes=present) == []
+    problems = check_disk(_disk_settings(), _small_data_disk(45), WEIGHTS, present_bytes=present)
+    assert len(problems) == 1 and "need 30.0 GiB + 20 GiB headroom" in problems[0]
+
+
+@pytest.mark.parametrize("check,identity", [
+    (None, "abc"),                                                        # nothing recorded (fresh host)
+    ({"complete": True, "identity": "old", "verified_bytes": WEIGHTS}, "abc"),  # another model / revision / dest
+    ({"complete": True, "identity": "abc", "verified_bytes": WEIGHTS}, None),   # no download planned
+])
+def test_a_record_for_something_else_counts_for_nothing(check, identity):
+    assert weights_on_host(check, identity, WEIGHTS) == 0

@@ -165,3 +165,62 @@ def test_a_second_worker_does_not_start(mirror, tmp_path):
     with open(cfg["state_dir"] + "/fetch.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         assert run(cfg) == 3
+
+
+def test_check_reports_the_verified_bytes_still_on_disk_for_the_planning_disk_check(mirror, tmp_path):
+    cfg = config(tmp_path, mirror.url)
+    assert run(cfg) == 0
+    state = fw.read_json(cfg["state_dir"] + "/state.json", {})
+    total = sum(f.size for f in repo.manifest(repo.build()))
+    got = fw.check_state(cfg, state)
+    assert got["complete"] and got["identity"] == "t" and got["verified_bytes"] == total
+    shard = Path(cfg["dest"], "model-00001-of-00004.safetensors")
+    size = shard.stat().st_size
+    shard.write_bytes(b"x" * size)  # same size, new inode/mtime: no longer counted as verified
+    got = fw.check_state(cfg, state)
+    assert not got["complete"] and got["verified_bytes"] == total - size
+    assert fw.check_state({**cfg, "identity": "other"}, state)["verified_bytes"] == 0  # another model or revision
+
+
+def test_the_snapshot_reads_the_weights_check_in_its_round_trip(mirror, tmp_path):
+    """The HostSnapshot command with weights=(program, config) runs the real check here and parses it."""
+    import subprocess
+
+    from vllm_fleet.facts import HostSnapshot
+
+    cfg = config(tmp_path, mirror.url)
+    assert run(cfg) == 0
+    cfg_path = tmp_path / "fetch.json"
+    cfg_path.write_text(json.dumps(cfg))
+    program = str(Path(fw.__file__))
+    cmd = HostSnapshot().command([str(tmp_path)], weights=(program, str(cfg_path)))
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=False).stdout.splitlines()
+    snap = HostSnapshot().process(out)
+    assert snap.weights_check["complete"] is True and snap.weights_check["verified_bytes"] > 0, snap.errors
+    assert "weights-check" not in snap.errors
+    # nothing installed yet on a fresh host: no section text, no error, None
+    cmd = HostSnapshot().command([str(tmp_path)], weights=("/nonexistent/fetch_weights.py", str(cfg_path)))
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=False).stdout.splitlines()
+    snap = HostSnapshot().process(out)
+    assert snap.weights_check is None and "weights-check" not in snap.errors
+    # without weights= the command is unchanged (no section at all)
+    assert "weights-check" not in HostSnapshot().command([str(tmp_path)])
+
+
+def test_the_snapshot_check_of_an_older_fetch_program_still_names_its_identity(mirror, tmp_path):
+    """A host whose fetch_weights.py predates `identity`/`verified_bytes` in its JSON (preflight runs before the update)."""
+    import subprocess
+
+    from vllm_fleet.facts import HostSnapshot
+    from vllm_fleet.preflight import weights_on_host
+
+    cfg = config(tmp_path, mirror.url)
+    assert run(cfg) == 0
+    cfg_path = tmp_path / "fetch.json"
+    cfg_path.write_text(json.dumps(cfg))
+    old = tmp_path / "old_fetch.py"
+    old.write_text("import json\nprint(json.dumps({'complete': True, 'commit': 'c', 'source': 's', 'problems': []}))\n")
+    cmd = HostSnapshot().command([str(tmp_path)], weights=(str(old), str(cfg_path)))
+    snap = HostSnapshot().process(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True).stdout.splitlines())
+    assert snap.weights_check["identity"] == "t"
+    assert weights_on_host(snap.weights_check, "t", 10) == 10

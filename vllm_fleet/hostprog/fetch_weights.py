@@ -129,8 +129,19 @@ def recorded_ok(state: dict, f: RemoteFile, st: Optional[Stat]) -> bool:
 
 
 def check_state(config: dict, state: dict) -> dict:
-    """Whether `state` records a complete download for `config`'s identity that the disk still matches (no hashing)."""
+    """Whether `state` records a complete download for `config`'s identity that the disk still matches (no hashing).
+
+    Also ``verified_bytes``: the bytes of the recorded files (for this identity, complete or
+    not) whose stat still matches what was verified, i.e. weights already on the disk that a
+    download will keep; the planning-time disk check subtracts them (roles/preflight.py).
+    """
     problems = []
+    verified = 0
+    if state.get("identity") == config["identity"]:
+        for name, rec in (state.get("files") or {}).items():
+            st = file_stat(os.path.join(config["dest"], name))
+            if st is not None and (st.size, st.mtime_ns, st.ino) == (rec.get("size"), rec.get("mtime_ns"), rec.get("ino")):
+                verified += st.size
     if state.get("identity") != config["identity"]:
         problems.append("no complete download recorded for this model and revision")
     elif not state.get("complete"):
@@ -146,7 +157,8 @@ def check_state(config: dict, state: dict) -> dict:
             problems.append("config.json is missing")
     if config.get("verify") == "full":
         problems.append("a full re-verification is asked for (vllm_weights_reverify)")
-    return {"complete": not problems, "commit": state.get("commit"), "source": state.get("source"), "problems": problems}
+    return {"complete": not problems, "commit": state.get("commit"), "source": state.get("source"), "problems": problems,
+            "identity": config["identity"], "verified_bytes": verified}
 
 
 def backoff_delays(retries: int, base: float, cap: float) -> list:
