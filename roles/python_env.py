@@ -7,6 +7,8 @@ Layout on the host (all root-owned, read-only to the service):
     {base_dir}/wheelhouse                  wheels pushed from vllm_wheelhouse (air-gapped hosts), MANIFEST.json last
     {base_dir}/cache/uv                    uv's cache (same filesystem as the venvs: hard links)
     {base_dir}/venvs/vllm-0.25.0-cu130     one venv per version + backend; older ones kept for rollback
+    {base_dir}/venvs/vllm-nightly-cu130    nightly: a link to the newest resolved build (vllm-0.26.1.dev3-cu130)
+    {base_dir}/src/vllm-0.25.0-src.REF-cu130  source: the git checkout its venv is installed from (editable)
 
 Everything is planned from one fact (`VenvState`) read in one round trip; a
 venv that is complete, intact and built for the same request is left alone,
@@ -28,7 +30,7 @@ from pathlib import Path
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files, server
+from pyinfra.operations import apt, files, server
 
 from roles.common import abort
 from roles.preflight import HostState
@@ -67,12 +69,12 @@ def build_spec(settings: Settings, state: HostState, facts: StackState) -> Build
         source = PackageSource(index_url=settings.index_url, extra_index_urls=tuple(settings.extra_index_urls),
                                find_links=tuple(settings.find_links), no_index=settings.no_index,
                                torch_index_url=settings.torch_index_url)
-    ref = settings.source_ref or "HEAD"
-    source_dir = f"{base}/src/vllm-{stack.venv_name('release', ref, 'src')}" if settings.channel == "source" else None
+    name = stack.venv_name(settings.channel, settings.version, backend, settings.source_ref)
+    source_dir = stack.source_dir(base, name) if settings.channel == "source" else None
     profile = load_profile(settings.model)
     devices = len(settings.gpus) if settings.gpus is not None else len(snap.gpu.gpus) if snap.gpu else None
     return BuildSpec(
-        name=stack.venv_name(settings.channel, settings.version, backend, settings.source_ref),
+        name=name,
         venvs_dir=f"{base}/venvs",
         channel=settings.channel,
         version=settings.version,
@@ -182,6 +184,12 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
                      commands=[f"rm -rf {shlex.quote(uv_dir)} && python3 -m venv {shlex.quote(uv_dir)} && {pip} && "
                                f"{shlex.quote(uv_dir)}/bin/uv --version"])
 
+    if settings.channel == "source" and facts.git is None and found is None:
+        # Only the source channel needs git; the lists are refreshed only when git must be installed,
+        # so a converged host never runs apt again.
+        apt.packages(name="Ensure git is installed (vllm_channel = \"source\" clones vLLM)", packages=["git"],
+                     update=True, no_recommends=True)
+
     changed: OperationMeta | None = None
     if found is None:
         torch = spec.torch_version or "as vLLM requires"
@@ -198,6 +206,9 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
     for name in pruned:
         files.directory(name=f"Ensure the old venv {name} is removed (keeping {settings.keep_venvs})",
                         path=f"{spec.venvs_dir}/{name}", present=False)
+        if "-src." in name:
+            files.directory(name=f"Ensure the checkout of the old venv {name} is removed",
+                            path=stack.source_dir(base, name), present=False)
     prev = stack.previous(current, facts.venvs)  # nightly being built: the newest usable venv before it
     return Venv(path=spec.path, changed=changed, previous_path=None if prev is None or prev.name in pruned else f"{spec.venvs_dir}/{prev.name}",
                 spec=spec)

@@ -8,7 +8,8 @@ result into operations; the program that builds a venv on the host is
   (`backend_for_cuda`), or the per-host `vllm_torch_backend` override, which
   must not need a newer CUDA than the driver offers (`check_backend`).
 - Venv path: `{base_dir}/venvs/vllm-{version}-{backend}`; the source channel
-  adds the ref (`vllm-{version}-src.{ref}-{backend}`); nightly venvs are named
+  adds the ref (`vllm-{version}-src.{ref}-{backend}`, installed editable from
+  its own checkout `{base_dir}/src/<venv name>`); nightly venvs are named
   after the version the index resolved (`vllm-0.26.0rc1.dev5+g1234-cu130`),
   found only on the host, so a stable link `vllm-nightly-{backend}` points at
   the newest one.
@@ -215,7 +216,8 @@ def install_args(channel: str, version: str, backend: str, source: PackageSource
     """The arguments after `uv pip install --python VENV/bin/python`, for one channel.
 
     - release: `vllm==VERSION`
-    - nightly: `--prerelease allow --extra-index-url NIGHTLY vllm>=VERSION` (the index pins nothing newer)
+    - nightly: `--prerelease allow --extra-index-url NIGHTLY vllm>=X.Y.Z.dev0` (`nightly_floor`: the
+      pre-releases of VERSION's release count, as the verify step and `reusable` count them)
     - source: `--editable SOURCE_DIR` (the checkout; VLLM_USE_PRECOMPILED=1 comes in the env)
 
     torch: pinned when `torch_version` is set (else whatever vLLM requires);
@@ -233,7 +235,7 @@ def install_args(channel: str, version: str, backend: str, source: PackageSource
         out += ["--prerelease", "allow"]
         if not source.no_index:
             out += ["--extra-index-url", nightly_index]
-        out.append(f"vllm>={version}")
+        out.append(f"vllm>={nightly_floor(version)}")
     elif channel == "source":
         if not source_dir:
             raise StackError("the source channel needs a checkout directory")
@@ -243,6 +245,25 @@ def install_args(channel: str, version: str, backend: str, source: PackageSource
     if torch_version:
         out.append(f"torch=={torch_version}")
     return out
+
+
+def nightly_floor(version: str) -> str:
+    """The lowest version a nightly request for `version` accepts: its release numbers' first dev build.
+
+    PEP 440 orders 0.26.1.dev3 before 0.26.1, so `vllm>=0.26.1` would refuse the
+    nightly 0.26.1.dev3 that `reusable` and the host's verify step accept
+    (they compare release numbers only): "0.26.1" -> "0.26.1.dev0".
+    """
+    release = ".".join(str(n) for n in _vtuple(version))
+    if not release:
+        raise StackError(f"vllm_version {version!r} has no release numbers; remedy: set it to a version such as 0.26.0")
+    return f"{release}.dev0"
+
+
+def source_dir(base_dir: str, name: str) -> str:
+    """The git checkout a source-channel venv is installed from (editable): one per venv, so a rollback
+    target keeps the code it was built from."""
+    return f"{base_dir}/src/{name}"
 
 
 def uv_bootstrap_args(source: PackageSource, uv_version: str | None = None) -> list[str]:

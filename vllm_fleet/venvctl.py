@@ -93,6 +93,9 @@ def _venv_state(venvs_dir: str, name: str) -> dict:
         out.update(complete=False, problem="no marker: the build never finished")
         return out
     problem = integrity(path)
+    src = data.get("source_dir")
+    if problem is None and src and not os.path.isdir(os.path.join(src, ".git")):
+        problem = f"its source checkout {src} is missing (the venv is an editable install of it)"
     out.update(intact=problem is None, problem=problem)
     return out
 
@@ -149,6 +152,7 @@ def state(base_dir: str) -> dict:
         "program_sha256": _sha256(os.path.join(base_dir, "bin", "vllm-fleet-venv")),
         "wheelhouse": _wheelhouse(base_dir),
         "pythons": {v: shutil.which(f"python{v}") for v in PYTHONS if shutil.which(f"python{v}")},
+        "git": shutil.which("git"),
     }
 
 
@@ -182,6 +186,11 @@ def check(expect: dict, found: dict) -> list[str]:
         problems.append(f"vLLM {vllm_version} is installed, vllm_version is {want}; remedy: check the index/wheelhouse holds vllm=={want}")
     elif channel == "nightly" and _vtuple(vllm_version) < _vtuple(want):
         problems.append(f"the nightly index resolved vLLM {vllm_version}, older than vllm_version {want}; remedy: lower vllm_version or wait for a newer nightly")
+    src = expect.get("source_dir")
+    where = found.get("vllm", {}).get("path") or "the venv's site-packages"
+    if vllm_version is not None and channel == "source" and src and not where.startswith(src.rstrip("/") + "/"):
+        problems.append(f"vLLM is imported from {where}, not from the checkout {src} (the source channel installs it editable); "
+                        "remedy: check that the checkout is a vLLM source tree and that nothing else on sys.path provides vllm")
     torch = found.get("torch", {})
     if torch.get("version") is None:
         problems.append(f"torch does not import: {torch.get('error')}")
@@ -211,6 +220,9 @@ def verify(expect: dict) -> dict:
     try:
         import vllm  # noqa: PLC0415
         found["vllm"] = {"version": getattr(vllm, "__version__", None), "test_double": bool(getattr(vllm, "IS_TEST_DOUBLE", False))}
+        where = os.path.dirname(os.path.abspath(vllm.__file__)) if getattr(vllm, "__file__", None) else None
+        if where and not where.startswith(os.path.abspath(sys.prefix) + os.sep):
+            found["vllm"]["path"] = where  # imported from outside the venv: an editable install (source channel)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         found["vllm"] = {"version": None, "error": f"{type(exc).__name__}: {exc}"}
     try:
@@ -257,14 +269,28 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def _checkout(spec: dict) -> None:
-    src = spec["source_dir"]
+def _checkout(spec: dict) -> str:
+    """Clone (or refresh) spec's checkout at source_ref; return the commit checked out.
+
+    A branch name follows the remote's branch (origin/BRANCH), not a stale local one.
+    """
+    src, url = spec["source_dir"], spec["source_url"]
     if not os.path.isdir(os.path.join(src, ".git")):
         _remove(src)
         os.makedirs(os.path.dirname(src), exist_ok=True)
-        _run(["git", "clone", "--filter=blob:none", spec["source_url"], src])
-    _run(["git", "-C", src, "fetch", "--tags", "origin"])
-    _run(["git", "-C", src, "checkout", "--force", "--detach", spec.get("source_ref") or "origin/HEAD"])
+        _run(["git", "clone", "--filter=blob:none", "--no-checkout", url, src])
+    else:
+        _run(["git", "-C", src, "remote", "set-url", "origin", url])
+    _run(["git", "-C", src, "fetch", "--tags", "--force", "origin"])
+    ref = spec.get("source_ref") or "origin/HEAD"
+    remote_branch = subprocess.run(["git", "-C", src, "rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{ref}^{{commit}}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if remote_branch.returncode == 0:
+        ref = f"origin/{ref}"
+    _run(["git", "-C", src, "checkout", "--force", "--detach", ref])
+    _run(["git", "-C", src, "clean", "-fdx", "--quiet"])
+    head = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], stdout=subprocess.PIPE, check=True)
+    return head.stdout.decode().strip()
 
 
 def build(spec: dict) -> dict:
@@ -279,8 +305,7 @@ def build(spec: dict) -> dict:
     offline = ["--offline"] if spec.get("offline") else []
     no_download = ["--no-python-downloads"] if spec.get("no_python_downloads") else []
     _run([spec["uv"], "venv", *offline, *no_download, "--relocatable", "--python", spec["python"], tmp], env)
-    if spec["channel"] == "source":
-        _checkout(spec)
+    commit = _checkout(spec) if spec["channel"] == "source" else None
     _run([spec["uv"], "pip", "install", *(["--offline"] if spec.get("offline") else []),
           "--python", os.path.join(tmp, "bin", "python"), *spec["install"]], env)
     verify_env = dict(os.environ)
@@ -298,7 +323,8 @@ def build(spec: dict) -> dict:
         raise SystemExit("vllm-fleet-venv: verification failed, nothing replaced:\n" + "\n".join(f"  - {p}" for p in found["problems"]))
     key = {k: spec.get(k) for k in ("channel", "version", "backend", "python", "torch_version", "source_url", "source_ref")}
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as fh:
-        json.dump({"key": key, "verify": found, "built_at": time.time(), "install": spec["install"]}, fh, indent=1)
+        json.dump({"key": key, "verify": found, "built_at": time.time(), "install": spec["install"],
+                   **({"source_dir": spec["source_dir"], "commit": commit} if commit else {})}, fh, indent=1)
     final_name = spec["name"]
     if spec["channel"] == "nightly":
         final_name = "vllm-" + re.sub(r"[^A-Za-z0-9._+-]", "_", found["vllm"]["version"])[:64] + "-" + spec["backend"]

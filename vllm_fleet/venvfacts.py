@@ -31,6 +31,7 @@ class StackState:
     program_sha256: str | None = None
     wheelhouse: dict[str, dict] | None = None
     pythons: dict[str, str] = field(default_factory=dict)
+    git: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """Plain data, for `pyinfra HOST fact`."""
@@ -48,15 +49,15 @@ def parse_state(text: str) -> StackState:
              for v in data.get("venvs", [])]
     return StackState(venvs=venvs, partial=list(data.get("partial", [])), uv=data.get("uv"),
                       program_sha256=data.get("program_sha256"), wheelhouse=data.get("wheelhouse"),
-                      pythons=dict(data.get("pythons") or {}))
+                      pythons=dict(data.get("pythons") or {}), git=data.get("git"))
 
 
 class VenvState(FactBase[StackState]):
     """
     Returns the venvs under ``{base_dir}/venvs`` (complete? intact? built for
     what? when?), leftovers of killed builds, the bootstrap uv's version, the
-    installed host program's sha256, the pushed wheelhouse's manifest and the
-    ``python3.X`` interpreters on PATH.
+    installed host program's sha256, the pushed wheelhouse's manifest, the
+    ``python3.X`` interpreters on PATH and git's path (the source channel needs it).
 
     + base_dir: vllm_base_dir
 

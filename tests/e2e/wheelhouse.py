@@ -17,11 +17,12 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,6 +84,30 @@ def build() -> Path:
     if not LINK.exists():
         LINK.symlink_to(out.name)
     return out
+
+
+def _project(wheel: str) -> str:
+    """A wheel's project name, normalized as PEP 503 names index pages ("typing_extensions-4.1-..." -> "typing-extensions")."""
+    return re.sub(r"[-_.]+", "-", wheel.split("-", 1)[0]).lower()
+
+
+def simple_index(dest: Path, wheels: Iterable[Path]) -> Path:
+    """A PEP 503 "simple" index of `wheels` under `dest`: `dest/<project>/<wheel>` (hard links where possible).
+
+    Served by `serve()`, each project directory's listing is the project page
+    uv and pip read (an HTML page of links to the wheel files), as a mirror of
+    PyPI, of download.pytorch.org/whl/cpu or of wheels.vllm.ai/nightly serves it.
+    """
+    for wheel in wheels:
+        project = dest / _project(wheel.name)
+        project.mkdir(parents=True, exist_ok=True)
+        target = project / wheel.name
+        if not target.exists():
+            try:
+                os.link(wheel, target)
+            except OSError:
+                shutil.copy2(wheel, target)
+    return dest
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

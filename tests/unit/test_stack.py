@@ -20,6 +20,7 @@ from vllm_fleet.stack import (
     backend_for_cuda,
     check_backend,
     install_args,
+    nightly_floor,
     previous,
     resolve_backend,
     reusable,
@@ -85,7 +86,7 @@ def test_release_install_from_a_mirror_with_a_torch_index_and_a_pin():
 
 def test_nightly_allows_prereleases_from_the_nightly_index():
     assert install_args("nightly", "0.26.0", "cu130", PackageSource()) == [
-        "--torch-backend", "cu130", "--prerelease", "allow", "--extra-index-url", "https://wheels.vllm.ai/nightly", "vllm>=0.26.0"]
+        "--torch-backend", "cu130", "--prerelease", "allow", "--extra-index-url", "https://wheels.vllm.ai/nightly", "vllm>=0.26.0.dev0"]
 
 
 def test_source_is_an_editable_install_of_the_checkout():
@@ -102,7 +103,7 @@ def test_offline_never_names_an_index_or_the_torch_backend():
     assert install_args("release", "0.25.0", "cpu", src, torch_version="2.13.0") == [
         "--no-index", "--find-links", "/opt/vllm-fleet/wheelhouse", "vllm==0.25.0", "torch==2.13.0"]
     assert install_args("nightly", "0.26.0", "cpu", src) == [
-        "--no-index", "--find-links", "/opt/vllm-fleet/wheelhouse", "--prerelease", "allow", "vllm>=0.26.0"]
+        "--no-index", "--find-links", "/opt/vllm-fleet/wheelhouse", "--prerelease", "allow", "vllm>=0.26.0.dev0"]
 
 
 def _v(name, built_at, complete=True, intact=True, **kw):
@@ -198,6 +199,30 @@ def test_verify_skipped_cuda_is_not_a_failure_and_nightly_checks_the_minimum():
     assert "older than vllm_version 0.26.0" in venvctl.check(nightly, _found())[0]
 
 
+@pytest.mark.parametrize("version,floor", [("0.26.1", "0.26.1.dev0"), ("0.26.1rc1", "0.26.1.dev0"),
+                                           ("0.26.1.dev3", "0.26.1.dev0"), ("1.0", "1.0.dev0")])
+def test_nightly_floor_admits_the_pre_releases_of_the_release_asked_for(version, floor):
+    """PEP 440 puts 0.26.1.dev3 below 0.26.1: `vllm>=0.26.1` would refuse the nightly the verify step accepts."""
+    from packaging.version import Version
+
+    assert nightly_floor(version) == floor
+    assert Version("0.26.1.dev3") >= Version(nightly_floor("0.26.1")) and not Version("0.26.0rc9") >= Version(nightly_floor("0.26.1"))
+    assert venvctl.check({**EXPECT, "channel": "nightly", "version": "0.26.1"}, _found(vllm={"version": "0.26.1.dev3"})) == []
+
+
+def test_verify_of_a_source_venv_requires_vllm_imported_from_its_checkout():
+    src = {**EXPECT, "channel": "source", "version": "0.25.0", "source_dir": "/opt/vllm-fleet/src/vllm-0.25.0-src.v1-cu130"}
+    ok = _found(vllm={"version": "0.27.0", "path": "/opt/vllm-fleet/src/vllm-0.25.0-src.v1-cu130/vllm"})
+    assert venvctl.check(src, ok) == []
+    elsewhere = _found(vllm={"version": "0.25.0", "path": "/opt/v/lib/python3.11/site-packages/vllm"})
+    problems = venvctl.check(src, elsewhere)
+    assert len(problems) == 1 and "not from the checkout /opt/vllm-fleet/src/vllm-0.25.0-src.v1-cu130" in problems[0], problems
+    sibling = _found(vllm={"version": "0.25.0", "path": "/opt/vllm-fleet/src/vllm-0.25.0-src.v1-cu130-old/vllm"})
+    assert len(venvctl.check(src, sibling)) == 1
+    installed = venvctl.check(src, _found(vllm={"version": "0.25.0"}))  # no path: imported from inside the venv
+    assert len(installed) == 1 and installed[0].startswith("vLLM is imported from the venv's site-packages, not from the checkout"), installed
+
+
 def test_verify_program_reports_cuda_as_skipped_with_a_cpu_torch_and_the_doubles_registry(tmp_path):
     """Run the real program with a Python that sees the vLLM double and a fake CPU-only torch module."""
     fake = tmp_path / "torch"
@@ -248,6 +273,23 @@ def test_state_reads_venvs_leftovers_and_links(tmp_path):
     assert state.partial == [".tmp-vllm-0.26.0-cpu"]
     assert {v.name: (v.complete, v.target) for v in state.venvs} == {"vllm-0.25.0": (False, None), "vllm-nightly-cpu": (None or False, "vllm-0.26.0-cpu")}
     assert state.uv is None and state.wheelhouse is None and state.program_sha256 is None
+
+
+def test_state_counts_a_source_venv_without_its_checkout_as_damaged(tmp_path):
+    venv = tmp_path / "venvs" / "vllm-0.25.0-src.v1-cpu"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "vllm-0.25.0.dist-info").mkdir(parents=True)
+    (site / "vllm-0.25.0.dist-info" / "RECORD").write_text("vllm-0.25.0.dist-info/RECORD,,\n")
+    (venv / "bin").mkdir()
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    checkout = tmp_path / "src" / "vllm-0.25.0-src.v1-cpu"
+    (checkout / ".git").mkdir(parents=True)
+    (venv / ".vllm-fleet.json").write_text(json.dumps({"key": {"channel": "source"}, "source_dir": str(checkout)}))
+    [v] = parse_state(json.dumps(venvctl.state(str(tmp_path)))).venvs
+    assert v.usable, v
+    (checkout / ".git").rmdir()
+    [v] = parse_state(json.dumps(venvctl.state(str(tmp_path)))).venvs
+    assert v.complete and not v.intact and v.problem == f"its source checkout {checkout} is missing (the venv is an editable install of it)"
 
 
 # -- preflight and settings --
