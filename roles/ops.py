@@ -11,12 +11,20 @@ import hashlib
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, operation
+from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.facts.server import Home
 
-from vllm_fleet.pathfacts import MISSING, PathStates, SystemAccount, TreeDigests
+from vllm_fleet.pathfacts import (
+    MISSING,
+    FileStates,
+    PathStates,
+    SystemAccount,
+    TreeDigests,
+)
 
 
 @dataclass(frozen=True)
@@ -148,3 +156,63 @@ def mirror_dir(src: str, dest: str, user: str, group: str, mode: str = "640", di
         changed = True
     if not changed:
         host.noop(f"{dest} holds the {len(local)} files of {src}")
+
+
+@dataclass(frozen=True)
+class ManagedFile:
+    """A wanted file: its content (text, or a local path to copy), owner and mode.
+
+    ``secret`` files are compared by sha256 only and uploaded through a
+    directory only the login user can enter: their content is never printed,
+    diffed, or left readable in /tmp (pyinfra's SSH + sudo upload goes through
+    a temp file of the login user).
+    """
+
+    path: str
+    content: str | Path
+    user: str
+    group: str
+    mode: str
+    secret: bool = False
+
+    def data(self) -> bytes:
+        return self.content.read_bytes() if isinstance(self.content, Path) else self.content.encode()
+
+    def __repr__(self) -> str:  # never show a secret's content in pyinfra's debug output
+        return f"ManagedFile({self.path!r}, {'<secret>' if self.secret else '...'}, {self.user}:{self.group} {self.mode})"
+
+
+@operation()
+def managed_files(files: Sequence[ManagedFile], read_with: Sequence[str] = ()):
+    """
+    Ensure several files hold the given content, owner and mode, reading them all in one fact.
+
+    + files: the wanted files
+    + read_with: more paths to read in the same fact, so that other ``managed_files``
+      calls of the same deploy find it cached (one round trip for all of them)
+
+    .. code:: python
+
+        managed_files(name="Ensure the unit and env file", files=[ManagedFile("/etc/x.conf", "a=1\\n", "root", "root", "644")])
+    """
+    paths = sorted({f.path for f in files} | set(read_with))
+    states = host.get_fact(FileStates, paths=paths)
+    q = shlex.quote
+    changed = False
+    for f in files:
+        data = f.data()
+        have = states.get(f.path)
+        if have is None or have.sha256 != hashlib.sha256(data).hexdigest():
+            temp = host.get_temp_filename(f.path)
+            if f.secret:
+                private = f"{host.get_fact(Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
+                yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
+                yield StringCommand("chmod", "700", private, _sudo=False)
+                temp = f"{private}/{hashlib.sha256(data).hexdigest()[:16]}"
+            yield FileUploadCommand(BytesIO(data), f.path, remote_temp_filename=temp)
+            have = None
+        if have is None or (have.user, have.group, have.mode) != (f.user, f.group, f.mode):
+            yield f"chown {q(f.user)}:{q(f.group)} {q(f.path)} && chmod {f.mode} {q(f.path)}"
+            changed = True
+    if not changed:
+        host.noop(f"{len(files)} files are current")

@@ -5,8 +5,9 @@ Operations, in order (names are what pyinfra prints):
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
    config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
-   (``/etc/vllm-fleet/<service>.env``, root:<user> 0640, written by
-   :func:`secret_file`, which never shows its content, not even with --diff);
+   (``/etc/vllm-fleet/<service>.env``, root:<user> 0640, a secret
+   ``roles.ops.ManagedFile``: compared by sha256, never shown, not even with
+   --diff), all read in one ``FileStates`` fact;
 3. the restart + health gate, only when the unit, env file, venv or weights
    changed in this run, or when a previous run left the host "pending" (live
    files differ from the last known good ones, or the service is not active).
@@ -19,21 +20,18 @@ Operations, in order (names are what pyinfra prints):
 
 from __future__ import annotations
 
-import hashlib
 import json
-from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, StringCommand, deploy, operation
+from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.api.operation import OperationMeta
-from pyinfra.facts.files import File, Sha256File
-from pyinfra.facts.server import Command, Home
+from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
-from pyinfra.operations.util import files as file_utils
 
+from roles.ops import ManagedFile, managed_files
 from roles.preflight import HostState
 from vllm_fleet import doctor
 from vllm_fleet.hostprog import gate as gate_program
@@ -42,53 +40,6 @@ from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
 _HALTED: list[str] = []  # hosts whose gate failed in this run: later hosts are not restarted
-
-
-class Secret:
-    """A secret text that never shows itself (repr/str), so pyinfra cannot print it at any verbosity."""
-
-    def __init__(self, text: str):
-        self._text = text
-
-    def reveal(self) -> str:
-        """The text itself, for the upload only."""
-        return self._text
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
-
-
-@operation()
-def secret_file(path: str, content: Secret, user: str, group: str, mode: str):
-    """Ensure ``path`` holds ``content`` with owner and mode; its content is never printed or diffed.
-
-    + path: remote file
-    + content: the text, wrapped in `Secret`
-    + user, group, mode: owner and mode (e.g. ``"640"``)
-
-    Compares sha256 sums, so neither the old nor the new content leaves the host
-    or appears in output, even with ``--diff`` (pyinfra's files.put prints diffs).
-    """
-    text = content.reveal()
-    want = hashlib.sha256(text.encode()).hexdigest()
-    info = host.get_fact(File, path=path)
-    if not info or host.get_fact(Sha256File, path=path) != want:
-        # With sudo over SSH, pyinfra uploads as the login user to a temp file, then copies it
-        # as root. In /tmp that temp file would be readable by every local user for a moment,
-        # so it goes to a directory only the login user can enter (created as that user).
-        private = f"{host.get_fact(Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
-        yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
-        yield StringCommand("chmod", "700", private, _sudo=False)
-        yield FileUploadCommand(StringIO(text), path, remote_temp_filename=f"{private}/{want[:16]}")
-        yield file_utils.chown(path, user, group)
-        yield file_utils.chmod(path, mode)
-        return
-    if (info.get("user"), info.get("group")) != (user, group):
-        yield file_utils.chown(path, user, group)
-    if str(info.get("mode")) != mode.lstrip("0"):
-        yield file_utils.chmod(path, mode)
 
 
 def venv_path(settings: Settings, venv) -> str:
@@ -119,16 +70,20 @@ def _weights_marker(settings: Settings) -> str:
     return f"{settings.base_dir}/state/{settings.service_name}.weights-pending"
 
 
-def _pending(settings: Settings, rendered: Rendered) -> bool:
-    """True when a previous run left the service unproven: live files differ from the last good, it is not active,
-    or its restart was held back for incomplete weights."""
+def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
+    """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
+    from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
+    starts at boot."""
     prev = f"{CONFIG_DIR}/{Path(rendered.unit_path).name}.prev"
     env_prev = f"{rendered.env_path}.prev"
-    script = (f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
+    unit = f"{settings.service_name}.service"
+    script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
+              f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
               f"test -e {_weights_marker(settings)} && {{ echo pending; exit 0; }}; "
               f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
-              f"&& systemctl is-active --quiet {settings.service_name}.service && echo clean || echo pending")
-    return (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").strip() == "pending"
+              f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
+    words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
+    return words[-1:] == ["pending"], words[:1] == ["enabled"]
 
 
 def _run_gate(state, host, command: str) -> None:
@@ -184,19 +139,21 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
     gate_bin = f"{base}/bin/vllm-fleet-gate"
     gate_json = f"{CONFIG_DIR}/{settings.service_name}.gate.json"
 
-    for path in (f"{base}/bin", f"{base}/state"):
-        files.directory(name=f"Ensure {path} exists (root:root 755)", path=path, user="root", group="root", mode="755")
-    files.put(name=f"Ensure the health-gate program is installed as {gate_bin}", src=str(GATE_SOURCE), dest=gate_bin,
-              user="root", group="root", mode="755")
-    files.put(name=f"Ensure the health-gate config {gate_json} is current",
-              src=StringIO(json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n"),
-              dest=gate_json, user="root", group=user, mode="640")
-    unit = files.put(name=f"Ensure the unit {rendered.unit_path} is current", src=StringIO(rendered.unit),
-                     dest=rendered.unit_path, user="root", group="root", mode="644")
-    env = secret_file(name=f"Ensure the secrets file {rendered.env_path} is current (content not shown)",
-                      path=rendered.env_path, content=Secret(rendered.env), user="root", group=user, mode="640")
+    gate_files = [
+        ManagedFile(gate_bin, GATE_SOURCE, "root", "root", "755"),
+        ManagedFile(gate_json, json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n",
+                    "root", user, "640"),
+    ]
+    service_files = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
+    secrets = [ManagedFile(rendered.env_path, rendered.env, "root", user, "640", secret=True)]
+    every = [f.path for f in gate_files + service_files + secrets]  # one FileStates fact for all three
+    managed_files(name=f"Ensure the health-gate program {gate_bin} and its config {gate_json} are current",
+                  files=gate_files, read_with=every)
+    unit = managed_files(name=f"Ensure the unit {rendered.unit_path} is current", files=service_files, read_with=every)
+    env = managed_files(name=f"Ensure the secrets file {rendered.env_path} is current (content not shown)",
+                        files=secrets, read_with=every)
 
-    pending = _pending(settings, rendered)
+    pending, enabled = _pending(settings, rendered)
     changed = _changed(unit, env, getattr(venv, "changed", None), weights_changed)
     marker = _weights_marker(settings)
     if not getattr(weights_changed, "ready", True):
@@ -213,8 +170,17 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
             _if=lambda: pending or changed(),
             _serial=True,
         )
-    systemd.service(name=f"Ensure {settings.service_name}.service starts at boot",
-                    service=f"{settings.service_name}.service", running=None, enabled=True)
+    unit_enabled(name=f"Ensure {settings.service_name}.service starts at boot",
+                 service=f"{settings.service_name}.service", enabled=enabled)
+
+
+@operation()
+def unit_enabled(service: str, enabled: bool):
+    """Ensure a unit is enabled; ``enabled`` is what the host said before the run (read with the pending check)."""
+    if enabled:
+        host.noop(f"{service} is enabled")
+    else:
+        yield StringCommand("systemctl", "enable", service)
 
 
 @deploy("Remove the vLLM service")

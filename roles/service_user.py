@@ -5,6 +5,8 @@ change it, and nobody else can read its data or secrets):
 
     {base_dir}            root:root     0755  toolkit programs
     {base_dir}/venvs      root:root     0755  one venv per vLLM version (read-only to the service)
+    {base_dir}/bin        root:root     0755  the health-gate program
+    {base_dir}/state      root:root     0755  gate results and markers
     {data_dir}            user:user     0750  the service's home
     {data_dir}/models     user:user     0750  weights
     {data_dir}/cache      user:user     0750  HF / vLLM compile caches
@@ -31,6 +33,8 @@ def apply(settings: Settings):
         dirs=[
             Dir(settings.base_dir, "root", "root", "755"),
             Dir(f"{settings.base_dir}/venvs", "root", "root", "755"),
+            Dir(f"{settings.base_dir}/bin", "root", "root", "755"),
+            Dir(f"{settings.base_dir}/state", "root", "root", "755"),
             Dir(settings.data_dir, user, user, "750"),
             Dir(f"{settings.data_dir}/models", user, user, "750"),
             Dir(f"{settings.data_dir}/cache", user, user, "750"),

@@ -140,3 +140,47 @@ class TreeDigests(FactBase[dict]):
 
     def process(self, output: list[str]) -> dict[str, TreeFile] | None:
         return parse_tree(output)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """A regular file's sha256, owner and mode."""
+
+    sha256: str
+    user: str
+    group: str
+    mode: str
+
+
+def parse_file_states(lines: Sequence[str]) -> dict[str, FileState | None]:
+    """Parse `path|sha256 user group mode` lines (`path|missing` for absent files)."""
+    out: dict[str, FileState | None] = {}
+    for line in lines:
+        path, _, rest = line.partition("|")
+        parts = rest.split(" ")
+        if rest == MISSING:
+            out[path] = None
+        elif len(parts) == 4:
+            out[path] = FileState(*parts)
+    return out
+
+
+class FileStates(FactBase[dict]):
+    """
+    sha256, owner and mode of several files, in one command (None for an absent file).
+
+    + paths: absolute paths of regular files (no ``|`` or newline in them)
+
+    .. code:: python
+
+        host.get_fact(FileStates, paths=["/etc/systemd/system/vllm.service", "/etc/vllm-fleet/vllm.env"])
+    """
+
+    def command(self, paths: Sequence[str]) -> str:
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        return (f"for p in {quoted}; do if [ -f \"$p\" ]; then printf '%s|%s %s\\n' \"$p\" "
+                f"\"$(sha256sum \"$p\" | cut -d' ' -f1)\" \"$(stat -c '%U %G %a' \"$p\")\"; "
+                f"else echo \"$p|{MISSING}\"; fi; done")
+
+    def process(self, output: list[str]) -> dict[str, FileState | None]:
+        return parse_file_states(output)

@@ -56,3 +56,17 @@ def test_tree_digests_on_real_output(tmp_path):
     assert TreeDigests().process(_sh(TreeDigests().command(str(tmp_path / "absent")))) is None
     assert parse_tree([]) == {}
     assert parse_tree(["abc root root 640 x y"]) == {"x y": TreeFile("abc", "root", "root", "640")}
+
+
+def test_file_states_on_real_output(tmp_path):
+    from vllm_fleet.pathfacts import FileState, FileStates, parse_file_states
+
+    f = tmp_path / "unit.service"
+    f.write_text("[Unit]\n")
+    f.chmod(0o644)
+    out = FileStates().process(_sh(FileStates().command([str(f), str(tmp_path / "absent")])))
+    import hashlib
+    assert out[str(f)].sha256 == hashlib.sha256(b"[Unit]\n").hexdigest()
+    assert out[str(f)].mode == "644"
+    assert out[str(tmp_path / "absent")] is None
+    assert parse_file_states(["/x|abc root vllm 640"]) == {"/x": FileState("abc", "root", "vllm", "640")}
