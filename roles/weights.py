@@ -101,16 +101,19 @@ class FetchState(FactBase[dict]):
     def command(self, plan: wplan.FetchPlan) -> str:
         q = shlex.quote
         return (f"echo hub=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/huggingface_hub-*.dist-info 2>/dev/null | head -1); "
+                f"echo ms=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/modelscope-*.dist-info 2>/dev/null | head -1); "
                 f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null); "
                 f"if test -f {q(plan.program)} -a -f {q(plan.config_path)}; then echo check=$(python3 {q(plan.program)} check {q(plan.config_path)}); "
                 f"else echo check=; fi")
 
     def process(self, output: list[str]) -> dict:
-        out: dict = {"hub": None, "active": "", "check": None}
+        out: dict = {"hub": None, "modelscope": None, "active": "", "check": None}
         for line in output:
             key, _, value = line.partition("=")
             if key == "hub" and value:
                 out["hub"] = value.rsplit("huggingface_hub-", 1)[-1].removesuffix(".dist-info")
+            elif key == "ms" and value:
+                out["modelscope"] = value.rsplit("modelscope-", 1)[-1].removesuffix(".dist-info")
             elif key == "active":
                 out["active"] = value
             elif key == "check" and value:
@@ -167,17 +170,20 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
     user = settings.service_user
     fact = host.get_fact(FetchState, plan=plan)
     hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
+    if plan.modelscope:  # modelscope only when a ModelScope source is configured
+        hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
     q = shlex.quote
+    reqs = " ".join(q(r) for r in plan.requirements)
     files.directory(name=f"Ensure {plan.fetch_dir} exists", path=plan.fetch_dir, user="root", group="root", mode="755")
     if not hub_ok:
         server.shell(
-            name=f"Ensure the fetch venv {plan.venv} has {wplan.HF_HUB_REQUIREMENT}",
+            name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
             commands=[f"test -x {q(plan.venv)}/bin/python || python3 -m venv {q(plan.venv)}",
                       f"{q(plan.venv)}/bin/python -m pip install --quiet --disable-pip-version-check "
-                      f"{' '.join(q(a) for a in wplan.pip_args(settings))} {q(wplan.HF_HUB_REQUIREMENT)}"],
+                      f"{' '.join(q(a) for a in wplan.pip_args(settings))} {reqs}"],
         )
     else:
-        host.noop(f"{plan.venv} has {wplan.HF_HUB_REQUIREMENT}")
+        host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
     files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
               user="root", group="root", mode="755")
     for d in (f"{settings.data_dir}/weights-state", plan.state_dir):

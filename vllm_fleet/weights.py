@@ -25,6 +25,9 @@ from vllm_fleet.settings import Settings, WeightsSource
 
 # What the host's fetch venv installs (the version these tests ran against).
 HF_HUB_REQUIREMENT = "huggingface_hub==2.4.0"
+# Added to the fetch venv only when a source is of kind "modelscope" (modelscope delegates its hub calls to
+# modelscope-hub; both pinned to what tests/msmirror was checked with).
+MODELSCOPE_REQUIREMENTS = ("modelscope==1.40.2", "modelscope-hub==0.5.1")
 FETCH_PROGRAM = "fetch_weights.py"
 BACKOFF_MAX_S = 300.0
 
@@ -55,6 +58,16 @@ class FetchPlan:
     @property
     def env_path(self) -> str:
         return f"/etc/vllm-fleet/{self.unit}.env"
+
+    @property
+    def modelscope(self) -> bool:
+        """A source is ModelScope: the fetch venv needs MODELSCOPE_REQUIREMENTS."""
+        return any(s.kind == "modelscope" for s in self.sources)
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What the fetch venv installs."""
+        return (HF_HUB_REQUIREMENT, *(MODELSCOPE_REQUIREMENTS if self.modelscope else ()))
 
     @property
     def downloads(self) -> bool:
@@ -133,6 +146,9 @@ def unit_environment(settings: Settings, plan: FetchPlan) -> list[str]:
            "HF_HUB_ENABLE_HF_TRANSFER=0", "PYTHONUNBUFFERED=1"]
     if not settings.hf_xet:
         env.append("HF_HUB_DISABLE_XET=1")
+    if plan.modelscope:
+        # The unit runs with ProtectHome=yes: the client's cache and its ~/.modelscope go under data_dir.
+        env += [f"MODELSCOPE_CACHE={settings.data_dir}/cache/modelscope", f"HOME={settings.data_dir}/cache/modelscope-home"]
     return env
 
 

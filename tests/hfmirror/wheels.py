@@ -1,4 +1,4 @@
-"""The wheels of the host's fetch venv (huggingface_hub and its dependencies), for Debian 12's CPython 3.11 x86_64.
+"""The wheels of the host's fetch venv (huggingface_hub, with modelscope when asked, and their dependencies), for Debian 12's CPython 3.11 x86_64.
 
     python -m tests.hfmirror.wheels     # download once into the cache; prints the directory
 
@@ -11,17 +11,21 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e.wheelhouse import CACHE, TARGET, _pip
-from vllm_fleet.weights import HF_HUB_REQUIREMENT
+from vllm_fleet.weights import HF_HUB_REQUIREMENT, MODELSCOPE_REQUIREMENTS
 
 
-def build() -> Path:
-    """Download (once) the fetch venv's wheels; return their directory."""
-    out = CACHE / f"fetch-wheels-{HF_HUB_REQUIREMENT.replace('==', '-')}"
+def build(modelscope: bool = False) -> Path:
+    """Download (once) the fetch venv's wheels; return their directory.
+
+    + modelscope: also modelscope + modelscope-hub and their dependencies (a venv for a ModelScope source)
+    """
+    reqs = [HF_HUB_REQUIREMENT, *(MODELSCOPE_REQUIREMENTS if modelscope else ())]
+    out = CACHE / ("fetch-wheels-" + "+".join(r.replace("==", "-") for r in reqs))
     if out.is_dir() and any(out.glob("huggingface_hub-*.whl")):
         return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*_pip(), *TARGET, "-d", str(tmp), HF_HUB_REQUIREMENT], check=True)
+    subprocess.run([*_pip(), *TARGET, "-d", str(tmp), *reqs], check=True)
     tmp.rename(out)
     return out
 

@@ -224,3 +224,75 @@ def test_the_snapshot_check_of_an_older_fetch_program_still_names_its_identity(m
     snap = HostSnapshot().process(subprocess.run(["sh", "-c", cmd], capture_output=True, text=True).stdout.splitlines())
     assert snap.weights_check["identity"] == "t"
     assert weights_on_host(snap.weights_check, "t", 10) == 10
+
+
+# --- ModelScope: the plan, the listing, and the worker against tests/msmirror with the real client ---------
+
+
+MS = {"kind": "modelscope", "repo": "MiniMax/MiniMax-M2"}
+
+
+def test_modelscope_source_adds_its_client_and_keeps_its_cache_off_home():
+    s = settings(weights_sources=[HF, MS], data_dir="/data")
+    plan = weights.fetch_plan(s)
+    assert plan.requirements == (weights.HF_HUB_REQUIREMENT, *weights.MODELSCOPE_REQUIREMENTS)
+    env = weights.unit_environment(s, plan)
+    assert "MODELSCOPE_CACHE=/data/cache/modelscope" in env and "HOME=/data/cache/modelscope-home" in env
+    hf_only = weights.fetch_plan(settings(weights_sources=[HF]))
+    assert hf_only.requirements == (weights.HF_HUB_REQUIREMENT,)
+    assert not any(e.startswith(("MODELSCOPE_", "HOME=")) for e in weights.unit_environment(settings(weights_sources=[HF]), hf_only))
+
+
+def test_modelscope_listing_keeps_files_with_size_and_sha256_and_refuses_a_file_without_one():
+    sha = "ab" * 32
+    got = fw.modelscope_listing([{"path": "b.safetensors", "size": 7, "sha256": sha.upper(), "type": "blob"},
+                                 {"path": "sub", "size": 0, "type": "tree"},
+                                 {"path": "a/config.json", "size": "3", "sha256": sha}], 1, "master")
+    assert got == fw.Listing(1, "master", (fw.RemoteFile("a/config.json", 3, sha), fw.RemoteFile("b.safetensors", 7, sha)))
+    with pytest.raises(fw.SourceError, match="no sha256 for 'x.bin'"):
+        fw.modelscope_listing([{"path": "x.bin", "size": 1, "sha256": None}], 0, "master")
+
+
+@pytest.fixture(scope="module")
+def ms_mirror():
+    from tests.msmirror.server import MsMirror
+
+    m = MsMirror(repo.build()).start()
+    yield m
+    m.stop()
+
+
+def ms_config(tmp_path, endpoint, **kw):
+    return {**config(tmp_path, **kw), "sources": [{"kind": "modelscope", "repo": repo.REPO_ID, "endpoint": endpoint}]}
+
+
+def test_modelscope_download_is_verified_recorded_and_not_repeated(ms_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "mscache"))
+    cfg = ms_config(tmp_path, ms_mirror.url)
+    ms_mirror.reset_counters()
+    assert run(cfg) == 0
+    assert sum(ms_mirror.bytes_served.values()) == ms_mirror.total_bytes
+    assert any("/repo/files" in r for r in ms_mirror.requests)
+    want = {f.name: f for f in repo.manifest(repo.build())}
+    assert sorted(os.listdir(cfg["dest"])) == sorted(want)
+    state = fw.read_json(cfg["state_dir"] + "/state.json", {})
+    assert state["complete"] and state["commit"] == "master" and ms_mirror.url in state["source"]
+    shard = "model-00001-of-00004.safetensors"
+    assert state["files"][shard]["sha256"] == want[shard].sha256
+    ms_mirror.reset_counters()
+    assert run(cfg) == 0 and sum(ms_mirror.bytes_served.values()) == 0
+    p = Path(cfg["dest"], shard)
+    p.write_bytes(p.read_bytes()[:-1] + b"\0")  # same size, other bytes: only the sha256 tells
+    assert run({**cfg, "verify": "full"}) == 0
+    assert dict(ms_mirror.bytes_served) == {shard: want[shard].size}
+    assert fw.digest(str(p), "sha256") == want[shard].sha256
+
+
+def test_hf_down_falls_back_to_modelscope(ms_mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "mscache"))
+    down = Mirror(repo.build()).start()
+    down.set_mode("down")
+    cfg = ms_config(tmp_path, ms_mirror.url)
+    cfg["sources"].insert(0, {"kind": "hf", "repo": repo.REPO_ID, "endpoint": down.url})
+    assert run(cfg) == 0
+    assert fw.read_json(cfg["state_dir"] + "/state.json", {})["source"] == f"modelscope:{repo.REPO_ID} at {ms_mirror.url}"

@@ -175,10 +175,9 @@ def progress_line(done: int, total: int, rate: float) -> str:
 
 
 def partial_bytes(dest: str) -> int:
-    """Bytes in huggingface_hub's `.incomplete` files under dest (a download in progress or interrupted)."""
+    """Bytes in `.incomplete` files under dest (huggingface_hub's under .cache/huggingface, modelscope's beside the file)."""
     total = 0
-    root = os.path.join(dest, ".cache", "huggingface")
-    for d, _, names in os.walk(root):
+    for d, _, names in os.walk(dest):
         for n in names:
             if n.endswith(".incomplete"):
                 try:
@@ -227,13 +226,9 @@ def list_files(src: dict, index: int, token: Optional[str]) -> Listing:
                       for s in info.siblings or [])
         return Listing(index, info.sha, files)
     if kind == "modelscope":
-        from modelscope.hub.api import HubApi  # optional: only when a ModelScope source is configured
-
-        api = HubApi(endpoint=src.get("endpoint")) if src.get("endpoint") else HubApi()
-        rev = src.get("revision") or "master"
-        items = api.get_model_files(src["repo"], revision=rev, recursive=True)
-        files = tuple(RemoteFile(i["Path"], int(i["Size"]), i.get("Sha256") or None) for i in items if i.get("Type") != "tree")
-        return Listing(index, rev, files)
+        return modelscope_listing(_modelscope_api(src).list_repo_files(
+            src["repo"], "model", revision=src.get("revision") or MODELSCOPE_REVISION, recursive=True),
+            index, src.get("revision") or MODELSCOPE_REVISION)
     if kind == "local":
         root = src["path"]
         if not os.path.isfile(os.path.join(root, "config.json")):
@@ -249,6 +244,39 @@ def list_files(src: dict, index: int, token: Optional[str]) -> Listing:
     raise SourceError(f"unknown source kind {kind!r}")
 
 
+MODELSCOPE_REVISION = "master"
+
+
+def _modelscope_api(src: dict):
+    """The ModelScope client for one source (optional: only installed when a ModelScope source is configured).
+
+    modelscope 1.40's ``modelscope.hub.api`` is a shim over ``modelscope_hub`` (its required dependency)
+    whose legacy ``get_model_files`` drops the Sha256 the hub lists; ``modelscope_hub.api.HubApi`` keeps it.
+    The endpoint is passed explicitly (else MODELSCOPE_ENDPOINT / MODELSCOPE_DOMAIN / www.modelscope.cn).
+    """
+    from modelscope_hub.api import HubApi
+
+    return HubApi(endpoint=src.get("endpoint") or None)
+
+
+def modelscope_listing(items, index: int, revision: str) -> Listing:
+    """A Listing from modelscope_hub's FileInfo entries (or dicts of the same fields): files only, with sizes and sha256.
+
+    A file without a sha256 in the listing cannot be verified by digest; the hub lists one for every
+    file, so its absence is an error rather than a silent size-only check.
+    """
+    files = []
+    for i in items:
+        get = (lambda k: i.get(k)) if isinstance(i, dict) else (lambda k: getattr(i, k, None))
+        if (get("type") or "blob") == "tree":
+            continue
+        sha = (get("sha256") or "").lower() or None
+        if not sha or len(sha) != 64:
+            raise SourceError(f"the ModelScope listing gives no sha256 for {get('path')!r}: cannot verify it")
+        files.append(RemoteFile(get("path"), int(get("size")), sha))
+    return Listing(index, revision, tuple(sorted(files, key=lambda f: f.name)))
+
+
 def fetch_file(src: dict, listing: Listing, f: RemoteFile, dest: str, token: Optional[str], force: bool) -> None:
     """Put one file into dest from the source (huggingface_hub resumes a `.incomplete` partial)."""
     kind = src["kind"]
@@ -258,9 +286,10 @@ def fetch_file(src: dict, listing: Listing, f: RemoteFile, dest: str, token: Opt
         hf_hub_download(src["repo"], f.name, revision=listing.commit, local_dir=dest,
                         endpoint=src.get("endpoint") or None, token=token or False, force_download=force)
     elif kind == "modelscope":
-        from modelscope.hub.file_download import model_file_download
-
-        model_file_download(src["repo"], f.name, revision=listing.commit, local_dir=dest)
+        # The client resumes `<file>.incomplete` in dest with Range requests and checks size + sha256 itself;
+        # the worker verifies again against the listing either way.
+        _modelscope_api(src).download_file(src["repo"], "model", f.name, revision=listing.commit, local_dir=dest,
+                                           force=force, expected_sha256=f.sha256, file_size=f.size)
     else:
         target = os.path.join(dest, f.name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
