@@ -71,10 +71,12 @@ def directories(dirs: Sequence[Dir]):
 @operation()
 def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
     """
-    Ensure a system user and its group of the same name exist, with this home and shell.
+    Ensure a system user and its group of the same name exist, with that group and shell.
 
     + account: user and group name
-    + home: home directory (not created here)
+    + home: home directory given at creation (not created here). An existing
+      account keeps its home: several deployments (data dirs) may share the
+      account, and the service gets HOME from its unit, not from passwd.
     + shell: login shell
 
     .. code:: python
@@ -88,12 +90,10 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
     if acct.user is None:
         yield f"useradd --system --gid {n} --home-dir {shlex.quote(home)} --no-create-home --shell {shlex.quote(shell)} {n}"
         return
-    _, _, _, gid, _, cur_home, cur_shell = (list(acct.user) + [""] * 7)[:7]
+    _, _, _, gid, _, _, cur_shell = (list(acct.user) + [""] * 7)[:7]
     fixes = []
     if acct.group is not None and gid != acct.group[2]:
         fixes.append(f"--gid {n}")
-    if cur_home != home:
-        fixes.append(f"--home {shlex.quote(home)}")
     if cur_shell != shell:
         fixes.append(f"--shell {shlex.quote(shell)}")
     if fixes:
