@@ -17,9 +17,7 @@ The revision is ``master`` or the repo's commit id (tests/hfmirror/repo.py commi
 
 from __future__ import annotations
 
-import json
 import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -32,19 +30,9 @@ REVISION = "master"
 class MsMirror(Mirror):
     """The tiny repo as a ModelScope hub (same switches and counters as the HF `Mirror`)."""
 
-    def start(self) -> "MsMirror":
-        mirror = self
-
-        class Handler(_MsHandler):
-            owner = mirror
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
-        self._server.daemon_threads = True
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        self.mode = "ok"
-        return self
+    def handler_class(self) -> type:
+        """Speak ModelScope's hub API instead of Hugging Face's."""
+        return _MsHandler
 
     def files_listing(self) -> dict:
         """The body of ``repo/files``: every file with its size and sha256."""
