@@ -6,7 +6,8 @@ writes DIR/vllm-0.25.0-py3-none-any.whl and DIR/vllm-0.26.0-py3-none-any.whl,
 so CI hosts can `install vllm==X` from DIR as a local wheelhouse (find-links).
 Each build runs in a fresh copy of tests/doubles/vllm-double, so the source
 tree gets no build/ or *.egg-info and builds of different versions never mix.
-Uses `uv build` when uv is on PATH, else `pip wheel`.
+Builds with `uv build` (the uv beside this Python, as ./setup installs it in
+.venv, else the one on PATH).
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ PROJECT = Path(__file__).resolve().parent / "vllm-double"
 DEFAULT_VERSION = "0.25.0"
 
 
+def find_uv() -> str:
+    """The uv of this checkout's venv (./setup pins it in the test extra), else the one on PATH."""
+    beside = Path(sys.executable).parent / "uv"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("uv")
+    if found:
+        return found
+    raise RuntimeError(f"uv is neither beside {sys.executable} nor on PATH: run ./setup (it installs uv into .venv)")
+
+
 def _build_command(src: Path, out: Path) -> list[str]:
-    uv = shutil.which("uv")
-    if uv:
-        return [uv, "build", "--wheel", "--out-dir", str(out), str(src)]
-    return [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(out), str(src)]
+    return [find_uv(), "build", "--wheel", "--quiet", "--out-dir", str(out), str(src)]
 
 
 def build_wheel(version: str, out: Path) -> Path:

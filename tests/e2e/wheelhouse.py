@@ -3,9 +3,16 @@
     python tests/e2e/wheelhouse.py        # build (or reuse) it; prints its directory
 
 Holds the vLLM TEST DOUBLE as `vllm` 0.25.0 and 0.26.0 (tests/doubles/), uv,
-the real torch 2.13.0 CPU wheel for CPython 3.11 (from /opt/wheels, or
-$VLLM_FLEET_TORCH_WHEEL) and torch's dependencies, for the test hosts
-(Debian 12, Python 3.11, x86_64). It lives in
+the real torch 2.13.0 CPU wheel for CPython 3.11 and torch's dependencies, for
+the test hosts (Debian 12, Python 3.11, x86_64).
+
+Where each wheel comes from is declared: torch's CPU build from
+$VLLM_FLEET_TORCH_SOURCE (an index URL, default PyTorch's CPU index
+https://download.pytorch.org/whl/cpu, or a directory of wheels), plus whatever
+find-links/extra index pip itself is configured with; the rest from PyPI (or
+the index pip is configured with). The torch wheel is kept in
+`$VLLM_FLEET_CACHE/torch/` once found, so only the first build needs a source.
+When no source holds it, the build stops naming the setting to change. It lives in
 `$VLLM_FLEET_CACHE/wheelhouse-<key>` (default cache ~/.cache/vllm-fleet; the
 key hashes the double's source and the wanted list) with a stable link
 `$VLLM_FLEET_CACHE/wheelhouse`, which group_data/ci.py points vllm_wheelhouse at.
@@ -28,14 +35,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.doubles.build_wheelhouse import PROJECT as DOUBLE_SRC, build_wheel  # noqa: E402
+from tests.doubles.build_wheelhouse import PROJECT as DOUBLE_SRC, build_wheel, find_uv  # noqa: E402
 
 CACHE = Path(os.environ.get("VLLM_FLEET_CACHE", Path.home() / ".cache" / "vllm-fleet"))
 DOUBLE_VERSIONS = ("0.25.0", "0.26.0")
-TORCH_WHEEL = Path(os.environ.get("VLLM_FLEET_TORCH_WHEEL", "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"))
 TORCH_VERSION = "2.13.0"
+TORCH_REQUIREMENT = f"torch=={TORCH_VERSION}+cpu"
+TORCH_SOURCE_ENV = "VLLM_FLEET_TORCH_SOURCE"
+TORCH_SOURCE_DEFAULT = "https://download.pytorch.org/whl/cpu"
+UV_VERSION = "0.13.9"  # the hosts get the uv the control machine's venv pins (pyproject.toml, ./setup)
 # torch 2.13.0's Requires-Dist (METADATA), plus uv; downloaded for the hosts' CPython 3.11 on x86_64.
-DOWNLOADS = ("uv", "filelock", "typing-extensions>=4.10.0", "setuptools>=77.0.3", "sympy>=1.13.3",
+DOWNLOADS = (f"uv=={UV_VERSION}", "filelock", "typing-extensions>=4.10.0", "setuptools>=77.0.3", "sympy>=1.13.3",
              "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5")
 TARGET = ["--only-binary", ":all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
@@ -46,7 +56,7 @@ def _key() -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in DOUBLE_SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         h.update(str(path.relative_to(DOUBLE_SRC)).encode() + b"\0" + path.read_bytes())
-    h.update(repr((DOUBLE_VERSIONS, DOWNLOADS, TARGET, TORCH_WHEEL.name)).encode())
+    h.update(repr((DOUBLE_VERSIONS, DOWNLOADS, TARGET, TORCH_REQUIREMENT)).encode())
     return h.hexdigest()[:16]
 
 
@@ -54,8 +64,40 @@ def _pip() -> list[str]:
     """A pip that can download: a seeded uv venv in the cache (the project venv has no pip)."""
     venv = CACHE / "pip-venv"
     if not (venv / "bin" / "pip").exists():
-        subprocess.run(["uv", "venv", "--seed", "--quiet", str(venv)], check=True)
+        subprocess.run([find_uv(), "venv", "--seed", "--quiet", str(venv)], check=True)
     return [str(venv / "bin" / "pip"), "download", "--disable-pip-version-check", "--quiet"]
+
+
+def torch_wheel() -> Path:
+    """The torch CPU wheel for the hosts: from the cache, else fetched from the declared source into it.
+
+    The source is $VLLM_FLEET_TORCH_SOURCE: an index URL (default PyTorch's CPU
+    index) or a directory holding the wheel; pip's own configuration (its
+    find-links and extra indexes) is consulted as well, as for any download.
+    """
+    cache = CACHE / "torch"
+    pattern = f"torch-{TORCH_VERSION}+cpu-cp311-cp311-manylinux*_x86_64.whl"
+    found = sorted(cache.glob(pattern))
+    if found:
+        return found[-1]
+    source = os.environ.get(TORCH_SOURCE_ENV) or TORCH_SOURCE_DEFAULT
+    where = ["--find-links", source, "--no-index"] if Path(source).is_dir() else ["--index-url", source]
+    tmp = cache.with_name("torch.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    proc = subprocess.run([*_pip(), "--no-deps", "--retries", "1", "--timeout", "30", *TARGET, *where,
+                           "--dest", str(tmp), TORCH_REQUIREMENT], capture_output=True, text=True, check=False)
+    found = sorted(tmp.glob(pattern))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(
+            f"no {TORCH_REQUIREMENT} wheel for CPython 3.11 x86_64 at {TORCH_SOURCE_ENV}={source} "
+            f"(nor in pip's configured find-links/indexes): set {TORCH_SOURCE_ENV} to an index URL or a "
+            f"directory that holds it, or put the wheel in {cache}/\npip said:\n{proc.stderr.strip()[-2000:]}")
+    cache.mkdir(parents=True, exist_ok=True)
+    for wheel in found:
+        wheel.rename(cache / wheel.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return cache / found[-1].name
 
 
 def build() -> Path:
@@ -63,17 +105,16 @@ def build() -> Path:
     out = CACHE / f"wheelhouse-{_key()}"
     done = out / ".complete"
     if not done.exists():
-        if not TORCH_WHEEL.is_file():
-            raise RuntimeError(f"{TORCH_WHEEL} is missing: set VLLM_FLEET_TORCH_WHEEL to a torch 2.13.0 CPU wheel for cp311")
+        torch = torch_wheel()
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for version in DOUBLE_VERSIONS:
             build_wheel(version, tmp)
         try:
-            os.link(TORCH_WHEEL, tmp / TORCH_WHEEL.name)
+            os.link(torch, tmp / torch.name)
         except OSError:
-            shutil.copy2(TORCH_WHEEL, tmp / TORCH_WHEEL.name)
+            shutil.copy2(torch, tmp / torch.name)
         subprocess.run([*_pip(), *TARGET, "--dest", str(tmp), *DOWNLOADS], check=True)
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)

@@ -7,7 +7,9 @@ tool-call / reasoning parser names in vLLM's registries and builds
 AsyncEngineArgs (docs/real-vllm.md says exactly what is and is not checked).
 Deliberately broken argv in the same run must be rejected: the check can fail.
 
-Skipped only when VLLM_FLEET_REAL_VLLM_PYTHON is unset; set but broken fails.
+The real vLLM's python is VLLM_FLEET_REAL_VLLM_PYTHON, else the one `./setup
+--real-vllm` recorded in .venv/real-vllm-python. Skipped only when neither
+names one; named but broken fails.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 CHECK_SCRIPT = HERE / "check_argv.py"
 TINY_MODEL = HERE.parent / "fixtures" / "tiny-minimax-m2"
 PYTHON_ENV = "VLLM_FLEET_REAL_VLLM_PYTHON"
+RECORDED = HERE.parents[1] / ".venv" / "real-vllm-python"  # written by ./setup --real-vllm
 VERSION_ENV = "VLLM_FLEET_CHECK_VLLM_VERSION"
 CHECK_TIMEOUT_S = 300
 
@@ -168,9 +171,9 @@ def negative_cases() -> list[Case]:
 
 def real_python() -> str:
     """The real vLLM venv's python, or skip when none is configured (dev machines)."""
-    python = os.environ.get(PYTHON_ENV)
+    python = os.environ.get(PYTHON_ENV) or (RECORDED.read_text().strip() if RECORDED.is_file() else None)
     if not python:
-        pytest.skip(f"{PYTHON_ENV} is unset: no real vLLM venv here (CI sets it with tests/realvllm/ensure_venv.sh)")
+        pytest.skip(f"{PYTHON_ENV} is unset and {RECORDED} absent: no real vLLM venv here (./setup --real-vllm builds one)")
     return python
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "tests" / "doubles" / "vllm-double"
 KEY = "sekrit-test-key-4242"
-TINY_CONFIG = {  # the tiny MiniMax-M2 that real vLLM 0.25 served on an H200 (NOTES.md)
+TINY_CONFIG = {  # the tiny MiniMax-M2 that real vLLM 0.25 served on an H200 (docs/gpu-validation.md)
     "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "head_dim": 64, "hidden_size": 256,
     "max_position_embeddings": 8192, "num_attention_heads": 4, "num_hidden_layers": 2,
     "num_key_value_heads": 2, "torch_dtype": "bfloat16",
@@ -531,9 +530,9 @@ def test_unhealthy_serves_500_on_health_and_chat_but_lists_models(tmp_path):
 # ----------------------------------------------------------------- wheel --
 
 def test_the_wheel_builds_installs_from_a_wheelhouse_and_serves(tmp_path):
-    uv = shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
+    from tests.doubles.build_wheelhouse import find_uv
+
+    uv = find_uv()  # ./setup puts it in .venv: a missing uv is a failure, not a skip
     house = tmp_path / "wheelhouse"
     subprocess.run([sys.executable, str(ROOT / "tests" / "doubles" / "build_wheelhouse.py"), "--out", str(house),
                     "--versions", "0.25.0", "0.26.0"], check=True, capture_output=True, timeout=120)
