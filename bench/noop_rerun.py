@@ -1,6 +1,6 @@
 """How much a no-op rerun of deploy.py costs beyond connecting to the hosts.
 
-DESIGN.md: "A no-op rerun should cost little more than connecting". This
+docs/design.md: "A no-op rerun should cost little more than connecting". This
 runs, alternately and N times each, on the CI test hosts (tests/hosts.py up):
 
   baseline: pyinfra -y inventory/ci.py exec -- true

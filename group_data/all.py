@@ -31,6 +31,8 @@ vllm_max_num_batched_tokens = None       # most tokens per batch; None = vLLM's 
 vllm_enforce_eager = False               # True = no CUDA graphs / torch.compile (faster start, slower serving)
 vllm_reasoning_parser = None             # None = profile default (minimax_m2_append_think keeps <think> in content)
 vllm_cudagraph_piecewise = False         # True = cudagraph_mode PIECEWISE (fixes "CUDA error: an illegal memory access")
+vllm_nvlink_multicast = True             # NVLink multicast as NCCL/PyTorch/vLLM choose; False = off (4 env vars) where NCCL NVLS fails, docs/planner.md
+vllm_flashinfer_sampler = True           # sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0 (a venv without FlashInfer)
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
 

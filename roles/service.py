@@ -147,10 +147,10 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
     service_files = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
     secrets = [ManagedFile(rendered.env_path, rendered.env, "root", user, "640", secret=True)]
     every = [f.path for f in gate_files + service_files + secrets]  # one FileStates fact for all three
-    managed_files(name=f"Ensure the health-gate program {gate_bin} and its config {gate_json} are current",
+    managed_files(name="Ensure the health-gate program and its config are current",
                   files=gate_files, read_with=every)
-    unit = managed_files(name=f"Ensure the unit {rendered.unit_path} is current", files=service_files, read_with=every)
-    env = managed_files(name=f"Ensure the secrets file {rendered.env_path} is current (content not shown)",
+    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files, read_with=every)
+    env = managed_files(name="Ensure the secrets file is current (content not shown)",
                         files=secrets, read_with=every)
 
     pending, enabled = _pending(settings, rendered)
@@ -164,7 +164,7 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
                         f"({marker})", path=marker, present=True, user="root", group="root", mode="644")
     else:
         python.call(
-            name=f"Restart {settings.service_name}.service and pass its health gate (rollback on failure)",
+            name=f"Restart {settings.service_name} and pass the health gate (rollback on failure)",
             function=_run_gate,
             command=f"/usr/bin/python3 {gate_bin} apply {gate_json} && rm -f {marker}",
             _if=lambda: pending or changed(),

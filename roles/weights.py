@@ -238,7 +238,7 @@ def apply(settings: Settings, src: ModelSource) -> WeightsResult | OperationMeta
     if src.local_dir is None:
         return None
     return mirror_dir(
-        name=f"Ensure {src.serve_path} holds exactly the model files of {src.local_dir}",
+        name=f"Ensure the host holds exactly the model files of {Path(src.local_dir).name}",
         src=str(src.local_dir),
         dest=src.serve_path,
         user=settings.service_user,

@@ -10,7 +10,7 @@ named after their inventory name, whose sshd listens on the inventory's
 passwordless sudo). The key pair and known_hosts live where the inventory reads
 them (``$VLLM_FLEET_TEST_STATE``, default ``<repo>/.cache/testhosts``).
 
-Recipe (see /work/shared/TESTING.md, verified on the CI machine kind): a Debian 12
+Recipe (see tests/README.md, verified on the CI machine kind): a Debian 12
 rootfs made with debootstrap, cached as a tarball in ``$VLLM_FLEET_CACHE``
 (default ~/.cache/vllm-fleet) keyed by the package list and RECIPE_VERSION,
 imported with ``docker import`` (there is no registry), and run with systemd as
@@ -75,7 +75,7 @@ HOLDER_COMMAND = ("/usr/bin/python3", "-c", "import signal; signal.pause()")
 SYSTEMD_TIMEOUT_S = 180
 
 RUN_FLAGS = (
-    # The flags TESTING.md verified on this machine kind (--privileged fails there).
+    # The flags verified on the CI machine kind (tests/README.md; --privileged fails there).
     "--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
     "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
     "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
@@ -321,14 +321,19 @@ def report_systemd(host: TestHost) -> str:
     """
     state = systemd_state(host.name, wait=True)
     if state == "degraded":
-        failed = docker("exec", host.name, "systemctl", "--failed", "--plain", "--no-legend", check=False).stdout
-        units = ", ".join(line.split()[0] for line in failed.splitlines() if line.strip())
+        units = ", ".join(failed_units(host.name))
         log(f"{host.name}: systemd degraded, failed units left by an earlier run: {units}; clearing them")
         docker("exec", host.name, "systemctl", "reset-failed", check=False)
         state = systemd_state(host.name, wait=True)
     elif state != "running":
         raise HostError(f"{host.name}: systemd is {state}")
     return state
+
+
+def failed_units(name: str) -> list[str]:
+    """The units systemd lists as failed in a container (what makes it "degraded")."""
+    failed = docker("exec", name, "systemctl", "--failed", "--plain", "--no-legend", check=False).stdout
+    return [line.split()[0] for line in failed.splitlines() if line.strip()]
 
 
 # --- what each host gets -----------------------------------------------------------------
@@ -522,7 +527,7 @@ def down(hosts: list[TestHost]) -> None:
 
 
 def status(hosts: list[TestHost]) -> int:
-    """Print one line per host; exit 0 only if all are up with systemd running or degraded."""
+    """Print one line per host; exit 0 only if all are up with systemd running (no failed units)."""
     key = rootfs_key()
     ok = True
     for host in hosts:
@@ -535,8 +540,9 @@ def status(hosts: list[TestHost]) -> int:
         systemd = systemd_state(host.name, wait=False)
         current = "current image" if info["Config"]["Labels"].get(LABEL_KEY) == key else "OUTDATED image"
         via = f"ssh {host.ssh.user}@{host.ssh.hostname}:{host.ssh.port}" if host.ssh else f"@docker/{host.name}"
-        ok = ok and systemd in ("running", "degraded")
-        print(f"{host.name:10} running  systemd={systemd:9} {current:15} {via}")
+        failed = f" failed units: {', '.join(failed_units(host.name))}" if systemd == "degraded" else ""
+        ok = ok and systemd == "running"
+        print(f"{host.name:10} running  systemd={systemd:9} {current:15} {via}{failed}")
     return 0 if ok else 1
 
 
@@ -556,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="hosts from inventory/ci.py (default: all)")
     args = parser.parse_args(argv)
     if not engine_answers():
-        log("no Docker engine answers `docker info`; install docker.io and start dockerd "
-            "(dockerd --bridge=none --iptables=false --ip-forward=false &), see tests/README.md")
+        log("no Docker engine answers `docker info`: run ./setup (it installs Docker and starts the engine)")
         return 3
     try:
         hosts = select(load_hosts(), args.names)

@@ -455,10 +455,10 @@ def _missing_module(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> D
     top = module.split(".")[0]
     if top == "flashinfer":
         remedy = (
-            'set vllm_extra_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"} (vLLM 0.25 then samples '
+            "set vllm_flashinfer_sampler = False (VLLM_USE_FLASHINFER_SAMPLER=0: vLLM 0.25 then samples "
             "without FlashInfer), or install flashinfer-python into the service venv."
         )
-        settings: dict[str, object] = {"vllm_extra_env": {"VLLM_USE_FLASHINFER_SAMPLER": "0"}}
+        settings: dict[str, object] = {"vllm_flashinfer_sampler": False}
     elif module.startswith("vllm."):
         remedy = (
             f"the vLLM install is broken or built for another platform ({module} is part of its "

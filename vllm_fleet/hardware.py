@@ -5,9 +5,10 @@ compute capability). It is built either from a spec such as `4xA800-80G`,
 `8xH200` or `2xH100-80G`, or from host facts (what `nvidia-smi` reports).
 
 Catalog memory figures come from two kinds of source, recorded per entry:
-"measured" (seen on real hardware: the seed log's A800 total, NOTES.md's H200
-total) and "nominal" (the vendor's capacity, binary GiB; the CUDA-visible total
-is usually a little lower, so plans for nominal GPUs are slightly optimistic).
+"measured" (seen on real hardware: the seed log's A800 total, docs/seed.md; the
+H200 total, docs/gpu-validation.md) and "nominal" (the vendor's capacity, binary
+GiB; the CUDA-visible total is usually a little lower, so plans for nominal GPUs
+are slightly optimistic).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class GpuModel:
 
 # A800-80G: the seed log's vLLM error reports "79.25 GiB" total on an A800-SXM4-80GB.
 # A100-80G is assumed to match (A800 is its export variant) but that is not measured: "nominal".
-# H200: NOTES.md, nvidia-smi memory.total 143771 MiB, which vLLM reported as 140.40 GiB.
+# H200: docs/gpu-validation.md, nvidia-smi memory.total 143771 MiB, which vLLM reported as 140.40 GiB.
 _A800_80G = int(79.25 * GiB)
 CATALOG: tuple[GpuModel, ...] = (
     GpuModel("A100-40G", 40 * GiB, (8, 0), "nominal", ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100-40GB")),

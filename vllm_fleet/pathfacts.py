@@ -1,4 +1,4 @@
-"""Facts about many paths in one round trip (DESIGN.md: "few round trips").
+"""Facts about many paths in one round trip (docs/design.md: "few round trips").
 
 pyinfra's own `files.directory` / `files.sync` read one fact per path (two
 per synced file); a no-op rerun then costs a command per path. These facts

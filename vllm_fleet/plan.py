@@ -27,6 +27,15 @@ from vllm_fleet.versions import VLLM_VERSION
 PIECEWISE_CONFIG = '{"cudagraph_mode": "PIECEWISE"}'
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
+# NVLink multicast off in every library of a vLLM process that would use it (vllm_nvlink_multicast = False):
+# variable -> (value, what it switches off).
+MULTICAST_OFF_ENV: dict[str, tuple[str, str]] = {
+    "NCCL_NVLS_ENABLE": ("0", "NCCL's NVLink SHARP (NVLS) collectives"),
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": ("1", "multicast in PyTorch's symmetric memory"),
+    "NVSHMEM_DISABLE_NVLS": ("1", "NVSHMEM's NVLS (multicast) collectives"),
+    "VLLM_ALLREDUCE_USE_SYMM_MEM": ("0", "vLLM's symmetric-memory all-reduce (it runs on multicast)"),
+}
+
 
 # vLLM 0.25 serves an FP8 KV cache only on SM89+ (see the FP8_KV_UNSUPPORTED rule).
 FP8_KV_MIN_CC = (8, 9)
@@ -62,6 +71,12 @@ class PlanOptions(BaseModel):
     reasoning_parser: str | None = None
     cudagraph_piecewise: bool = False
     enforce_eager: bool = False
+    nvlink_multicast: bool = True
+    """True: NCCL, PyTorch, NVSHMEM and vLLM use NVLink multicast as they choose (the plan sets none
+    of MULTICAST_OFF_ENV); False: the plan sets MULTICAST_OFF_ENV, switching it off everywhere."""
+    flashinfer_sampler: bool = True
+    """True: vLLM picks its top-k/top-p sampler (the plan leaves VLLM_USE_FLASHINFER_SAMPLER unset);
+    False: VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (for a venv without FlashInfer)."""
     extra_args: tuple[str, ...] = ()
 
     @field_validator("max_model_len")
@@ -131,7 +146,7 @@ class Overhead:
     """Non-KV, non-weight memory per GPU: which terms are measured and which estimated."""
 
     non_torch: int
-    """Measured (NOTES.md, H200, vLLM 0.25): CUDA/NCCL/allocator cost of a process."""
+    """Measured (docs/gpu-validation.md, H200, vLLM 0.25): CUDA/NCCL/allocator cost of a process."""
     activations: int
     """Estimate: peak of vLLM's profile_run (dummy forward or dummy sampler run)."""
     cuda_graphs: int
@@ -540,7 +555,7 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             warnings.append(Finding(f"KNOWN_ISSUE_{issue.key.upper()}", issue.description, issue.remedy))
 
     flags = _flags(profile, layout, options, chosen, source)
-    env, env_reasons = _env(layout)
+    env, env_reasons = _env(options)
     return Plan(
         model=profile.name, hardware=hw.describe(), gpu_count=hw.count, vllm_version=options.vllm_version,
         layout=layout, attention=arch.attention.value, kv_cache_dtype=options.kv_cache_dtype, block_size=block,
@@ -623,21 +638,28 @@ def _flags(profile: Profile, layout: Layout, options: PlanOptions, max_len: int,
     return flags
 
 
-def _env(layout: Layout) -> tuple[dict[str, str], dict[str, str]]:
+def _env(options: PlanOptions) -> tuple[dict[str, str], dict[str, str]]:
+    """The service's environment from the plan, with a reason per variable.
+
+    Beyond the three that stop usage reporting and buffering, the plan sets only what a setting
+    asks for: by default NCCL, PyTorch, NVSHMEM and vLLM keep their own choices (NVLink multicast
+    where the GPUs and the fabric have it, vLLM's choice of sampler). The host's facts (GPU names,
+    memory, compute capability) cannot tell whether multicast works, so the plan never switches it
+    off by itself.
+    """
+    values = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
     reasons = {
         "VLLM_NO_USAGE_STATS": "no usage reporting from servers",
         "DO_NOT_TRACK": "no usage reporting from servers",
         "PYTHONUNBUFFERED": "log lines reach the journal as they happen",
-        "VLLM_USE_FLASHINFER_SAMPLER": "use the PyTorch sampler; FlashInfer may be absent (gpu/NOTES.md)",
     }
-    values = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    if layout.world_size > 1:
-        nvls = "NVLink multicast off, as in the working 2xH200 run (gpu/NOTES.md)"
-        for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
-                    "VLLM_ALLREDUCE_USE_SYMM_MEM"):
-            reasons[key] = nvls
-        values.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                       "NVSHMEM_DISABLE_NVLS": "1", "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"})
+    if not options.flashinfer_sampler:
+        values["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+        reasons["VLLM_USE_FLASHINFER_SAMPLER"] = "vllm_flashinfer_sampler = False: top-k/top-p sampling in PyTorch, not FlashInfer"
+    if not options.nvlink_multicast:
+        for key, (value, what) in MULTICAST_OFF_ENV.items():
+            values[key] = value
+            reasons[key] = f"vllm_nvlink_multicast = False: {what} off"
     return values, reasons
 
 

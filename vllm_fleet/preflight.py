@@ -19,7 +19,7 @@ MIB = 1024**2
 
 # vLLM's CUDA builds need at least this CUDA runtime from the driver.
 MIN_DRIVER_CUDA = (12, 1)
-# A fresh vLLM + torch venv takes about 9 GB (measured: TESTING.md, real vllm wheel via uv).
+# A fresh vLLM + torch venv takes about 9 GB (measured: the real vllm wheel installed with uv, docs/real-vllm.md).
 VENV_BYTES = 10 * GIB
 
 

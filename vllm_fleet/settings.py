@@ -112,8 +112,10 @@ class Settings(BaseModel):
     enforce_eager: bool = Field(False, description="no CUDA graphs, no torch.compile: faster start, slower serving")
     reasoning_parser: str | None = Field(None, description="reasoning parser (None = the profile's default)")
     cudagraph_piecewise: bool = Field(False, description='use --compilation-config {"cudagraph_mode": "PIECEWISE"} (fix for "CUDA error: an illegal memory access")')
+    nvlink_multicast: bool = Field(True, description="NVLink multicast (NCCL NVLS, PyTorch/NVSHMEM symmetric memory, vLLM's symm-mem all-reduce) as vLLM and NCCL choose; False = switch it off (NCCL_NVLS_ENABLE=0 and three more variables) where it fails")
+    flashinfer_sampler: bool = Field(True, description="leave the top-k/top-p sampler to vLLM (FlashInfer's where vLLM picks it); False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler, for a venv without FlashInfer")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
-    extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service")
+    extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 
     # -- the service --
     bind_host: str = Field("127.0.0.1", description="address vLLM listens on; a non-loopback address needs vllm_api_key")
@@ -369,6 +371,8 @@ class Settings(BaseModel):
             enforce_eager=self.enforce_eager,
             reasoning_parser=self.reasoning_parser,
             cudagraph_piecewise=self.cudagraph_piecewise,
+            nvlink_multicast=self.nvlink_multicast,
+            flashinfer_sampler=self.flashinfer_sampler,
             extra_args=tuple(self.extra_args),
         )
 

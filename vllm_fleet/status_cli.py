@@ -7,16 +7,20 @@ Connects with pyinfra's API (the inventory's connectors, users, sudo and
 group_data, as a deploy would) and runs the installed health-gate program's
 `status` on each host, which reads systemd (state, NRestarts, uptime),
 vLLM's /health, /version and /v1/models (with the key from the env file, on
-the host) and nvidia-smi. Changes nothing. Exit 0 when every host's service is
-active and healthy, 1 otherwise.
+the host) and nvidia-smi. Changes nothing. Hosts come in inventory order; the
+table is as wide as the terminal (one block per host when nine columns do not
+fit); --json prints one object per host, its numbers as JSON numbers. Exit 0
+when every host's service is active and healthy, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
+from collections.abc import Mapping
 
 from vllm_fleet.errors import FleetError
 
@@ -32,7 +36,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def collect(inventory_path: str, limit: list[str] | None = None) -> dict[str, dict]:
-    """Each host's status (the gate program's JSON, or {"error": ...})."""
+    """Each selected host's status (the gate program's JSON, or {"error": ...}), in inventory order."""
+    names, results = _gather(inventory_path, limit)
+    return in_inventory_order(names, results)
+
+
+def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], dict[str, dict]]:
+    """The selected hosts' names in inventory order, and the gate's answer of each host that connected.
+
+    The answers come in pyinfra's order of active hosts (a set: different on each
+    run); `in_inventory_order` puts them back in the inventory's.
+    """
     import sys
 
     from pyinfra.api import Config, State
@@ -73,11 +87,54 @@ def collect(inventory_path: str, limit: list[str] | None = None) -> dict[str, di
                 out[host.name] = json.loads(text or "{}")
             except ValueError:
                 out[host.name] = {"error": (text or "")[:200]}
-        for host in inventory:
-            if host.name not in out and host in selected:
-                out[host.name] = {"error": "could not connect"}
     finally:
         disconnect_all(state)
+    return [h.name for h in selected], out
+
+
+def in_inventory_order(names: list[str], results: Mapping[str, dict]) -> dict[str, dict]:
+    """The rows: one per name of ``names`` (the selected hosts, in inventory order).
+
+    A host without a result did not connect. Numbers the gate sent as text (older
+    gates and nvidia-smi's fields: "32768") become numbers (`_numbers`).
+    """
+    return {name: _numbers(results[name]) if name in results else {"error": "could not connect"} for name in names}
+
+
+NUMERIC = ("restarts", "uptime_s", "health")
+"""Fields of a gate status that are numbers; each GPU's are in NUMERIC_GPU."""
+NUMERIC_GPU = ("index", "used_mib", "total_mib")
+
+
+def _number(value: object) -> int | float | None:
+    """``value`` as an int or float; None when it is no number ("[N/A]" from nvidia-smi, null)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _numbers(item: dict) -> dict:
+    """A copy of ``item`` with its numeric fields as JSON numbers (or null)."""
+    out = dict(item)
+    for key in NUMERIC:
+        if key in out:
+            out[key] = _number(out[key])
+    if isinstance(out.get("gpus"), list):
+        out["gpus"] = [{**g, **{k: _number(g[k]) for k in NUMERIC_GPU if k in g}} if isinstance(g, dict) else g
+                       for g in out["gpus"]]
     return out
 
 
@@ -93,26 +150,60 @@ def healthy(item: dict) -> bool:
     return str(item.get("unit", "")).startswith("active/") and item.get("health") == 200
 
 
+COLUMNS = ("host", "unit", "model", "vLLM", "uptime", "restarts", "GPU memory used/total MiB", "health", "last gate")
+
+
+def _cells(name: str, item: dict) -> list[str]:
+    """The table row of one host (an error's text goes under "model")."""
+    if "error" in item:
+        return [name, "error", str(item["error"]), "", "", "", "", "", ""]
+    gpus = " ".join(f"{_text(g.get('index'))}:{_text(g.get('used_mib'))}/{_text(g.get('total_mib'))}"
+                    for g in item.get("gpus") or []) or "-"
+    last = item.get("last_gate")
+    return [name, str(item.get("unit")), str(item.get("model") or "-"), str(item.get("version") or "-"),
+            _uptime(item.get("uptime_s")), _text(item.get("restarts"), "-"), gpus,
+            str(item.get("health") or "no answer"), "-" if not last else ("passed" if last["ok"] else "FAILED")]
+
+
+def _text(value: object, missing: str = "?") -> str:
+    """A cell: ``value``, or ``missing`` for None (a number the host did not report)."""
+    return missing if value is None else str(value)
+
+
 def table(rows: dict[str, dict]) -> str:
-    """The status table as text."""
+    """The status as text, as wide as the terminal (rich: COLUMNS, else 80 off a terminal).
+
+    One table, its cells wrapping, when its longest words fit the width; on a
+    narrower terminal (nine columns do not fit 80) one two-column block per host,
+    so that no host name or state is cut into pieces.
+    """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
     import io
 
-    t = Table(title="vllm-fleet status")
-    for col in ("host", "unit", "model", "vLLM", "uptime", "restarts", "GPU memory used/total MiB", "health", "last gate"):
-        t.add_column(col)
-    for name, item in rows.items():
-        if "error" in item:
-            t.add_row(name, "error", item["error"], "", "", "", "", "", "")
-            continue
-        gpus = " ".join(f"{g['index']}:{g['used_mib']}/{g['total_mib']}" for g in item.get("gpus") or []) or "-"
-        last = item.get("last_gate")
-        t.add_row(name, str(item.get("unit")), str(item.get("model") or "-"), str(item.get("version") or "-"),
-                  _uptime(item.get("uptime_s")), str(item.get("restarts", "-")), gpus,
-                  str(item.get("health") or "no answer"), "-" if not last else ("passed" if last["ok"] else "FAILED"))
     buf = io.StringIO()
-    Console(file=buf, width=200).print(t)
+    console = Console(file=buf)
+    t = Table(title="vllm-fleet status")
+    for col in COLUMNS:
+        t.add_column(col, overflow="fold")
+    cells = {name: _cells(name, item) for name, item in rows.items()}
+    for row in cells.values():
+        t.add_row(*map(Text, row))  # Text: what hosts send is no rich markup
+    if console.measure(t, options=console.options.update_width(10**6)).minimum <= console.width:
+        console.print(t)
+        return buf.getvalue()
+    console.print("vllm-fleet status", markup=False, highlight=False)
+    for name, row in cells.items():
+        block = Table(title=Text(name), title_justify="left", show_header=False)
+        block.add_column(no_wrap=True)
+        block.add_column(overflow="fold")
+        if "error" in rows[name]:
+            block.add_row("error", Text(row[2]))
+        else:
+            for col, cell in zip(COLUMNS[1:], row[1:]):
+                block.add_row(col, Text(cell))
+        console.print(block)
     return buf.getvalue()
 
 

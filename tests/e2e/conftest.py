@@ -4,13 +4,15 @@
 starts the hosts itself (tests/hosts.py up); without a Docker engine the e2e
 tests fail with the reason, they are never silently skipped. The hosts are left
 running afterwards (reused by the next session); `python tests/hosts.py down`
-removes them.
+removes them. They are left as they were found: a unit a test left failed
+(systemd "degraded") fails the session, naming the unit.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 import pytest
 from tests import hosts
@@ -28,12 +30,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def test_hosts() -> list[hosts.TestHost]:
-    """The test hosts (tests/hosts.py TestHost objects), up and with systemd running."""
+def test_hosts() -> Iterator[list[hosts.TestHost]]:
+    """The test hosts (tests/hosts.py TestHost objects), up and with systemd running; checked clean after."""
     if not hosts.engine_answers():
         pytest.fail(
-            "e2e tests need a Docker engine and none answers `docker info`: install docker.io and start "
-            "`dockerd --bridge=none --iptables=false --ip-forward=false` (or run .ci/run), see tests/README.md",
+            "e2e tests need a Docker engine and none answers `docker info`: run ./setup (it installs "
+            "Docker and starts the engine), see tests/README.md",
             pytrace=False,
         )
     proc = subprocess.run(
@@ -46,7 +48,12 @@ def test_hosts() -> list[hosts.TestHost]:
     )
     if proc.returncode != 0:
         pytest.fail(f"tests/hosts.py up failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}", pytrace=False)
-    return hosts.load_hosts()
+    every = hosts.load_hosts()
+    yield every
+    left = {host.name: units for host in every if (units := hosts.failed_units(host.name))}
+    for name in left:  # the next session starts clean either way (tests/hosts.py up clears them too)
+        hosts.docker("exec", name, "systemctl", "reset-failed", check=False)
+    assert not left, f"the e2e tests left failed units on their hosts (each test must clean up): {left}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -72,7 +72,8 @@ def test_not_enough_disk_is_a_clear_error_before_any_download(mirrors):
         assert "not enough disk for the weights" in r.output and "nothing was downloaded" in r.output
         assert shard_bytes(primary) == 0, primary.bytes_served
     finally:
-        host_exec("fleet-c", f"systemctl stop {UNIT}; umount {small}; rm -rf {small}")
+        # The failed download unit must not stay behind (the session checks every host for failed units).
+        host_exec("fleet-c", f"systemctl stop {UNIT}; systemctl reset-failed {UNIT} 2>/dev/null; umount {small}; rm -rf {small}")
 
 
 def test_kill_the_unit_midway_and_rerun_resumes(mirrors, capsys):

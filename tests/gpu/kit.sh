@@ -7,6 +7,7 @@
 #                                   install the small wheels there, write the launcher $VROOT/bin/vllm
 #
 # The kit is made on the control machine by tests/gpu/make_kit.sh (docs/gpu-validation.md).
+# It holds no FlashInfer: smoke.py renders the launch with vllm_flashinfer_sampler = False.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 SRC=${SRC:-$REPO/.gpukit}

@@ -1,16 +1,19 @@
 #!/bin/bash
 # Control-machine side: build the .gpukit/ bundle that tests/gpu/kit.sh installs on a GPU machine.
 #   bash tests/gpu/make_kit.sh WORKDIR
-# WORKDIR gets vllm-0.25.0 (the real wheel from PyPI), the 24 wheels that ../shared/gpu/wheels.txt
-# marks [R]/[RT], and bundle.tar (vllm's files as tar.xz + its FA2 kernel library as .xz) split
-# into parts of at most 61 MiB, because a device call carries at most 64 MiB.
+# WORKDIR gets vllm-0.25.0 (the real wheel from PyPI), the 24 wheels that wheels.txt (beside this
+# script: tests/gpu/wheels.txt; the WHEELS_TXT environment variable names another list) marks
+# [R]/[RT], and bundle.tar (vllm's files as tar.xz + its FA2 kernel library as .xz) split into
+# parts of at most 61 MiB, because a device call carries at most 64 MiB.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+WHEELS_TXT=$(realpath "${WHEELS_TXT:-$HERE/wheels.txt}")
 W=${1:?workdir}; mkdir -p "$W"/dl "$W"/w "$W"/whl "$W"/bundle
 cd "$W"
 python3 -m pip download -q vllm==0.25.0 --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 -d dl
 PL="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_31_x86_64"
-grep -v '^#' "${WHEELS_TXT:-/work/shared/gpu/wheels.txt}" | grep '\[R' | awk '{print $1}' | while read -r r; do
+grep -v '^#' "$WHEELS_TXT" | grep '\[R' | awk '{print $1}' | while read -r r; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PL -d whl "$r"
 done
 (cd w && unzip -qo ../dl/vllm-0.25.0-*.whl && mv vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so ../bundle/)

@@ -7,8 +7,9 @@ MiniMaxM2ForCausalLM, 2 layers, 4 query / 2 KV heads, head_dim 64, 8 experts (2 
 bf16: 1,024 B of KV cache per token at TP=1 and 512 B per GPU at TP=2. The tokenizer is a
 byte-level BPE with MiniMax-M2's special tokens (<think>, </think>, <minimax:tool_call>,
 </minimax:tool_call>, eos "[e~[") and a chat template that opens the assistant turn with
-<think> (what the minimax_m2_append_think reasoning parser expects). Adapted from
-../shared/gpu/make_tiny_model.py (the builder of the 2026-11-28 H200 run, NOTES.md).
+<think> (what the minimax_m2_append_think reasoning parser expects). The same builder
+made the model of the 2026-11-28 H200 runs (docs/gpu-validation.md); its output without the
+weights file is checked in as tests/fixtures/tiny-minimax-m2/.
 """
 import json, os, sys
 import torch

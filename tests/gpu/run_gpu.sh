@@ -9,7 +9,8 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 T0=$(date +%s); mkdir -p "$OUT" /tmp/vf-done
 : "${VLLM_API_KEY:?set VLLM_API_KEY}"
 export VLLM_FLEET_GPU_SITE=/tmp/site PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-# NVLink multicast stays off on the lent machines (KINDS.md), for every process.
+# NVLink multicast stays off on the lent GPU machines, for every process (the kit's checks too);
+# the launches get it from the rendered unit's environment: smoke.py's MACHINE_SETTINGS.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 bash "$REPO/tests/gpu/kit.sh" install > "$OUT/kit.log" 2>&1 || { cat "$OUT/kit.log"; exit 1; }
 tail -3 "$OUT/kit.log"

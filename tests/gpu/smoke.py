@@ -43,10 +43,12 @@ from vllm_fleet.plan import Plan, make_plan  # noqa: E402
 SERVED_NAME = "minimax-m2"
 REASONING_PARSER = "minimax_m2_append_think"
 TOOL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "minimax_m2"]
-# The lent multi-GPU machines must keep NVLink multicast off in every process (KINDS.md);
-# the plan sets these only for world size > 1, so a TP=1 run on such a machine adds them
-# as the user's extra_env (a setting a deploy has too).
-MACHINE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# What the GPU test machine needs, passed as the settings a deploy on such a host would set
+# (their defaults are vLLM's own behaviour): the lent H200 machines must keep NVLink multicast
+# off in every process, and the kit (tests/gpu/kit.sh) is a hand-carried package set without
+# FlashInfer, so vLLM samples in PyTorch.
+MACHINE_SETTINGS: dict[str, object] = {"nvlink_multicast": False, "flashinfer_sampler": False}
+MACHINE_EXTRA_ENV = {"HF_HUB_OFFLINE": "1"}  # the GPU machine has no network
 
 # vLLM 0.25.0 log lines (gpu_worker.py, kv_cache_utils.py, gpu_model_runner.py, compilation/, api_server).
 LOG_PATTERNS = {
@@ -151,8 +153,7 @@ def render_launch(model: str, venv: str, tp: int, ep: bool | None, data_dir: str
     """Plan and render the launch through the toolkit, as roles/preflight.py and the service role do."""
     gpus = list(range(tp))
     hardware = Hardware.from_facts([facts[i] for i in gpus])
-    extra_env = {} if tp > 1 else dict(MACHINE_ENV)
-    extra_env["HF_HUB_OFFLINE"] = "1"  # the GPU machine has no network
+    extra_env = dict(MACHINE_EXTRA_ENV)
     result: dict = {"gpus": gpus}
     try:
         from vllm_fleet.render import exec_argv, render, service_environment
@@ -162,6 +163,7 @@ def render_launch(model: str, venv: str, tp: int, ep: bool | None, data_dir: str
             model=model, served_model_name=SERVED_NAME, gpus=gpus, tensor_parallel_size=tp,
             enable_expert_parallel=ep, gpu_memory_utilization=0.5, reasoning_parser=REASONING_PARSER,
             extra_args=TOOL_ARGS, extra_env=extra_env, port=port, api_key=api_key, data_dir=data_dir,
+            **MACHINE_SETTINGS,
         )
         plan = make_plan(settings.model, hardware, settings.plan_options(model))
         rendered = render(settings, plan, venv)
@@ -175,7 +177,8 @@ def render_launch(model: str, venv: str, tp: int, ep: bool | None, data_dir: str
 
         plan = make_plan(model, hardware, PlanOptions(
             tensor_parallel_size=tp, enable_expert_parallel=ep, gpu_memory_utilization=0.5, port=port,
-            served_model_name=SERVED_NAME, reasoning_parser=REASONING_PARSER, extra_args=tuple(TOOL_ARGS)))
+            served_model_name=SERVED_NAME, reasoning_parser=REASONING_PARSER, extra_args=tuple(TOOL_ARGS),
+            **MACHINE_SETTINGS))
         env = {**plan.env, **extra_env, "VLLM_CACHE_ROOT": f"{data_dir}/cache/vllm", "HOME": data_dir}
         env_file = {"VLLM_API_KEY": api_key}
         argv = [f"{venv}/bin/vllm", *plan.argv[1:]]

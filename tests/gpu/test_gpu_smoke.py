@@ -133,3 +133,18 @@ def test_planner_is_conservative_and_close_on_recorded_runs() -> None:
         predicted = plan.memory_per_gpu.available_for_kv
         assert predicted <= measured, r["label"]
         assert (measured - predicted) / measured < 0.01, (r["label"], (measured - predicted) / GiB)
+
+
+@pytest.mark.parametrize("run", _recorded(), ids=lambda r: r["label"])
+def test_harness_renders_the_recorded_machine_environment(run: dict) -> None:
+    """The plan's defaults are vLLM's own behaviour; the harness sets what its machine needs
+    (smoke.MACHINE_SETTINGS), so the launch environment is the recorded one. TP=1 gains only
+    VLLM_ALLREDUCE_USE_SYMM_MEM=0 (the recorded TP=1 runs had the other three as extra_env; one
+    GPU has no all-reduce)."""
+    launch = smoke.render_launch(str(TINY_FIXTURE), "/tmp/vroot", run["tp"], run["expert_parallel"] or None,
+                                 run["data_dir"], 8100, "k" * 32, run["gpus"])
+    want = dict(run["env_from_toolkit"])
+    if run["tp"] == 1:
+        want["VLLM_ALLREDUCE_USE_SYMM_MEM"] = "0"
+    assert launch["env"] == want
+    assert launch["argv"][3:] == run["argv"][3:]

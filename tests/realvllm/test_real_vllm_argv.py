@@ -83,6 +83,8 @@ def variant_options(profile: str) -> dict[str, dict[str, Any]]:
                                      "block_size": 16, "max_model_len": 8192, "gpu_memory_utilization": 0.85},
         "batch-limits+port": {"max_num_seqs": 64, "max_num_batched_tokens": 4096, "port": 9000, "host": "0.0.0.0",
                               "served_model_name": "custom-name"},
+        # vllm_nvlink_multicast / vllm_flashinfer_sampler = False: the env variables they add must be ones vLLM reads.
+        "multicast-off+pytorch-sampler": {"nvlink_multicast": False, "flashinfer_sampler": False},
     }
     for parser in load_profile(profile).reasoning_parsers:
         out[f"reasoning={parser}"] = {"reasoning_parser": parser}
@@ -156,8 +158,7 @@ def negative_cases() -> list[Case]:
     argv, env = ref.argv, ref.env
     typo = [("--tensor-paralel-size" if a == "--tensor-parallel-size" else a) for a in argv]
     assert typo != argv
-    bad_env = {("VLLM_USE_FLASHINFER_SAMPLR" if k == "VLLM_USE_FLASHINFER_SAMPLER" else k): v for k, v in env.items()}
-    assert bad_env != env
+    bad_env = {**env, "VLLM_USE_FLASHINFER_SAMPLR": "0"}  # a misspelt vLLM variable (the plan's default env lacks the real one)
     return [
         Case("neg/typo-flag", typo, env),
         Case("neg/unknown-reasoning-parser", replace_value(argv, "--reasoning-parser", "minimax_m9_think"), env),

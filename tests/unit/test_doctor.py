@@ -51,7 +51,7 @@ CASES = {
         ["cuda_out_of_memory", "engine_core_init_failed"], {"vllm_gpu_memory_utilization": 0.85}, "failed"),
     "v025_flashinfer_missing.log": (
         ["missing_module", "engine_core_init_failed"],
-        {"vllm_extra_env": {"VLLM_USE_FLASHINFER_SAMPLER": "0"}}, "failed"),
+        {"vllm_flashinfer_sampler": False}, "failed"),
     "v025_fp8_marlin_healthy.log": (["fp8_weight_only_marlin"], {}, "healthy"),
     "restart_then_healthy.log": ([], None, "healthy"),
     "unknown_nccl_failure.log": (["engine_core_init_failed"], {}, "unknown"),

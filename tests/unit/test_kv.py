@@ -96,7 +96,7 @@ def test_check_enough_returns_vllm_message() -> None:
     assert kv.check_enough_kv_cache_memory(minimax_layout(4), 12_482_248_703, 196_608, 8192) is not None
 
 
-# Measured on H200 with vLLM 0.25 (gpu/NOTES.md): "Available KV cache memory" and
+# Measured on H200 with vLLM 0.25 (docs/gpu-validation.md): "Available KV cache memory" and
 # "GPU KV cache size" for the tiny model, max_model_len 8192.
 MEASURED = [
     (1, "69.41", 72_778_368),  # default, cold

@@ -148,7 +148,7 @@ def test_hardware_from_facts() -> None:
 
 
 def test_tiny_model_kv_cache_memory_bytes_like_the_h200_run() -> None:
-    # NOTES.md: --kv-cache-memory-bytes 8589934592 -> "GPU KV cache size: 8,388,608 tokens".
+    # docs/gpu-validation.md: --kv-cache-memory-bytes 8589934592 -> "GPU KV cache size: 8,388,608 tokens".
     plan = make_plan(TINY, "1xH200", PlanOptions(max_model_len=8192, kv_cache_memory_bytes=8_589_934_592))
     assert plan.kv_capacity_tokens == 8_388_608
     assert plan.memory_per_gpu.available_is_exact
@@ -182,11 +182,45 @@ def test_argv_env_and_no_secrets() -> None:
     assert plan.argv[plan.argv.index("--reasoning-parser") + 1] == "minimax_m2_append_think"
     assert plan.argv[plan.argv.index("--tool-call-parser") + 1] == "minimax_m2"
     assert not any("api-key" in a for a in plan.argv)
-    assert plan.env["NCCL_NVLS_ENABLE"] == "0"
     assert "CUDA_VISIBLE_DEVICES" not in plan.env
-    assert "NCCL_NVLS_ENABLE" not in make_plan(TINY, "1xH200").env
     with pytest.raises(PlanError, match="--api-key must not travel in argv"):
         options_from(extra_args=("--api-key=sk-123",))
+
+
+MULTICAST_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                  "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+
+
+@pytest.mark.parametrize("hardware", ["1xH200", "2xH200", "8xH200", "4xA800-80G"])
+def test_default_env_leaves_multicast_and_sampler_to_vllm(hardware: str) -> None:
+    # Nothing of the GPU test machine in what users get: by default vLLM, NCCL, PyTorch and NVSHMEM
+    # keep their own choices (NVLink multicast where the fabric has it, vLLM's sampler).
+    plan = make_plan(TINY, hardware)
+    assert plan.env == {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+    assert set(plan.env_reasons) == set(plan.env)
+
+
+@pytest.mark.parametrize("hardware", ["1xH200", "2xH200"])
+def test_multicast_off_sets_the_four_variables_with_the_setting_as_reason(hardware: str) -> None:
+    plan = make_plan(TINY, hardware, PlanOptions(nvlink_multicast=False))
+    assert {k: plan.env[k] for k in MULTICAST_VARS} == MULTICAST_VARS
+    assert "VLLM_USE_FLASHINFER_SAMPLER" not in plan.env
+    for key in MULTICAST_VARS:
+        assert plan.env_reasons[key].startswith("vllm_nvlink_multicast = False: ")
+
+
+def test_flashinfer_sampler_off_sets_the_variable_with_the_setting_as_reason() -> None:
+    plan = make_plan(TINY, "2xH200", PlanOptions(flashinfer_sampler=False))
+    assert plan.env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+    assert plan.env_reasons["VLLM_USE_FLASHINFER_SAMPLER"].startswith("vllm_flashinfer_sampler = False: ")
+    assert not set(MULTICAST_VARS) & set(plan.env)
+
+
+def test_env_reasons_name_no_file_outside_the_repository() -> None:
+    plan = make_plan(TINY, "2xH200", PlanOptions(nvlink_multicast=False, flashinfer_sampler=False))
+    assert set(plan.env_reasons) == set(plan.env)
+    for reason in plan.env_reasons.values():
+        assert "NOTES.md" not in reason and "KINDS.md" not in reason and "../" not in reason, reason
 
 
 def test_reasoning_parser_choice() -> None:

@@ -175,3 +175,35 @@ def test_a_local_model_dir_runs_offline_and_a_repo_id_does_not():
     assert service_environment(s, local)["HF_HUB_OFFLINE"] == "1"
     hub = make_plan("minimax-m2", "4xH200", s.plan_options())
     assert "HF_HUB_OFFLINE" not in service_environment(s, hub)
+
+
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                 "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+
+
+def _environment(unit: str) -> dict[str, str]:
+    return dict(v.strip('"').split("=", 1) for v in _directives(unit)["Environment"])
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_default_unit_leaves_nvlink_multicast_and_the_sampler_to_vllm(gpus):
+    settings = Settings(model=TINY, api_key=KEY, gpus=list(range(gpus)))
+    plan = make_plan(settings.model, f"{gpus}xH200", settings.plan_options("/var/lib/vllm-fleet/models/tiny-minimax-m2"))
+    env = _environment(render(settings, plan, VENV).unit)
+    assert not set(MULTICAST_OFF) & set(env)
+    assert "VLLM_USE_FLASHINFER_SAMPLER" not in env
+
+
+def test_settings_switch_nvlink_multicast_and_the_flashinfer_sampler_off_in_the_unit():
+    _, _, files = _render(nvlink_multicast=False, flashinfer_sampler=False)
+    env = _environment(files.unit)
+    assert {k: env[k] for k in MULTICAST_OFF} == MULTICAST_OFF
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+
+
+def test_extra_env_sets_other_variables_and_wins_over_the_plans():
+    # vllm_extra_env is the way to set any other variable (or one of the four alone); it comes last.
+    _, _, files = _render(flashinfer_sampler=False, extra_env={"VLLM_USE_FLASHINFER_SAMPLER": "1", "NCCL_NVLS_ENABLE": "0"})
+    env = _environment(files.unit)
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "1" and env["NCCL_NVLS_ENABLE"] == "0"
+    assert "TORCH_SYMM_MEM_DISABLE_MULTICAST" not in env

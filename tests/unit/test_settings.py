@@ -142,3 +142,22 @@ def test_group_data_all_has_a_comment_on_every_setting_line():
     for line in (ROOT / "group_data" / "all.py").read_text().splitlines():
         if line.startswith(PREFIX):
             assert "  # " in line, line
+
+
+def test_nvlink_multicast_and_flashinfer_sampler_default_to_vllms_own_behaviour():
+    s = load_settings({})
+    assert s.nvlink_multicast is True and s.flashinfer_sampler is True
+    options = s.plan_options()
+    assert options.nvlink_multicast is True and options.flashinfer_sampler is True
+
+
+def test_nvlink_multicast_and_flashinfer_sampler_reach_the_plan_options():
+    options = load_settings({"vllm_nvlink_multicast": False, "vllm_flashinfer_sampler": False}).plan_options()
+    assert options.nvlink_multicast is False and options.flashinfer_sampler is False
+
+
+@pytest.mark.parametrize("key", ["vllm_nvlink_multicast", "vllm_flashinfer_sampler"])
+def test_nvlink_multicast_and_flashinfer_sampler_are_booleans(key):
+    with pytest.raises(SettingsError) as exc:
+        load_settings({key: "sometimes"}, host="gpu01")
+    assert key in str(exc.value) and "valid boolean" in str(exc.value)

@@ -1,6 +1,6 @@
 """HTTP side of the vLLM TEST DOUBLE: /health, /version, /v1/models, chat and text completions.
 
-Shapes follow vLLM 0.25's OpenAI server as recorded on an H200 (NOTES.md):
+Shapes follow vLLM 0.25's OpenAI server as recorded on an H200 (docs/gpu-validation.md):
 401 `{"error": "Unauthorized"}` on /v1/* without the right Bearer key,
 /health 200 with an empty body, chat content starting with `<think>` under
 the minimax_m2_append_think reasoning parser, SSE streams ending with
