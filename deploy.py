@@ -10,8 +10,12 @@ or a bad host ends the run with one message and nothing changed.
 
 from pyinfra import host
 
-from roles import preflight, python_env, service, service_user, weights
-from roles.common import abort
+from vllm_fleet.account import step as service_user
+from vllm_fleet.preflight import step as preflight
+from vllm_fleet.pyenv import step as python_env
+from vllm_fleet.service import step as service
+from vllm_fleet.weights import step as weights
+from vllm_fleet.hostops.abort import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
 

@@ -4,13 +4,13 @@
     pyinfra inventory/prod.py uninstall.py --data vllm_purge_venvs=True  # + the venvs under base_dir
     pyinfra inventory/prod.py uninstall.py --data vllm_purge_weights=True  # + weights and caches under data_dir
 
-The service user and the directories stay (roles/service_user.py owns them).
+The service user and the directories stay (vllm_fleet/account/step.py owns them).
 """
 
 from pyinfra import host
 
-from roles import service
-from roles.common import abort
+from vllm_fleet.service import step as service
+from vllm_fleet.hostops.abort import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
 

@@ -253,7 +253,7 @@ class Settings(BaseModel):
     @field_validator("torch_backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        from vllm_fleet.stack import KNOWN_BACKENDS
+        from vllm_fleet.pyenv.stack import KNOWN_BACKENDS
 
         if v != "auto" and v not in KNOWN_BACKENDS:
             raise ValueError(f"is not a torch backend|use auto (from the driver's CUDA) or one of {', '.join(KNOWN_BACKENDS)}")
@@ -349,7 +349,7 @@ class Settings(BaseModel):
 
     def plan_options(self, model_path: str | None = None):
         """The planner's options for this host (the planner decides every vLLM flag)."""
-        from vllm_fleet.plan import PlanOptions
+        from vllm_fleet.planner.plan import PlanOptions
 
         return PlanOptions(
             tensor_parallel_size=self.tensor_parallel_size,
@@ -447,7 +447,7 @@ def load_settings(data: Mapping[str, Any], host: str | None = None) -> Settings:
 def _model_problems(settings: Settings) -> list[Problem]:
     """The model must name a profile in models/ or a directory holding config.json."""
     from vllm_fleet.errors import FleetError
-    from vllm_fleet.modelinfo import load_profile
+    from vllm_fleet.planner.modelinfo import load_profile
 
     try:
         load_profile(settings.model)

@@ -6,8 +6,10 @@ weights tests independent of them and quick.
 
 from pyinfra import host
 
-from roles import preflight, service_user, weights
-from roles.common import abort
+from vllm_fleet.account import step as service_user
+from vllm_fleet.preflight import step as preflight
+from vllm_fleet.weights import step as weights
+from vllm_fleet.hostops.abort import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
 

@@ -67,7 +67,7 @@ def test_a_drifted_host_is_repaired_and_only_it_changes(test_hosts):
     host_exec("fleet-c", ["sh", "-c", f"echo corrupt >> {model}/config.json && touch {model}/stray.bin"])
     result = run_pyinfra(["deploy.py"])
     changes = changed_ops(result)
-    # fleet-c: the weights were repaired, so its service is restarted and gated (roles/service.py): 2 operations
+    # fleet-c: the weights were repaired, so its service is restarted and gated (vllm_fleet/service/step.py): 2 operations
     assert changes == {"@docker/fleet-a": 0, "@docker/fleet-b": 1, "fleet-c": 2}, result.output
     assert host_exec("fleet-b", ["stat", "-c", "%a", "/etc/vllm-fleet"]).stdout.strip() == "750"
     local = (REPO / "tests/fixtures/tiny-minimax-m2/config.json").read_text()

@@ -1,4 +1,4 @@
-"""The Python stack (roles/python_env.py) end to end: real pyinfra, real uv venvs, real torch CPU wheel, vLLM double.
+"""The Python stack (vllm_fleet/pyenv/step.py) end to end: real pyinfra, real uv venvs, real torch CPU wheel, vLLM double.
 
 Hosts install from the local wheelhouse (tests/e2e/wheelhouse.py): pushed to
 the host and installed with --no-index (group_data/ci.py; fleet-c gets it over

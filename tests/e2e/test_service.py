@@ -107,7 +107,7 @@ def test_a_second_run_changes_and_restarts_nothing(first):
 def test_render_cli_writes_the_installed_files(first, tmp_path):
     unit = _unit("fleet-a")
     venv = re.search(r"^ExecStart=(\S+)/bin/vllm ", unit, re.M).group(1)
-    subprocess.run([sys.executable, "-m", "vllm_fleet.cli", "render", "--model", "tests/fixtures/tiny-minimax-m2",
+    subprocess.run([sys.executable, "-m", "vllm_fleet.cli.main", "render", "--model", "tests/fixtures/tiny-minimax-m2",
                     "--gpus", "4xA800-80G", "--gpu-indices", "0,1,2,3", "--port", "8101", "--gpu-memory-utilization", "0.5",
                     "--restart-sec", "2", "--venv", venv, "--out", str(tmp_path)],
                    cwd=REPO, check=True, env={"VLLM_FLEET_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
@@ -187,7 +187,7 @@ def test_an_engine_crash_is_restarted_by_systemd(first):
 
 
 def test_fleet_status_shows_every_host(first):
-    proc = subprocess.run([sys.executable, "-m", "vllm_fleet.cli", "status", "inventory/ci.py", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "vllm_fleet.cli.main", "status", "inventory/ci.py", "--json"],
                           cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     rows = {r["host"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert set(rows) == set(HOSTS), proc.stdout + proc.stderr
@@ -199,7 +199,7 @@ def test_fleet_status_shows_every_host(first):
         assert len(row["gpus"]) == gpus[host] and row["last_gate"]["ok"] is True
     assert rows["fleet-c"]["gpus"][1]["used_mib"] == 32768
     assert proc.returncode == 0
-    table = subprocess.run([sys.executable, "-m", "vllm_fleet.cli", "status", "inventory/ci.py"], cwd=REPO,
+    table = subprocess.run([sys.executable, "-m", "vllm_fleet.cli.main", "status", "inventory/ci.py"], cwd=REPO,
                            capture_output=True, text=True).stdout
     assert all(h in table for h in HOSTS) and "restarts" in table
 
@@ -215,7 +215,7 @@ def test_the_key_never_leaks(first, tmp_path):
     for name, text in outputs.items():
         for key in (KEY, other):
             assert key not in text, f"the API key is in the pyinfra output of {name}"
-    subprocess.run([sys.executable, "-m", "vllm_fleet.cli", "render", "--model", "tests/fixtures/tiny-minimax-m2",
+    subprocess.run([sys.executable, "-m", "vllm_fleet.cli.main", "render", "--model", "tests/fixtures/tiny-minimax-m2",
                     "--gpus", "2xH200", "--out", str(tmp_path)], cwd=REPO, check=True, env={"VLLM_FLEET_API_KEY": KEY, "PATH": "/usr/bin:/bin"})
     assert all(KEY not in p.read_text() for p in tmp_path.iterdir())
     for container, _ in HOSTS.values():

@@ -2,7 +2,7 @@
 
 Weights come from the local HF-compatible mirror (tests/hfmirror, on 127.0.0.1,
 shared with the hosts through --network host) through the fetch unit; the
-service (roles/service.py) must start on exactly the snapshot directory and
+service (vllm_fleet/service/step.py) must start on exactly the snapshot directory and
 pass its health gate. Isolated from the other e2e tests on the same host by its
 own data dir, service name and port. The data dir is a tmpfs sized so that it
 holds the weights once but not twice: the rerun proves that the planning-time
@@ -44,8 +44,8 @@ TIMES: dict[str, float] = {}
 
 def _planned_weights_bytes() -> int:
     """What the planner says the CI model's weights take (what preflight asks free disk for)."""
-    from vllm_fleet.hardware import Hardware
-    from vllm_fleet.plan import make_plan
+    from vllm_fleet.planner.hardware import Hardware
+    from vllm_fleet.planner.plan import make_plan
     from vllm_fleet.settings import load_settings
 
     s = load_settings({"vllm_model": "tests/fixtures/tiny-minimax-m2", "vllm_gpu_memory_utilization": 0.5})

@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vllm_fleet import kv  # noqa: E402
-from vllm_fleet.hardware import GiB, Hardware  # noqa: E402
-from vllm_fleet.plan import Plan, make_plan  # noqa: E402
+from vllm_fleet.planner import kv  # noqa: E402
+from vllm_fleet.planner.hardware import GiB, Hardware  # noqa: E402
+from vllm_fleet.planner.plan import Plan, make_plan  # noqa: E402
 
 SERVED_NAME = "minimax-m2"
 REASONING_PARSER = "minimax_m2_append_think"
@@ -150,13 +150,13 @@ def gpu_memory_used() -> list[int]:
 
 def render_launch(model: str, venv: str, tp: int, ep: bool | None, data_dir: str, port: int, api_key: str,
                   facts: list[dict]) -> dict:
-    """Plan and render the launch through the toolkit, as roles/preflight.py and the service role do."""
+    """Plan and render the launch through the toolkit, as vllm_fleet/preflight/step.py and the service role do."""
     gpus = list(range(tp))
     hardware = Hardware.from_facts([facts[i] for i in gpus])
     extra_env = dict(MACHINE_EXTRA_ENV)
     result: dict = {"gpus": gpus}
     try:
-        from vllm_fleet.render import exec_argv, render, service_environment
+        from vllm_fleet.service.render import exec_argv, render, service_environment
         from vllm_fleet.settings import Settings
 
         settings = Settings(
@@ -171,9 +171,9 @@ def render_launch(model: str, venv: str, tp: int, ep: bool | None, data_dir: str
         env_file = parse_env_file(rendered.env)
         argv = exec_argv(plan, venv)
         shown = render(settings, plan, venv, show_secrets=False)
-        result.update(rendered_by="vllm_fleet.render", unit=shown.unit, env_file_shown=shown.env)
+        result.update(rendered_by="vllm_fleet.service.render", unit=shown.unit, env_file_shown=shown.env)
     except ImportError as exc:  # render.py not there: the plan's own argv and env
-        from vllm_fleet.plan import PlanOptions
+        from vllm_fleet.planner.plan import PlanOptions
 
         plan = make_plan(model, hardware, PlanOptions(
             tensor_parallel_size=tp, enable_expert_parallel=ep, gpu_memory_utilization=0.5, port=port,

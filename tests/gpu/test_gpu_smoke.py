@@ -25,10 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import smoke  # noqa: E402
 
-from vllm_fleet import kv  # noqa: E402
-from vllm_fleet.hardware import GiB, parse_gpu_spec  # noqa: E402
-from vllm_fleet.modelinfo import load_profile  # noqa: E402
-from vllm_fleet.plan import PlanOptions, make_plan  # noqa: E402
+from vllm_fleet.planner import kv  # noqa: E402
+from vllm_fleet.planner.hardware import GiB, parse_gpu_spec  # noqa: E402
+from vllm_fleet.planner.modelinfo import load_profile  # noqa: E402
+from vllm_fleet.planner.plan import PlanOptions, make_plan  # noqa: E402
 
 RESULTS = HERE / "results"
 TINY_FIXTURE = HERE.parent / "fixtures" / "tiny-minimax-m2"
@@ -60,7 +60,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _check_run(res: dict) -> None:
     assert res["healthy"], f"vLLM did not become healthy; see {res['label']}.log"
-    assert res["rendered_by"] == "vllm_fleet.render"
+    assert res["rendered_by"] == "vllm_fleet.service.render"
     assert "--api-key" not in res["argv"] and not any(os.environ["VLLM_API_KEY"] in w for w in res["argv"])
     s = res["api"]["summary"]
     assert (s["health"], s["models_with_key"], s["models_no_key"], s["models_wrong_key"]) == (200, 200, 401, 401)

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e.wheelhouse import CACHE, TARGET, _pip
-from vllm_fleet.weights import HF_HUB_REQUIREMENT, MODELSCOPE_REQUIREMENTS
+from vllm_fleet.weights.source import HF_HUB_REQUIREMENT, MODELSCOPE_REQUIREMENTS
 
 
 def build(modelscope: bool = False) -> Path:

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from vllm_fleet.modelinfo import list_profiles, load_profile
-from vllm_fleet.plan import Plan, PlanOptions, make_plan
+from vllm_fleet.planner.modelinfo import list_profiles, load_profile
+from vllm_fleet.planner.plan import Plan, PlanOptions, make_plan
 from vllm_fleet.versions import VLLM_VERSION
 
 HERE = Path(__file__).resolve().parent

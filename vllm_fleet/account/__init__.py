@@ -1,0 +1,1 @@
+"""The service account and the toolkit's directories on a host."""

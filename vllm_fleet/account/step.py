@@ -1,0 +1,43 @@
+"""The unprivileged service user and the directories the service uses.
+
+Layout on the host (modes chosen so the service can read its code but not
+change it, and nobody else can read its data or secrets):
+
+    {base_dir}            root:root     0755  toolkit programs
+    {base_dir}/venvs      root:root     0755  one venv per vLLM version (read-only to the service)
+    {base_dir}/bin        root:root     0755  the health-gate program
+    {base_dir}/state      root:root     0755  gate results and markers
+    {data_dir}            user:user     0750  the service's home
+    {data_dir}/models     user:user     0750  weights
+    {data_dir}/cache      user:user     0750  HF / vLLM compile caches
+    /etc/vllm-fleet       root:user     0750  env files (secrets at 0640 root:user)
+"""
+
+from __future__ import annotations
+
+from pyinfra.api import deploy
+
+from vllm_fleet.hostops.operations import Dir, directories, system_account
+from vllm_fleet.settings import Settings
+
+CONFIG_DIR = "/etc/vllm-fleet"
+
+
+@deploy("Service user and directories")
+def apply(settings: Settings):
+    user = settings.service_user
+    system_account(name=f"Ensure the {user} system user and group exist (no login shell)",
+                   account=user, home=settings.data_dir)
+    directories(
+        name="Ensure the toolkit's directories exist with their owners and modes",
+        dirs=[
+            Dir(settings.base_dir, "root", "root", "755"),
+            Dir(f"{settings.base_dir}/venvs", "root", "root", "755"),
+            Dir(f"{settings.base_dir}/bin", "root", "root", "755"),
+            Dir(f"{settings.base_dir}/state", "root", "root", "755"),
+            Dir(settings.data_dir, user, user, "750"),
+            Dir(f"{settings.data_dir}/models", user, user, "750"),
+            Dir(f"{settings.data_dir}/cache", user, user, "750"),
+            Dir(CONFIG_DIR, "root", user, "750"),
+        ],
+    )

@@ -1,0 +1,1 @@
+"""The `vllm-fleet` command: one module per subcommand, each imported only when it runs."""

@@ -1,0 +1,252 @@
+"""`vllm-fleet plan`: print a plan without touching a host.
+
+    vllm-fleet plan --model minimax-m2 --gpus 4xA800-80G --max-model-len 131072
+    vllm-fleet plan --model minimax-m2 --gpus 8xH200 --json
+
+Output is as wide as the terminal (rich detects it; COLUMNS, or 80 when not a
+terminal). An undeployable plan prints its errors and remedies and no launch
+command; with --json its "argv" is null.
+Exit codes: 0 plan is deployable, 1 plan has errors (printed), 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shlex
+from typing import Any
+
+from rich.cells import cell_len
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from vllm_fleet.planner.hardware import GiB
+from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
+from vllm_fleet.planner.modelinfo import list_profiles
+from vllm_fleet.planner.plan import Plan, make_plan, options_from
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `plan` on the `vllm-fleet` parser."""
+    p = subparsers.add_parser(
+        "plan",
+        help="show layout, memory per GPU, max length and flags for a model on GPUs",
+        description="Plan a vLLM deployment without touching a host. Options mirror vLLM's flags.",
+    )
+    p.add_argument("--model", required=True, help=f"profile ({', '.join(list_profiles())}), model dir or config.json")
+    p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G, 8xH200, 2xH100-80G")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: all GPUs / (PP x DP)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int)
+    p.add_argument("--data-parallel-size", "-dp", type=int)
+    ep = p.add_mutually_exclusive_group()
+    ep.add_argument("--enable-expert-parallel", dest="enable_expert_parallel", action="store_true", default=None)
+    ep.add_argument("--no-enable-expert-parallel", dest="enable_expert_parallel", action="store_false")
+    p.add_argument("--max-model-len", help="tokens, or 'auto' (the largest that fits; default)")
+    dtypes = [*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES]
+    p.add_argument("--kv-cache-dtype", choices=dtypes, help="default auto (the model dtype)")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--kv-cache-memory-bytes", type=int, help="fixed KV bytes per GPU (vLLM semantics)")
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--reasoning-parser")
+    p.add_argument("--cudagraph-piecewise", action="store_true", default=None,
+                   help="known-issue switch: --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}'")
+    p.add_argument("--enforce-eager", action="store_true", default=None)
+    p.add_argument("--vllm-version")
+    p.add_argument("--port", type=int)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build and print the plan; 0 when deployable, 1 when it has errors."""
+    max_len = args.max_model_len
+    if max_len is not None and max_len != "auto":
+        max_len = int(max_len) if max_len.isdigit() else max_len
+    options = options_from(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        max_model_len=max_len,
+        kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        reasoning_parser=args.reasoning_parser,
+        cudagraph_piecewise=args.cudagraph_piecewise,
+        enforce_eager=args.enforce_eager,
+        vllm_version=args.vllm_version,
+        port=args.port,
+    )
+    plan = make_plan(args.model, args.gpus, options)
+    print(json.dumps(document(plan), indent=2) if args.json else render(plan), end="" if not args.json else "\n")
+    return 0 if plan.ok else 1
+
+
+def document(plan: Plan) -> dict[str, Any]:
+    """The `--json` document: `Plan.to_dict`, with "argv" null when the plan has errors.
+
+    The key stays (the document's keys are stable); a null argv says there is no
+    command to launch, as the text output prints none.
+    """
+    doc = plan.to_dict()
+    if not plan.ok:
+        doc["argv"] = None
+    return doc
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def _table(title: str, *columns: str | tuple[str, int], header: bool = True) -> Table:
+    """A left-titled table whose cells fold, so that it fits any terminal width.
+
+    A column given as ``(name, ratio)`` shares the room by ratio when the table is
+    wider than the terminal (`_print`); the others keep their natural width.
+    """
+    t = Table(title=title, title_justify="left", show_header=header)
+    for column in columns:
+        name, ratio = column if isinstance(column, tuple) else (column, None)
+        t.add_column(name if header else "", overflow="fold", ratio=ratio)
+    return t
+
+
+def _share(room: int, natural: list[int], ratios: list[int | None]) -> list[int]:
+    """Column widths summing to ``room``: by ratio, yet no column wider than it needs.
+
+    A column without a ratio keeps its natural width. A column whose share exceeds
+    its natural width gets that width, and what it leaves goes to the others by
+    ratio (rich's own ratio split, with ``expand``, would give it all of its share).
+    """
+    widths = [n if r is None else 0 for n, r in zip(natural, ratios)]
+    left = room - sum(widths)
+    weight = {i: r for i, r in enumerate(ratios) if r}
+    while weight:
+        total = sum(weight.values())
+        capped = [i for i, r in weight.items() if natural[i] * total <= left * r]
+        if not capped:
+            for i, r in weight.items():  # as rich's ratio_distribute: rounded up, the last takes the rest
+                widths[i] = max(1, math.ceil(left * r / total))
+                total -= r
+                left -= widths[i]
+            break
+        for i in capped:
+            widths[i] = natural[i]
+            left -= natural[i]
+            del weight[i]
+    return widths
+
+
+def _print(console: Console, table: Table) -> None:
+    """Print ``table``; wider than the console, its ratio columns share the room (`_share`).
+
+    Left to itself rich narrows the widest columns first, so that on an 80-column
+    terminal a column of prose ends no wider than the identifiers beside it.
+    """
+    ratios = [c.ratio for c in table.columns]
+    if any(ratios):
+        wide = console.options.update_width(10**6)
+        natural = [max(Measurement.get(console, wide, cell).maximum for cell in (c.header, *c.cells))
+                   for c in table.columns]
+        room = console.width - (console.measure(table, options=wide).maximum - sum(natural))
+        if sum(natural) > room:
+            for column, width in zip(table.columns, _share(room, natural, ratios)):
+                column.width = width
+    console.print(table)
+
+
+def command_lines(argv: list[str], width: int) -> list[str]:
+    """``command: ...`` as lines no wider than ``width`` where the words allow.
+
+    One line when it fits; else the `vllm serve MODEL` head and the flags, each with
+    its value, packed onto lines ending in `` \\``, so that the text still pastes
+    into a shell as one command. A flag never parts from its value; a pair wider
+    than ``width`` overflows on a line of its own.
+    """
+    groups: list[list[str]] = []
+    for word in argv:
+        if groups and not word.startswith("--"):
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    texts = [shlex.join(g) for g in groups]
+    lines = ["command: " + texts[0]]
+    for i, text in enumerate(texts[1:], start=2):
+        marker = 2 if i < len(texts) else 0  # room for " \\" unless this is the last pair
+        if cell_len(lines[-1]) + 1 + cell_len(text) + marker <= width:
+            lines[-1] += " " + text
+        else:
+            lines[-1] += " \\"
+            lines.append("    " + text)
+    return lines
+
+
+def render(plan: Plan) -> str:
+    """The human plan: no colour, as wide as the terminal (rich: COLUMNS, else 80 off a terminal).
+
+    The text is golden-tested at a width the tests set through COLUMNS. A plan with
+    errors shows them with their remedies and no launch command.
+    """
+    out = io.StringIO()
+    console = Console(file=out, color_system=None, force_terminal=False, no_color=True)
+    lay, mem = plan.layout, plan.memory_per_gpu
+    console.print(f"Plan: {plan.model} on {plan.hardware}, vLLM {plan.vllm_version}")
+
+    t = _table("Layout", "what", "value", header=False)
+    t.add_row("GPUs used", f"{lay.world_size} of {plan.gpu_count}")
+    sizes = f"{lay.tensor_parallel_size} / {lay.pipeline_parallel_size} / {lay.data_parallel_size}"
+    t.add_row("tensor / pipeline / data parallel", sizes)
+    t.add_row("expert parallel", "yes" if lay.expert_parallel else "no")
+    t.add_row("attention", plan.attention)
+    _print(console, t)
+
+    m = _table("Memory per GPU", "what", "value", header=False)
+    o = mem.overhead
+    m.add_row("total (as CUDA reports)", _gib(mem.total))
+    m.add_row("requested (x gpu_memory_utilization)", _gib(mem.requested))
+    m.add_row("weights", _gib(mem.weights))
+    m.add_row("overhead", f"{_gib(o.total)} = non-torch {_gib(o.non_torch)} (measured) + activations "
+              f"{_gib(o.activations)} + CUDA graphs {_gib(o.cuda_graphs)} + margin {_gib(o.margin)} (estimates)")
+    m.add_row("available for KV cache", _gib(mem.available_for_kv) + (" (fixed)" if mem.available_is_exact else " (predicted)"))
+    kv_note = f"kv-cache-dtype {plan.kv_cache_dtype}, block {plan.block_size}"
+    m.add_row("KV for max-model-len", f"{_gib(mem.kv_for_max_len)} ({kv_note})")
+    m.add_row("KV bytes per token", f"{plan.kv_cache_bytes_per_token_per_gpu:,}")
+    m.add_row("KV capacity", f"{plan.kv_capacity_tokens:,} tokens")
+    _print(console, m)
+
+    s = _table("Context", "what", "value", header=False)
+    s.add_row("max-model-len", f"{plan.max_model_len:,} ({plan.max_model_len_source})")
+    s.add_row("largest that fits", f"{plan.max_model_len_that_fits:,}")
+    s.add_row("model maximum", f"{plan.model_max_len:,}")
+    _print(console, s)
+
+    f = _table("Flags", ("flag", 5), ("value", 3), ("why", 6))
+    for flag in plan.flags:
+        f.add_row(flag.name, flag.value or "", flag.reason)
+    for key, value in plan.env.items():
+        f.add_row(f"env {key}", value, plan.env_reasons.get(key, ""))
+    _print(console, f)
+
+    if plan.errors or plan.warnings:
+        w = _table("Findings", "level", ("code", 1), ("message / remedy", 2))
+        for level, items in (("ERROR", plan.errors), ("warning", plan.warnings)):
+            for item in items:
+                w.add_row(level, item.code, f"{item.message}\nremedy: {item.remedy}")
+        _print(console, w)
+    if plan.ok:
+        for line in command_lines(plan.argv, console.width):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print("verdict: deployable")
+    else:
+        console.print(f"verdict: NOT deployable ({len(plan.errors)} error(s)); no launch command, see the remedies",
+                      markup=False, highlight=False)
+    return out.getvalue()

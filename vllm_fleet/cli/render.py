@@ -1,0 +1,88 @@
+"""`vllm-fleet render`: write the unit and env file a deploy would install, without a host.
+
+    vllm-fleet render --model minimax-m2 --gpus 4xA800-80G --out /tmp/vllm-files
+    vllm-fleet render --model tests/fixtures/tiny-minimax-m2 --gpus 2xH200 --gpu-indices 0,1 --port 8101 --out out/
+
+Writes OUT/<service>.service and OUT/<service>.env (secrets replaced by a
+placeholder; a secret line is present when VLLM_FLEET_API_KEY /
+VLLM_FLEET_HF_TOKEN are set, as on a deploy). The text is what
+vllm_fleet/service/step.py installs for the same settings, byte for byte.
+Exit codes: 0 written, 1 the plan has errors (nothing written), 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from vllm_fleet.errors import FleetError
+from vllm_fleet.planner.plan import make_plan
+from vllm_fleet.service.render import render
+from vllm_fleet.settings import load_settings
+from vllm_fleet.versions import VLLM_VERSION
+
+# CLI option -> setting (host-data key without vllm_)
+_OPTIONS = {
+    "tensor_parallel_size": int, "pipeline_parallel_size": int, "data_parallel_size": int,
+    "max_model_len": str, "kv_cache_dtype": str, "block_size": int, "gpu_memory_utilization": float,
+    "kv_cache_memory_bytes": int, "max_num_seqs": int, "max_num_batched_tokens": int, "reasoning_parser": str,
+    "served_model_name": str, "bind_host": str, "port": int, "service_name": str, "service_user": str,
+    "base_dir": str, "data_dir": str, "version": str, "restart_sec": int,
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `render` subcommand."""
+    p = subparsers.add_parser("render", help="write the systemd unit and env file a deploy installs (secrets masked)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="profile name or local model dir")
+    p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G")
+    p.add_argument("--gpu-indices", help="host GPU indices, e.g. 0,1,2,3 (vllm_gpus; default: all)")
+    for name, kind in _OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    p.add_argument("--enforce-eager", action="store_true", default=None)
+    p.add_argument("--cudagraph-piecewise", action="store_true", default=None)
+    p.add_argument("--venv", help=f"venv on the host (default: BASE_DIR/venvs/vllm-{VLLM_VERSION})")
+    p.add_argument("--systemd-version", type=int, default=252, help="the host's systemd (default 252, Debian 12)")
+    p.add_argument("--out", required=True, help="directory to write the files to")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, render, write; print the paths and where they go on a host."""
+    data: dict[str, object] = {"vllm_model": args.model}
+    for name, kind in _OPTIONS.items():
+        value = getattr(args, name)
+        if value is not None:
+            data["vllm_" + name] = int(value) if name == "max_model_len" and str(value).isdigit() else value
+    for flag in ("enforce_eager", "cudagraph_piecewise"):
+        if getattr(args, flag):
+            data["vllm_" + flag] = True
+    if args.gpu_indices:
+        try:
+            data["vllm_gpus"] = [int(i) for i in args.gpu_indices.split(",")]
+        except ValueError:
+            raise FleetError(f"--gpu-indices {args.gpu_indices!r} is not a comma-separated list of numbers") from None
+    placeholder = "x" * 16  # masked on output: only its presence matters
+    if os.environ.get("VLLM_FLEET_API_KEY"):
+        data["vllm_api_key"] = placeholder
+    if os.environ.get("VLLM_FLEET_HF_TOKEN"):
+        data["vllm_hf_token"] = placeholder
+    settings = load_settings(data)
+    local = Path(settings.model)
+    model_path = f"{settings.data_dir}/models/{local.resolve().name}" if local.is_dir() else None
+    plan = make_plan(settings.model, args.gpus, settings.plan_options(model_path))
+    if plan.errors:
+        for f in plan.errors:
+            print(f"plan error {f.code}: {f.message}; remedy: {f.remedy}")
+        return 1
+    venv = args.venv or f"{settings.base_dir}/venvs/vllm-{settings.version}"
+    files = render(settings, plan, venv, systemd_version=args.systemd_version, show_secrets=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for host_path, text in ((files.unit_path, files.unit), (files.env_path, files.env)):
+        target = out / Path(host_path).name
+        target.write_text(text)
+        print(f"{target}  (on the host: {host_path})")
+    return 0

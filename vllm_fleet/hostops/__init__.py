@@ -1,0 +1,1 @@
+"""One-fact pyinfra operations and facts shared by the steps (many paths, one round trip)."""

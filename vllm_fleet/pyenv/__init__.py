@@ -1,0 +1,1 @@
+"""The Python env: uv and one verified venv per vLLM version and torch backend (host program: hostprog.py)."""

@@ -1,0 +1,193 @@
+"""Render the vLLM unit and its env file from Settings + Plan: pure, the same text the deploy installs.
+
+    files = render(settings, plan, venv_path="/opt/vllm-fleet/venvs/vllm-0.25.0")
+    files.unit          # /etc/systemd/system/<service>.service
+    files.env           # /etc/vllm-fleet/<service>.env  (secrets)
+    render(..., show_secrets=False).env   # the same with placeholders, for display
+
+No host, no pyinfra: `vllm-fleet render` and vllm_fleet/service/step.py call this, so
+what a user inspects is byte for byte what the host gets (less the secrets).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from vllm_fleet.errors import FleetError
+from vllm_fleet.planner.plan import Plan
+from vllm_fleet.settings import Settings
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+CONFIG_DIR = "/etc/vllm-fleet"
+UNIT_DIR = "/etc/systemd/system"
+GiB = 1024**3
+
+# systemd 254 added RestartSteps= / RestartMaxDelaySec= (Debian 12 has 252, Ubuntu 22.04 249).
+RESTART_STEPS_MIN_SYSTEMD = 254
+# Devices vLLM needs, as /proc/devices group names (fnmatch): nvidia-frontend/nvidia (GPUs, nvidiactl),
+# nvidia-uvm (unified memory), nvidia-caps (MIG capabilities), nvidia-nvlink / nvidia-nvswitch (fabric).
+DEVICE_ALLOW = ("char-nvidia* rw",)
+START_BASE_S = 600  # imports, engine init, torch.compile, graph capture (92-145 s measured for a tiny model on H200) x margin
+START_S_PER_GIB = 6  # reading weights from a cold disk at about 170 MiB/s
+PLACEHOLDER = "<secret: set from {setting}, not shown>"
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+class RenderError(FleetError):
+    """A value that cannot be written into a unit or env file safely."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The files of one service: their text and where they go on the host."""
+
+    unit_path: str
+    unit: str
+    env_path: str
+    env: str
+
+
+def start_timeout_s(weights_bytes: int) -> int:
+    """TimeoutStartSec and the health gate's wait: a fixed start cost plus reading the weights."""
+    return START_BASE_S + START_S_PER_GIB * math.ceil(weights_bytes / GiB)
+
+
+def systemd_word(word: str) -> str:
+    """One ExecStart= word, quoted for systemd: `$` and `%` escaped, quotes/spaces inside double quotes."""
+    if any(c in word for c in "\n\r\x00"):
+        raise RenderError(f"argument {word!r} holds a line break or NUL, which a unit file cannot carry")
+    word = word.replace("%", "%%").replace("$", "$$")
+    if word and _SAFE_WORD.match(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_assignment(name: str, value: str) -> str:
+    """One Environment= value ("NAME=value", quoted, `%` escaped)."""
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise RenderError(f"environment name {name!r} is not a valid variable name")
+    if any(c in value for c in "\n\r\x00"):
+        raise RenderError(f"environment value of {name} holds a line break or NUL")
+    text = f"{name}={value}".replace("%", "%%").replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def env_file_value(name: str, value: str) -> str:
+    """A value for an EnvironmentFile line: double-quoted, backslash and quote escaped."""
+    if any(c in value for c in "\n\r\x00"):
+        raise RenderError(f"{name} holds a line break or NUL, which an EnvironmentFile cannot carry")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
+    """The service's non-secret environment: the plan's, GPUs, caches under data_dir, then extra_env."""
+    cache = f"{settings.data_dir}/cache"
+    env = dict(plan.env)
+    if settings.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices as nvidia-smi numbers them
+    env.update({
+        "HOME": settings.data_dir,
+        "XDG_CACHE_HOME": cache,
+        "VLLM_CACHE_ROOT": f"{cache}/vllm",
+        "HF_HOME": f"{cache}/huggingface",
+        "TRITON_CACHE_DIR": f"{cache}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
+    })
+    if plan.argv[2].startswith("/"):
+        # The weights are a directory on the host (the weights role put them there): vLLM needs
+        # no hub, and on air-gapped hosts a hub lookup only waits for timeouts (found on the
+        # GPU validation host, docs/gpu-validation.md).
+        env["HF_HUB_OFFLINE"] = "1"
+    env.update(settings.extra_env)
+    return env
+
+
+def exec_argv(plan: Plan, venv_path: str) -> list[str]:
+    """The plan's argv with the venv's vllm as the program."""
+    argv = plan.argv
+    if argv[:2] != ["vllm", "serve"]:
+        raise RenderError(f"the plan's argv starts {argv[:2]}, not ['vllm', 'serve']")
+    return [f"{venv_path.rstrip('/')}/bin/vllm", *argv[1:]]
+
+
+def _jinja() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: int | None = None,
+           show_secrets: bool = True) -> Rendered:
+    """The unit and env file of ``settings.service_name`` for ``plan`` served from ``venv_path``.
+
+    + systemd_version: the host's systemd (None: assume the oldest supported, 249); gates
+      directives newer systemd versions added.
+    + show_secrets: False replaces the API key and HF token by a placeholder (for display).
+    """
+    name = settings.service_name
+    unit_name = f"{name}.service"
+    env_path = f"{CONFIG_DIR}/{name}.env"
+    jinja = _jinja()
+    restart_steps = (systemd_version or 0) >= RESTART_STEPS_MIN_SYSTEMD
+    unit = jinja.get_template("vllm.service.j2").render(
+        unit_name=unit_name,
+        served_model_name=served_name(plan),
+        user=settings.service_user,
+        working_directory=settings.data_dir,
+        exec_start=" ".join(systemd_word(w) for w in exec_argv(plan, venv_path)),
+        environment=[systemd_assignment(k, v) for k, v in service_environment(settings, plan).items()],
+        env_file=env_path,
+        restart_sec=settings.restart_sec,
+        restart_steps=5 if restart_steps else 0,
+        restart_max_delay_s=300,
+        start_limit_interval_s=1800,
+        start_limit_burst=5,
+        weights_gib=f"{plan.weights_bytes / GiB:.1f}",
+        timeout_start_s=start_timeout_s(plan.weights_bytes),
+        timeout_stop_s=90,
+        limit_nofile=1048576,
+        read_write_paths=[f"{settings.data_dir}/cache"],
+        device_allow=DEVICE_ALLOW,
+    )
+    secrets = []
+    for var, setting, value in (("VLLM_API_KEY", "vllm_api_key", settings.api_key),
+                                ("HF_TOKEN", "vllm_hf_token", settings.hf_token)):
+        if value is None:
+            continue
+        shown = value.get_secret_value() if show_secrets else PLACEHOLDER.format(setting=setting)
+        secrets.append((var, env_file_value(var, shown)))
+    env = jinja.get_template("vllm.env.j2").render(env_file=env_path, unit_name=unit_name, user=settings.service_user,
+                                                   secrets=secrets)
+    return Rendered(f"{UNIT_DIR}/{unit_name}", unit, env_path, env)
+
+
+def _flag(plan: Plan, name: str) -> str | None:
+    """The value of ``name`` in the plan's argv (None when absent)."""
+    argv = plan.argv
+    for i, word in enumerate(argv):
+        if word == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def served_name(plan: Plan) -> str:
+    """The model id clients send (--served-model-name, else the model argument)."""
+    return _flag(plan, "--served-model-name") or plan.argv[2]
+
+
+def uses_append_think(plan: Plan) -> bool:
+    """True when the plan serves with minimax_m2_append_think (the gate then checks <think> in content)."""
+    return _flag(plan, "--reasoning-parser") == "minimax_m2_append_think"

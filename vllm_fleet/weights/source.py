@@ -1,0 +1,166 @@
+"""Weights, pure part: which sources, which revision, where the files go, the path vLLM gets.
+
+No pyinfra and no network here. vllm_fleet/weights/step.py turns a `FetchPlan` into
+operations; the host program vllm_fleet/weights/hostprog.py (run by the
+``{service_name}-fetch`` unit) does the download, the file plan (what to keep,
+re-fetch, hash) and the verification state, reading the JSON `FetchPlan.config`.
+
+Layout on the host, for repo ``Org/Name``:
+
+    {data_dir}/models/Org/Name           the snapshot directory vLLM gets (config.json in it; never a
+                                         huggingface cache root like models--Org--Name)
+    {data_dir}/weights-state/Org--Name/  fetch.json (the config), state.json (verification state),
+                                         status.json (live progress), fetch.lock
+    {base_dir}/fetch/                    fetch_weights.py and its venv (huggingface_hub)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from vllm_fleet.settings import Settings, WeightsSource
+
+# What the host's fetch venv installs (the version these tests ran against).
+HF_HUB_REQUIREMENT = "huggingface_hub==2.4.0"
+# Added to the fetch venv only when a source is of kind "modelscope" (modelscope delegates its hub calls to
+# modelscope-hub; both pinned to what tests/msmirror was checked with).
+MODELSCOPE_REQUIREMENTS = ("modelscope==1.40.2", "modelscope-hub==0.5.1")
+FETCH_PROGRAM = "fetch_weights.py"
+BACKOFF_MAX_S = 300.0
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """Everything the deploy needs to place the weights from `vllm_weights_sources`."""
+
+    sources: tuple[WeightsSource, ...]
+    serve_path: str  # the snapshot directory given to `vllm serve`
+    unit: str  # systemd unit name, without .service
+    fetch_dir: str  # {base_dir}/fetch: program + venv
+    state_dir: str
+    config: dict  # the JSON the host program reads (no secret)
+
+    @property
+    def venv(self) -> str:
+        return f"{self.fetch_dir}/venv"
+
+    @property
+    def program(self) -> str:
+        return f"{self.fetch_dir}/{FETCH_PROGRAM}"
+
+    @property
+    def config_path(self) -> str:
+        return f"{self.state_dir}/fetch.json"
+
+    @property
+    def env_path(self) -> str:
+        return f"/etc/vllm-fleet/{self.unit}.env"
+
+    @property
+    def modelscope(self) -> bool:
+        """A source is ModelScope: the fetch venv needs MODELSCOPE_REQUIREMENTS."""
+        return any(s.kind == "modelscope" for s in self.sources)
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What the fetch venv installs."""
+        return (HF_HUB_REQUIREMENT, *(MODELSCOPE_REQUIREMENTS if self.modelscope else ()))
+
+    @property
+    def downloads(self) -> bool:
+        """False when the first source is a directory already on the host (served in place)."""
+        return self.sources[0].kind != "local"
+
+
+def _model_name(sources: tuple[WeightsSource, ...]) -> str:
+    """`Org/Name` of the first hub source (the directory name under models/)."""
+    for s in sources:
+        if s.repo:
+            return s.repo
+    return PurePosixPath(sources[0].path or "model").name
+
+
+def resolved_sources(settings: Settings, profile_revision: str | None = None) -> tuple[WeightsSource, ...]:
+    """The sources in order, each hub source pinned to its own revision, else the profile's."""
+    out = []
+    for s in settings.weights_sources or ():
+        if s.kind != "local" and s.revision is None and profile_revision:
+            s = s.model_copy(update={"revision": profile_revision})
+        out.append(s)
+    return tuple(out)
+
+
+def identity(dest: str, sources: tuple[WeightsSource, ...]) -> str:
+    """What the download is, independent of where it is fetched from: dest + (kind, repo, revision) per source.
+
+    Changing a mirror's endpoint keeps the identity (no re-download); another repo
+    or revision changes it (files with the same digest are still kept).
+    """
+    key = json.dumps([dest, [(s.kind, s.repo, s.revision, s.path) for s in sources]])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def fetch_plan(settings: Settings, profile_revision: str | None = None) -> FetchPlan | None:
+    """The plan for `vllm_weights_sources`, or None when it is unset (local dir / repo id handled elsewhere)."""
+    sources = resolved_sources(settings, profile_revision)
+    if not sources:
+        return None
+    name = _model_name(sources)
+    if sources[0].kind == "local":
+        dest = str(PurePosixPath(sources[0].path))
+    else:
+        dest = f"{settings.data_dir}/models/{name}"
+    state_dir = f"{settings.data_dir}/weights-state/{name.replace('/', '--')}"
+    config = {
+        "identity": identity(dest, sources),
+        "dest": dest,
+        "state_dir": state_dir,
+        "sources": [s.model_dump() for s in sources],
+        "retries": settings.weights_retries,
+        "backoff_s": settings.weights_backoff_s,
+        "backoff_max_s": BACKOFF_MAX_S,
+        "workers": settings.weights_workers,
+        "headroom_bytes": settings.disk_headroom_gib * 1024**3,
+        "verify": "full" if settings.weights_reverify else "stat",
+    }
+    return FetchPlan(sources, dest, f"{settings.service_name}-fetch", f"{settings.base_dir}/fetch", state_dir, config)
+
+
+def check_serve_path(path: str) -> str:
+    """Refuse a huggingface cache root (``models--Org--Name``): vLLM needs the snapshot directory."""
+    parts = PurePosixPath(path).parts
+    if parts and parts[-1].startswith("models--"):
+        raise ValueError(f"{path} is a huggingface cache root; vLLM needs the snapshot directory holding "
+                         f"config.json ({path}/snapshots/<commit>)")
+    if not PurePosixPath(path).is_absolute():
+        raise ValueError(f"{path} is not an absolute path")
+    return path
+
+
+def unit_environment(settings: Settings, plan: FetchPlan) -> list[str]:
+    """Environment= lines of the fetch unit (no secret: HF_TOKEN is in the EnvironmentFile)."""
+    env = [f"HF_HOME={settings.data_dir}/cache/huggingface", "HF_HUB_DISABLE_TELEMETRY=1",
+           "HF_HUB_ENABLE_HF_TRANSFER=0", "PYTHONUNBUFFERED=1"]
+    if not settings.hf_xet:
+        env.append("HF_HUB_DISABLE_XET=1")
+    if plan.modelscope:
+        # The unit runs with ProtectHome=yes: the client's cache and its ~/.modelscope go under data_dir.
+        env += [f"MODELSCOPE_CACHE={settings.data_dir}/cache/modelscope", f"HOME={settings.data_dir}/cache/modelscope-home"]
+    return env
+
+
+def pip_args(settings: Settings) -> list[str]:
+    """Index options for the fetch venv's pip, from the same settings as the vLLM venv."""
+    args = []
+    if settings.no_index:
+        args.append("--no-index")
+    elif settings.index_url:
+        args += ["--index-url", settings.index_url]
+    for u in settings.extra_index_urls:
+        args += ["--extra-index-url", u]
+    for u in settings.find_links:
+        args += ["--find-links", u]
+    return args

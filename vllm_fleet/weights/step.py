@@ -1,0 +1,246 @@
+"""Weights: put the model where vLLM will read it, and say which directory that is.
+
+Two ways, chosen by the settings:
+
+- ``vllm_weights_sources`` set: a detached, resumable, verified download on the
+  host (docs/weights.md). The deploy installs a small venv with huggingface_hub
+  and the host program ``fetch_weights.py``, renders the ``{service}-fetch``
+  unit, starts it unless the verification state says the files are complete
+  and unchanged, and waits for it with a progress line (``vllm_weights_wait``,
+  ``vllm_weights_wait_timeout_s``). A rerun while it runs attaches to the
+  running unit; systemd never starts a second one.
+- otherwise, a model directory on the control machine (``vllm_model`` is a
+  directory: the CI model, a fine-tune) is mirrored to ``{data_dir}/models/<name>``;
+  a profile name is served by repo id and fetched by vLLM itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, FunctionCommand, deploy, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files, server, systemd
+
+from vllm_fleet.hostops.operations import mirror_dir
+from vllm_fleet.weights import source as wplan
+from vllm_fleet.errors import FleetError
+from vllm_fleet.settings import Settings
+
+PROGRAM_SRC = Path(__file__).with_name("hostprog.py")  # installed on the host as wplan.FETCH_PROGRAM
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
+POLL_S = 2.0
+PROGRESS_EVERY_S = 5.0
+
+
+class WeightsDownloadError(FleetError):
+    """The download unit failed, or the deploy's wait ran out."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from and the path (or repo id) `vllm serve` gets."""
+
+    local_dir: Path | None
+    serve_path: str
+    fetch: wplan.FetchPlan | None = None
+
+
+def source(settings: Settings) -> ModelSource:
+    """Decide, without touching the host, what `vllm serve` will be given."""
+    if settings.weights_sources:
+        from vllm_fleet.planner.modelinfo import load_profile
+
+        try:
+            revision = load_profile(settings.model).revision
+        except Exception:  # noqa: BLE001 - a local config dir has no profile revision
+            revision = None
+        plan = wplan.fetch_plan(settings, revision)
+        return ModelSource(None, wplan.check_serve_path(plan.serve_path), plan)
+    local = Path(settings.model)
+    if local.is_dir():
+        return ModelSource(local.resolve(), f"{settings.data_dir}/models/{local.resolve().name}")
+    return ModelSource(None, "")  # the planner uses the profile's repo id
+
+
+@dataclass(frozen=True)
+class WeightsResult:
+    """What vllm_fleet/service/step.py gets from `apply`: did the weights change in this run, and may the service start on them.
+
+    ``did_change()`` is the weights operation's (the `_if` contract of an OperationMeta);
+    ``ready`` is False when the download is not known to be complete when the service step
+    runs (``vllm_weights_wait = False`` and the weights were not complete while planning):
+    the service is then not (re)started, and ``reason`` says why.
+    """
+
+    meta: OperationMeta | None
+    ready: bool = True
+    reason: str = ""
+
+    def did_change(self) -> bool:
+        return self.meta is not None and self.meta.did_change()
+
+
+class FetchState(FactBase[dict]):
+    """
+    The fetch venv's huggingface_hub, the unit's state and the recorded verification, in one command.
+
+    + plan: the weights' FetchPlan
+
+    .. code:: python
+
+        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "active": "inactive", "check": {"complete": True, ...}}
+    """
+
+    def command(self, plan: wplan.FetchPlan) -> str:
+        q = shlex.quote
+        return (f"echo hub=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/huggingface_hub-*.dist-info 2>/dev/null | head -1); "
+                f"echo ms=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/modelscope-*.dist-info 2>/dev/null | head -1); "
+                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null); "
+                f"if test -f {q(plan.program)} -a -f {q(plan.config_path)}; then echo check=$(python3 {q(plan.program)} check {q(plan.config_path)}); "
+                f"else echo check=; fi")
+
+    def process(self, output: list[str]) -> dict:
+        out: dict = {"hub": None, "modelscope": None, "active": "", "check": None}
+        for line in output:
+            key, _, value = line.partition("=")
+            if key == "hub" and value:
+                out["hub"] = value.rsplit("huggingface_hub-", 1)[-1].removesuffix(".dist-info")
+            elif key == "ms" and value:
+                out["modelscope"] = value.rsplit("modelscope-", 1)[-1].removesuffix(".dist-info")
+            elif key == "active":
+                out["active"] = value
+            elif key == "check" and value:
+                out["check"] = json.loads(value)
+        return out
+
+
+def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, sudo: bool) -> None:
+    """Follow status.json until the unit is done, failed, or the timeout; log a progress line."""
+    q = shlex.quote
+    cmd = (f"cat {q(plan.state_dir)}/status.json 2>/dev/null || echo '{{}}'; echo; "
+           f"systemctl is-active {q(plan.unit)}.service || true")
+    start = time.monotonic()
+    last_log = 0.0
+    while True:
+        ok, out = host.run_shell_command(cmd, _sudo=sudo)
+        lines = [ln for ln in out.stdout_lines if ln.strip()] if ok else []
+        active = lines[-1].strip() if lines else "unknown"
+        try:
+            status = json.loads("".join(lines[:-1]) or "{}")
+        except ValueError:
+            status = {}
+        ident = status.get("identity") == plan.config["identity"]
+        phase = status.get("phase") if ident else None
+        now = time.monotonic()
+        if phase == "done" and active != "active":
+            logger.info(f"{host.print_prefix}weights: complete, {status.get('line', '')} from {status.get('source')}")
+            return
+        if active in ("failed", "inactive") and phase in ("failed", None) and now - start > POLL_S * 2:
+            raise WeightsDownloadError(f"{host.name}: the weights download ({plan.unit}.service) failed: "
+                                       f"{status.get('error') or 'no status; see journalctl -u ' + plan.unit}")
+        if now - last_log >= PROGRESS_EVERY_S:
+            logger.info(f"{host.print_prefix}weights: {phase or 'starting'} {status.get('line', '')} ({status.get('source', '')})")
+            last_log = now
+        if now - start > timeout_s:
+            raise WeightsDownloadError(
+                f"{host.name}: still downloading after vllm_weights_wait_timeout_s={timeout_s} s ({status.get('line', '')}); "
+                f"the download continues in {plan.unit}.service; rerun the deploy to attach, or raise the timeout")
+        time.sleep(POLL_S)
+
+
+@operation(is_idempotent=False)
+def follow_download(plan: wplan.FetchPlan, timeout_s: int):
+    """
+    Wait for the weights download unit with a progress line (bytes done/total, rate, ETA).
+
+    + plan: the weights' FetchPlan
+    + timeout_s: give up waiting (the unit keeps going) after this many seconds
+    """
+    yield FunctionCommand(_wait, (plan, timeout_s, bool(host.data.get("_sudo"))), {})
+
+
+def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
+    user = settings.service_user
+    fact = host.get_fact(FetchState, plan=plan)
+    hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
+    if plan.modelscope:  # modelscope only when a ModelScope source is configured
+        hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
+    q = shlex.quote
+    reqs = " ".join(q(r) for r in plan.requirements)
+    files.directory(name=f"Ensure {plan.fetch_dir} exists", path=plan.fetch_dir, user="root", group="root", mode="755")
+    if not hub_ok:
+        server.shell(
+            name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
+            commands=[f"test -x {q(plan.venv)}/bin/python || python3 -m venv {q(plan.venv)}",
+                      f"{q(plan.venv)}/bin/python -m pip install --quiet --disable-pip-version-check "
+                      f"{' '.join(q(a) for a in wplan.pip_args(settings))} {reqs}"],
+        )
+    else:
+        host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
+    files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
+              user="root", group="root", mode="755")
+    for d in (f"{settings.data_dir}/weights-state", plan.state_dir):
+        files.directory(name=f"Ensure {d} exists for the fetch state", path=d, user=user, group=user, mode="750")
+    files.put(name=f"Ensure the fetch config {plan.config_path}",
+              src=StringIO(json.dumps(plan.config, indent=1, sort_keys=True) + "\n"),
+              dest=plan.config_path, user="root", group=user, mode="640")
+    token = settings.hf_token.get_secret_value() if settings.hf_token else ""
+    files.put(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} (HF token, if any)",
+              src=StringIO(f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n"),
+              dest=plan.env_path, user="root", group=user, mode="640")
+    parent = str(Path(plan.serve_path).parent)
+    unit = files.template(
+        name=f"Ensure the weights download unit {plan.unit}.service",
+        src=str(TEMPLATE), dest=f"/etc/systemd/system/{plan.unit}.service", user="root", group="root", mode="644",
+        unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
+        config=plan.config_path, run_as=user, python=f"{plan.venv}/bin/python", program=plan.program,
+        environment=wplan.unit_environment(settings, plan), env_file=plan.env_path,
+        read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
+    )
+    systemd.daemon_reload(name="Reload systemd for the download unit", _if=unit.did_change)
+    check = fact["check"] or {}
+    running = fact["active"] in ("active", "activating")
+    if check.get("complete") and not running:
+        return WeightsResult(server.shell(
+            name=f"Weights in {plan.serve_path} are complete and verified (commit {check.get('commit')})", commands=[]))
+    if not running:
+        mk = f"install -d -o {q(user)} -g {q(user)} -m 750 {q(plan.serve_path)}"
+        server.shell(name=f"Start the weights download unit {plan.unit}.service into {plan.serve_path}",
+                     commands=[mk, f"rm -f {q(plan.state_dir)}/status.json", f"systemctl start {q(plan.unit)}.service"])
+    else:
+        logger.info(f"{host.print_prefix}weights: {plan.unit}.service is already running; attaching to it")
+    if not settings.weights_wait:
+        logger.info(f"{host.print_prefix}weights: not waiting (vllm_weights_wait=False); follow with journalctl -fu {plan.unit}")
+        return WeightsResult(
+            server.shell(name="Not waiting for the weights download (vllm_weights_wait=False)", commands=[]),
+            ready=False,
+            reason=f"the weights in {plan.serve_path} are still downloading ({plan.unit}.service) and "
+                   f"vllm_weights_wait=False")
+    return WeightsResult(follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
+                                         timeout_s=settings.weights_wait_timeout_s))
+
+
+@deploy("Weights")
+def apply(settings: Settings, src: ModelSource) -> WeightsResult | OperationMeta | None:
+    """Place the weights; return what says "the weights changed" (``did_change()``), and for a download
+    a `WeightsResult` whose ``ready`` says whether the service may be (re)started on them."""
+    if src.fetch is not None:
+        if not src.fetch.downloads:
+            return None  # a directory already on the host, served in place
+        return _apply_fetch(settings, src.fetch)
+    if src.local_dir is None:
+        return None
+    return mirror_dir(
+        name=f"Ensure the host holds exactly the model files of {Path(src.local_dir).name}",
+        src=str(src.local_dir),
+        dest=src.serve_path,
+        user=settings.service_user,
+        group=settings.service_user,
+    )
