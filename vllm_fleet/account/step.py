@@ -1,6 +1,6 @@
 """The unprivileged service user and the directories the service uses.
 
-Layout on the host (modes chosen so the service can read its code but not
+Layout on the host (vllm_fleet/layout.py, `HostLayout.account_dirs`; modes chosen so the service can read its code but not
 change it, and nobody else can read its data or secrets):
 
     {base_dir}            root:root     0755  toolkit programs
@@ -18,26 +18,17 @@ from __future__ import annotations
 from pyinfra.api import deploy
 
 from vllm_fleet.hostops.operations import Dir, directories, system_account
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.settings import Settings
-
-CONFIG_DIR = "/etc/vllm-fleet"
 
 
 @deploy("Service user and directories")
 def apply(settings: Settings):
     user = settings.service_user
+    lay = HostLayout.of(settings)
     system_account(name=f"Ensure the {user} system user and group exist (no login shell)",
-                   account=user, home=settings.data_dir)
+                   account=user, home=lay.home)
     directories(
         name="Ensure the toolkit's directories exist with their owners and modes",
-        dirs=[
-            Dir(settings.base_dir, "root", "root", "755"),
-            Dir(f"{settings.base_dir}/venvs", "root", "root", "755"),
-            Dir(f"{settings.base_dir}/bin", "root", "root", "755"),
-            Dir(f"{settings.base_dir}/state", "root", "root", "755"),
-            Dir(settings.data_dir, user, user, "750"),
-            Dir(f"{settings.data_dir}/models", user, user, "750"),
-            Dir(f"{settings.data_dir}/cache", user, user, "750"),
-            Dir(CONFIG_DIR, "root", user, "750"),
-        ],
+        dirs=[Dir(*d) for d in lay.account_dirs],
     )

@@ -6,7 +6,13 @@
 Writes OUT/<service>.service and OUT/<service>.env (secrets replaced by a
 placeholder; a secret line is present when VLLM_FLEET_API_KEY /
 VLLM_FLEET_HF_TOKEN are set, as on a deploy). The text is what
-vllm_fleet/service/step.py installs for the same settings, byte for byte.
+vllm_fleet/service/step.py installs for the same settings, byte for byte
+(less the secrets), including the venv the unit runs: the deploy's
+BASE_DIR/venvs/vllm-VERSION-BACKEND. The deploy resolves BACKEND from
+vllm_torch_backend, and for "auto" from the host driver's CUDA; without a
+host, give --torch-backend (e.g. cu128) or --cuda (the driver's CUDA as
+nvidia-smi prints it, e.g. 12.8); with neither and "auto", the newest backend
+(cu130) is assumed and said. --venv overrides the whole path.
 Exit codes: 0 written, 1 the plan has errors (nothing written), 2 invalid input.
 """
 
@@ -17,6 +23,8 @@ import os
 from pathlib import Path
 
 from vllm_fleet.errors import FleetError
+from vllm_fleet.layout import HostLayout
+from vllm_fleet.pyenv import stack
 from vllm_fleet.planner.plan import make_plan
 from vllm_fleet.service.render import render
 from vllm_fleet.settings import load_settings
@@ -28,7 +36,8 @@ _OPTIONS = {
     "max_model_len": str, "kv_cache_dtype": str, "block_size": int, "gpu_memory_utilization": float,
     "kv_cache_memory_bytes": int, "max_num_seqs": int, "max_num_batched_tokens": int, "reasoning_parser": str,
     "served_model_name": str, "bind_host": str, "port": int, "service_name": str, "service_user": str,
-    "base_dir": str, "data_dir": str, "version": str, "restart_sec": int,
+    "base_dir": str, "data_dir": str, "version": str, "restart_sec": int, "torch_backend": str, "channel": str,
+    "source_ref": str,
 }
 
 
@@ -43,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     p.add_argument("--enforce-eager", action="store_true", default=None)
     p.add_argument("--cudagraph-piecewise", action="store_true", default=None)
-    p.add_argument("--venv", help=f"venv on the host (default: BASE_DIR/venvs/vllm-{VLLM_VERSION})")
+    p.add_argument("--cuda", help="the host driver's CUDA (nvidia-smi), to resolve --torch-backend auto as a deploy does")
+    p.add_argument("--venv", help=f"venv on the host (default: the deploy's, BASE_DIR/venvs/vllm-{VLLM_VERSION}-BACKEND)")
     p.add_argument("--systemd-version", type=int, default=252, help="the host's systemd (default 252, Debian 12)")
     p.add_argument("--out", required=True, help="directory to write the files to")
     p.set_defaults(func=run)
@@ -71,13 +81,19 @@ def run(args: argparse.Namespace) -> int:
         data["vllm_hf_token"] = placeholder
     settings = load_settings(data)
     local = Path(settings.model)
-    model_path = f"{settings.data_dir}/models/{local.resolve().name}" if local.is_dir() else None
+    model_path = HostLayout.of(settings).model(local.resolve().name) if local.is_dir() else None
     plan = make_plan(settings.model, args.gpus, settings.plan_options(model_path))
     if plan.errors:
         for f in plan.errors:
             print(f"plan error {f.code}: {f.message}; remedy: {f.remedy}")
         return 1
-    venv = args.venv or f"{settings.base_dir}/venvs/vllm-{settings.version}"
+    if args.venv:
+        venv = args.venv
+    else:
+        venv = stack.default_venv(settings, args.cuda)
+        if args.cuda is None and settings.torch_backend == "auto":
+            print(f"venv: {venv} (vllm_torch_backend=auto: backend {stack.ASSUMED_BACKEND} assumed; a deploy picks it "
+                  f"from the host driver: pass --cuda or --torch-backend)")
     files = render(settings, plan, venv, systemd_version=args.systemd_version, show_secrets=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import os
 import shlex
 from collections.abc import Mapping
 
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.errors import FleetError
 
 
@@ -78,8 +79,9 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
             except FleetError as exc:
                 out[host.name] = {"error": str(exc).splitlines()[0]}
                 continue
-            cfg = f"/etc/vllm-fleet/{s.service_name}.gate.json"
-            cmd = (f"test -r {cfg} && /usr/bin/python3 {shlex.quote(s.base_dir)}/bin/vllm-fleet-gate status {cfg} "
+            lay = HostLayout.of(s)
+            cfg = shlex.quote(lay.gate_config)
+            cmd = (f"test -r {cfg} && /usr/bin/python3 {shlex.quote(lay.gate_program)} status {cfg} "
                    f"|| echo '{{\"unit\": \"not installed\"}}'")
             with ctx_state.use(state), ctx_host.use(host):
                 text = get_fact(state, host, Command, args=(cmd,))

@@ -18,6 +18,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.facts.server import Home
 
+from vllm_fleet.layout import SECRET_MODE
 from vllm_fleet.hostops.facts import (
     MISSING,
     FileStates,
@@ -180,6 +181,13 @@ class ManagedFile:
 
     def __repr__(self) -> str:  # never show a secret's content in pyinfra's debug output
         return f"ManagedFile({self.path!r}, {'<secret>' if self.secret else '...'}, {self.user}:{self.group} {self.mode})"
+
+
+def secret_file(path: str, service_user: str, text: str) -> ManagedFile:
+    """Every secret file on a host (the service's and the download unit's EnvironmentFile) is this:
+    root:<service user>, mode `layout.SECRET_MODE` (0640), uploaded through the private directory,
+    compared by sha256, never shown in a diff."""
+    return ManagedFile(path, text, "root", service_user, SECRET_MODE, secret=True)
 
 
 @operation()

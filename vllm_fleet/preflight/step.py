@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pyinfra import host, logger
 from pyinfra.facts.server import Command
 
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.hostops.abort import abort
 from vllm_fleet.preflight import checks as preflight
 from vllm_fleet.errors import FleetError, PreflightError
@@ -35,7 +36,7 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
     + model_path: what `vllm serve` is given on the host (None: the profile's repo id).
     """
     fetch = _fetch_plan(settings)
-    snap = host.get_fact(HostSnapshot, paths=[settings.base_dir, settings.data_dir],
+    snap = host.get_fact(HostSnapshot, paths=[HostLayout.of(settings).base_dir, HostLayout.of(settings).data_dir],
                          weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None)
     problems = preflight.check(settings, snap, ours=_ours(settings))
     plan = None

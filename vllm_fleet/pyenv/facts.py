@@ -59,7 +59,7 @@ class VenvState(FactBase[StackState]):
     installed host program's sha256, the pushed wheelhouse's manifest, the
     ``python3.X`` interpreters on PATH and git's path (the source channel needs it).
 
-    + base_dir: vllm_base_dir
+    + paths: JSON of ``HostLayout.venv_state_paths()`` (venvs dir, uv, the program, the wheelhouse)
 
     .. code:: python
 
@@ -71,7 +71,7 @@ class VenvState(FactBase[StackState]):
 
     .. code:: python
 
-        state = host.get_fact(VenvState, base_dir="/opt/vllm-fleet")
+        state = host.get_fact(VenvState, paths=json.dumps(HostLayout.of(settings).venv_state_paths()))
         usable = [v.name for v in state.venvs if v.usable]
     """
 
@@ -80,8 +80,8 @@ class VenvState(FactBase[StackState]):
         return "python3"
 
     @override
-    def command(self, base_dir: str) -> str:
-        return f"python3 -c {shlex.quote(PROGRAM_SOURCE.read_text())} state {shlex.quote(base_dir)}"
+    def command(self, paths: str) -> str:
+        return f"python3 -c {shlex.quote(PROGRAM_SOURCE.read_text())} state {shlex.quote(paths)}"
 
     @override
     def process(self, output: list[str]) -> StackState:

@@ -111,9 +111,8 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def _wheelhouse(base_dir: str) -> dict | None:
+def _wheelhouse(d: str) -> dict | None:
     """The pushed wheelhouse's manifest, keeping only entries whose file is there with the right size."""
-    d = os.path.join(base_dir, "wheelhouse")
     try:
         with open(os.path.join(d, "MANIFEST.json"), encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -138,9 +137,17 @@ def _uv_version(uv: str) -> str | None:
     return m.group(1).decode() if proc.returncode == 0 and m else None
 
 
-def state(base_dir: str) -> dict:
-    """Everything the role needs to plan the Python stack, read at once."""
-    venvs_dir = os.path.join(base_dir, "venvs")
+def state(paths) -> dict:
+    """Everything the role needs to plan the Python stack, read at once.
+
+    + paths: {"venvs_dir", "uv", "program", "wheelhouse_dir"} (HostLayout.venv_state_paths, sent as JSON by
+      the fact); a plain base_dir string means the default layout below it.
+    """
+    if isinstance(paths, str):
+        paths = {"venvs_dir": os.path.join(paths, "venvs"), "uv": os.path.join(paths, "uv", "bin", "uv"),
+                 "program": os.path.join(paths, "bin", "vllm-fleet-venv"),
+                 "wheelhouse_dir": os.path.join(paths, "wheelhouse")}
+    venvs_dir = paths["venvs_dir"]
     try:
         names = sorted(os.listdir(venvs_dir))
     except OSError:
@@ -148,9 +155,9 @@ def state(base_dir: str) -> dict:
     return {
         "venvs": [_venv_state(venvs_dir, n) for n in names if n.startswith("vllm-")],
         "partial": [n for n in names if n.startswith((".tmp-", ".old-"))],
-        "uv": _uv_version(os.path.join(base_dir, "uv", "bin", "uv")),
-        "program_sha256": _sha256(os.path.join(base_dir, "bin", "vllm-fleet-venv")),
-        "wheelhouse": _wheelhouse(base_dir),
+        "uv": _uv_version(paths["uv"]),
+        "program_sha256": _sha256(paths["program"]),
+        "wheelhouse": _wheelhouse(paths["wheelhouse_dir"]),
         "pythons": {v: shutil.which(f"python{v}") for v in PYTHONS if shutil.which(f"python{v}")},
         "git": shutil.which("git"),
     }
@@ -355,7 +362,7 @@ def main(argv: list) -> int:
         return 2
     cmd, arg = argv
     if cmd == "state":
-        print(json.dumps(state(arg)))
+        print(json.dumps(state(json.loads(arg) if arg.startswith("{") else arg)))
     elif cmd == "verify":
         print(json.dumps(verify(json.loads(arg))))
     else:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from vllm_fleet.errors import FleetError
+from vllm_fleet.layout import HostLayout
 
 #: torch CUDA backends, newest first, with the oldest driver CUDA each runs on.
 #: A driver runs any CUDA up to the version `nvidia-smi` reports, so the best
@@ -39,14 +40,7 @@ KNOWN_BACKENDS = ("cpu", "cu126", "cu128", "cu129", "cu130")
 #: The driver branch that first supports each CUDA major.minor (for remedies).
 DRIVER_FOR_CUDA = {(12, 6): "560", (12, 8): "570", (12, 9): "575", (13, 0): "580"}
 NIGHTLY_INDEX = "https://wheels.vllm.ai/nightly"
-#: Where a pushed wheelhouse lives on the host, below base_dir.
-WHEELHOUSE_DIR = "wheelhouse"
-#: The bootstrap venv holding uv, below base_dir.
-UV_DIR = "uv"
-#: The host program (vllm_fleet/pyenv/hostprog.py) is installed here, below base_dir.
-PROGRAM = "bin/vllm-fleet-venv"
-#: uv's cache on the host, below base_dir (same filesystem as the venvs: hard links, no copies).
-UV_CACHE = "cache/uv"
+# Host paths (venvs, uv, the wheelhouse, the program, uv's cache, source checkouts): vllm_fleet/layout.py.
 #: The file in a venv that marks it complete and verified (written last, before the rename).
 MARKER = ".vllm-fleet.json"
 
@@ -260,10 +254,25 @@ def nightly_floor(version: str) -> str:
     return f"{release}.dev0"
 
 
-def source_dir(base_dir: str, name: str) -> str:
-    """The git checkout a source-channel venv is installed from (editable): one per venv, so a rollback
-    target keeps the code it was built from."""
-    return f"{base_dir}/src/{name}"
+def settings_venv_name(settings, backend: str) -> str:
+    """The venv name python_env builds for these settings and backend."""
+    return venv_name(settings.channel, settings.version, backend, settings.source_ref)
+
+
+#: The backend assumed when vllm_torch_backend is "auto" and no driver is known (`vllm-fleet render`
+#: without --cuda): the newest, what a current driver gets.
+ASSUMED_BACKEND = CUDA_BACKENDS[0][0]
+
+
+def default_venv(settings, driver_cuda: str | None = None) -> str:
+    """The venv path python_env builds for these settings: `HostLayout.venv(vllm-{version}-{backend})`,
+    the backend resolved as the deploy does (`resolve_backend`); with no driver known, vllm_torch_backend
+    when it is not "auto", else ASSUMED_BACKEND."""
+    if driver_cuda is None:
+        backend = ASSUMED_BACKEND if settings.torch_backend == "auto" else settings.torch_backend
+    else:
+        backend = resolve_backend(settings.torch_backend, driver_cuda)
+    return HostLayout.of(settings).venv(settings_venv_name(settings, backend))
 
 
 def uv_bootstrap_args(source: PackageSource, uv_version: str | None = None) -> list[str]:

@@ -1,6 +1,6 @@
 """The Python stack: uv on the host, and one verified venv per vLLM version + torch backend.
 
-Layout on the host (all root-owned, read-only to the service):
+Layout on the host (all root-owned, read-only to the service; paths from vllm_fleet/layout.py):
 
     {base_dir}/uv                          bootstrap venv holding uv (python3 -m venv + pip)
     {base_dir}/bin/vllm-fleet-venv         the host program (vllm_fleet/pyenv/hostprog.py): builds and verifies venvs
@@ -33,6 +33,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, server
 
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.preflight.step import HostState
 from vllm_fleet.preflight import checks as preflight
 from vllm_fleet.pyenv import stack
@@ -62,27 +63,27 @@ class Venv:
 def build_spec(settings: Settings, state: HostState, facts: StackState) -> BuildSpec:
     """Decide the venv for this host from its settings, driver and the pushed-wheelhouse location (pure)."""
     snap = state.snapshot
-    base = settings.base_dir
+    lay = HostLayout.of(settings)
     backend = stack.resolve_backend(settings.torch_backend, snap.gpu.cuda_version if snap.gpu else None)
     if settings.wheelhouse:
-        source = PackageSource(no_index=True, find_links=(f"{base}/{stack.WHEELHOUSE_DIR}",))
+        source = PackageSource(no_index=True, find_links=(lay.wheelhouse_dir,))
     else:
         source = PackageSource(index_url=settings.index_url, extra_index_urls=tuple(settings.extra_index_urls),
                                find_links=tuple(settings.find_links), no_index=settings.no_index,
                                torch_index_url=settings.torch_index_url)
-    name = stack.venv_name(settings.channel, settings.version, backend, settings.source_ref)
-    source_dir = stack.source_dir(base, name) if settings.channel == "source" else None
+    name = stack.settings_venv_name(settings, backend)
+    source_dir = lay.source_checkout(name) if settings.channel == "source" else None
     profile = load_profile(settings.model)
     devices = len(settings.gpus) if settings.gpus is not None else len(snap.gpu.gpus) if snap.gpu else None
     return BuildSpec(
         name=name,
-        venvs_dir=f"{base}/venvs",
+        venvs_dir=lay.venvs_dir,
         channel=settings.channel,
         version=settings.version,
         backend=backend,
         python=settings.python_version,
-        uv=f"{base}/{stack.UV_DIR}/bin/uv",
-        uv_cache=f"{base}/{stack.UV_CACHE}",
+        uv=lay.uv,
+        uv_cache=lay.uv_cache,
         install=stack.install_args(settings.channel, settings.version, backend, source,
                                    torch_version=settings.torch_version, source_dir=source_dir,
                                    nightly_index=settings.nightly_index_url),
@@ -102,7 +103,7 @@ def build_spec(settings: Settings, state: HostState, facts: StackState) -> Build
 
 def apply(settings: Settings, state: HostState) -> Venv:
     """Read the host's stack in one round trip, check the driver against the backend, plan the operations."""
-    facts = host.get_fact(VenvState, base_dir=settings.base_dir)
+    facts = host.get_fact(VenvState, paths=json.dumps(HostLayout.of(settings).venv_state_paths(), sort_keys=True))
     problems = preflight.check_stack(settings, state.snapshot)
     if problems:
         abort(PreflightError(host.name, problems))
@@ -139,7 +140,7 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
     have = facts.wheelhouse or {}
     if have == want:
         return
-    dest = f"{settings.base_dir}/{stack.WHEELHOUSE_DIR}"
+    dest = HostLayout.of(settings).wheelhouse_dir
     files.directory(name=f"Ensure {dest} exists (root:root 755)", path=dest, user="root", group="root", mode="755")
     for name, entry in sorted(want.items()):
         if have.get(name) != entry:
@@ -152,7 +153,7 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
 
 
 def _show(settings: Settings, spec: BuildSpec, reuse: bool) -> None:
-    where = (f"wheelhouse {settings.wheelhouse} (pushed to {settings.base_dir}/{stack.WHEELHOUSE_DIR}, --no-index)"
+    where = (f"wheelhouse {settings.wheelhouse} (pushed to {HostLayout.of(settings).wheelhouse_dir}, --no-index)"
              if settings.wheelhouse else " ".join(a for a in spec.install if a.startswith(("http", "/", "file:"))) or "PyPI")
     torch = f"torch {spec.torch_version}" if spec.torch_version else "torch as vLLM requires"
     logger.info(f"{host.print_prefix}python env: vllm {spec.version} ({spec.channel}), {torch}, {spec.backend} build, "
@@ -163,20 +164,20 @@ def _show(settings: Settings, spec: BuildSpec, reuse: bool) -> None:
 
 @deploy("Python environment")
 def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
-    base = settings.base_dir
-    program = f"{base}/{stack.PROGRAM}"
+    lay = HostLayout.of(settings)
+    program = lay.venv_program
     found = stack.reusable(spec, facts.venvs)
     _show(settings, spec, found is not None)
 
     if settings.wheelhouse:
         _push_wheelhouse(settings, facts)
     if facts.program_sha256 != hashlib.sha256(PROGRAM_SOURCE.read_bytes()).hexdigest():
-        files.directory(name=f"Ensure {base}/bin exists (root:root 755)", path=f"{base}/bin", user="root", group="root", mode="755")
+        files.directory(name=f"Ensure {lay.bin_dir} exists (root:root 755)", path=lay.bin_dir, user="root", group="root", mode="755")
         files.put(name=f"Ensure the venv program is installed at {program}", src=str(PROGRAM_SOURCE), dest=program,
                   user="root", group="root", mode="755")
     if facts.uv is None:
-        uv_dir = f"{base}/{stack.UV_DIR}"
-        source = PackageSource(no_index=True, find_links=(f"{base}/{stack.WHEELHOUSE_DIR}",)) if settings.wheelhouse else \
+        uv_dir = lay.uv_dir
+        source = PackageSource(no_index=True, find_links=(lay.wheelhouse_dir,)) if settings.wheelhouse else \
             PackageSource(index_url=settings.index_url, extra_index_urls=tuple(settings.extra_index_urls),
                           find_links=tuple(settings.find_links), no_index=settings.no_index)
         pip = shlex.join([f"{uv_dir}/bin/pip", "install", "--disable-pip-version-check", "--quiet",
@@ -200,16 +201,16 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
         )
     elif facts.partial:
         for name in facts.partial:
-            files.directory(name=f"Ensure the unfinished build {name} is removed", path=f"{spec.venvs_dir}/{name}", present=False)
+            files.directory(name=f"Ensure the unfinished build {name} is removed", path=lay.venv(name), present=False)
 
     current = found.name if found is not None else (spec.name if spec.channel != "nightly" else None)
     pruned = stack.to_prune(current, facts.venvs, settings.keep_venvs, building=found is None)
     for name in pruned:
         files.directory(name=f"Ensure the old venv {name} is removed (keeping {settings.keep_venvs})",
-                        path=f"{spec.venvs_dir}/{name}", present=False)
+                        path=lay.venv(name), present=False)
         if "-src." in name:
             files.directory(name=f"Ensure the checkout of the old venv {name} is removed",
-                            path=stack.source_dir(base, name), present=False)
+                            path=lay.source_checkout(name), present=False)
     prev = stack.previous(current, facts.venvs)  # nightly being built: the newest usable venv before it
-    return Venv(path=spec.path, changed=changed, previous_path=None if prev is None or prev.name in pruned else f"{spec.venvs_dir}/{prev.name}",
+    return Venv(path=spec.path, changed=changed, previous_path=None if prev is None or prev.name in pruned else lay.venv(prev.name),
                 spec=spec)

@@ -59,6 +59,8 @@ class Config:
     timeout_s: float
     require_key: bool = False
     journal_lines: int = 200
+    log_file: Optional[str] = None  # the deploy sends both (vllm_fleet/layout.py); absent: derived from state_dir
+    result_file: Optional[str] = None
 
     @property
     def unit(self) -> str:
@@ -72,12 +74,12 @@ class Config:
     @property
     def log_path(self) -> str:
         """The worker's progress log (followed by ``apply``)."""
-        return os.path.join(self.state_dir, f"{self.service}.gate.log")
+        return self.log_file or os.path.join(self.state_dir, f"{self.service}.gate.log")
 
     @property
     def result_path(self) -> str:
         """The verdict of the last gate run (JSON)."""
-        return os.path.join(self.state_dir, f"{self.service}.gate.json")
+        return self.result_file or os.path.join(self.state_dir, f"{self.service}.gate.json")
 
 
 def load_config(path: str) -> Config:

@@ -19,12 +19,11 @@ from pathlib import Path
 import jinja2
 
 from vllm_fleet.errors import FleetError
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.planner.plan import Plan
 from vllm_fleet.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-CONFIG_DIR = "/etc/vllm-fleet"
-UNIT_DIR = "/etc/systemd/system"
 GiB = 1024**3
 
 # systemd 254 added RestartSteps= / RestartMaxDelaySec= (Debian 12 has 252, Ubuntu 22.04 249).
@@ -86,18 +85,18 @@ def env_file_value(name: str, value: str) -> str:
 
 def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
     """The service's non-secret environment: the plan's, GPUs, caches under data_dir, then extra_env."""
-    cache = f"{settings.data_dir}/cache"
+    lay = HostLayout.of(settings)
     env = dict(plan.env)
     if settings.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices as nvidia-smi numbers them
     env.update({
-        "HOME": settings.data_dir,
-        "XDG_CACHE_HOME": cache,
-        "VLLM_CACHE_ROOT": f"{cache}/vllm",
-        "HF_HOME": f"{cache}/huggingface",
-        "TRITON_CACHE_DIR": f"{cache}/triton",
-        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
+        "HOME": lay.home,
+        "XDG_CACHE_HOME": lay.cache_dir,
+        "VLLM_CACHE_ROOT": lay.vllm_cache,
+        "HF_HOME": lay.hf_home,
+        "TRITON_CACHE_DIR": lay.triton_cache,
+        "TORCHINDUCTOR_CACHE_DIR": lay.torchinductor_cache,
     })
     if plan.argv[2].startswith("/"):
         # The weights are a directory on the host (the weights role put them there): vLLM needs
@@ -135,16 +134,16 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
       directives newer systemd versions added.
     + show_secrets: False replaces the API key and HF token by a placeholder (for display).
     """
-    name = settings.service_name
-    unit_name = f"{name}.service"
-    env_path = f"{CONFIG_DIR}/{name}.env"
+    lay = HostLayout.of(settings)
+    unit_name = lay.unit_name
+    env_path = lay.env_file
     jinja = _jinja()
     restart_steps = (systemd_version or 0) >= RESTART_STEPS_MIN_SYSTEMD
     unit = jinja.get_template("vllm.service.j2").render(
         unit_name=unit_name,
         served_model_name=served_name(plan),
         user=settings.service_user,
-        working_directory=settings.data_dir,
+        working_directory=lay.home,
         exec_start=" ".join(systemd_word(w) for w in exec_argv(plan, venv_path)),
         environment=[systemd_assignment(k, v) for k, v in service_environment(settings, plan).items()],
         env_file=env_path,
@@ -157,7 +156,7 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         timeout_start_s=start_timeout_s(plan.weights_bytes),
         timeout_stop_s=90,
         limit_nofile=1048576,
-        read_write_paths=[f"{settings.data_dir}/cache"],
+        read_write_paths=[lay.cache_dir],
         device_allow=DEVICE_ALLOW,
     )
     secrets = []
@@ -169,7 +168,7 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         secrets.append((var, env_file_value(var, shown)))
     env = jinja.get_template("vllm.env.j2").render(env_file=env_path, unit_name=unit_name, user=settings.service_user,
                                                    secrets=secrets)
-    return Rendered(f"{UNIT_DIR}/{unit_name}", unit, env_path, env)
+    return Rendered(lay.unit_path, unit, env_path, env)
 
 
 def _flag(plan: Plan, name: str) -> str | None:

@@ -2,6 +2,8 @@
 
 Operations, in order (names are what pyinfra prints):
 
+Every path comes from vllm_fleet/layout.py (``HostLayout``).
+
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
    config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
@@ -31,32 +33,59 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
-from vllm_fleet.hostops.operations import ManagedFile, managed_files
+from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.preflight.step import HostState
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
-from vllm_fleet.service.render import CONFIG_DIR, Rendered, render, served_name, start_timeout_s, uses_append_think
+from vllm_fleet.layout import HostLayout
+from vllm_fleet.pyenv import stack
+from vllm_fleet.service.render import Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
 _HALTED: list[str] = []  # hosts whose gate failed in this run: later hosts are not restarted
 
 
-def venv_path(settings: Settings, venv) -> str:
-    """The venv the unit runs (python_env's Venv.path; without one, the version's default path)."""
-    return venv.path if venv is not None else f"{settings.base_dir}/venvs/vllm-{settings.version}"
+def venv_path(settings: Settings, venv, driver_cuda: str | None = None) -> str:
+    """The venv the unit runs (python_env's Venv.path; without one, the path python_env would build,
+    `stack.default_venv`, for the host driver's CUDA)."""
+    return venv.path if venv is not None else stack.default_venv(settings, driver_cuda)
+
+
+def systemd_version_of(state: HostState) -> int | None:
+    v = state.snapshot.systemd_version or ""
+    return int(v) if v.isdigit() else None
+
+
+def service_files(settings: Settings, state: HostState, venv=None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
+                                                                             list[ManagedFile]]:
+    """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host."""
+    lay = HostLayout.of(settings)
+    gpu = state.snapshot.gpu
+    rendered = render(settings, state.plan, venv_path(settings, venv, gpu.cuda_version if gpu else None),
+                      systemd_version=systemd_version_of(state))
+    gate_files = [
+        ManagedFile(lay.gate_program, GATE_SOURCE, "root", "root", "755"),
+        ManagedFile(lay.gate_config, json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n",
+                    "root", settings.service_user, "640"),
+    ]
+    unit = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
+    return rendered, gate_files, unit, [secret_file(rendered.env_path, settings.service_user, rendered.env)]
 
 
 def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dict:
     """What the host-side gate needs (no secret: it reads the key from the env file itself)."""
+    lay = HostLayout.of(settings)
     bind = settings.bind_host
     addr = "127.0.0.1" if bind == "0.0.0.0" else "[::1]" if bind == "::" else f"[{bind}]" if ":" in bind else bind
     return {
         "service": settings.service_name,
         "unit_path": rendered.unit_path,
         "env_path": rendered.env_path,
-        "prev_dir": CONFIG_DIR,
-        "state_dir": f"{settings.base_dir}/state",
+        "prev_dir": lay.config_dir,
+        "state_dir": lay.state_dir,
+        "log_file": lay.gate_log,
+        "result_file": lay.gate_state,
         "url": f"http://{addr}:{settings.port}",
         "served_model_name": served_name(state.plan),
         "check_think": uses_append_think(state.plan),
@@ -65,21 +94,15 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
     }
 
 
-def _weights_marker(settings: Settings) -> str:
-    """Left by a run that did not restart the service because the weights were incomplete; the next gate clears it."""
-    return f"{settings.base_dir}/state/{settings.service_name}.weights-pending"
-
-
 def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
     """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
     from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
     starts at boot."""
-    prev = f"{CONFIG_DIR}/{Path(rendered.unit_path).name}.prev"
-    env_prev = f"{rendered.env_path}.prev"
-    unit = f"{settings.service_name}.service"
+    lay = HostLayout.of(settings)
+    prev, env_prev, unit = lay.prev(rendered.unit_path), lay.prev(rendered.env_path), lay.unit_name
     script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
               f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
-              f"test -e {_weights_marker(settings)} && {{ echo pending; exit 0; }}; "
+              f"test -e {lay.weights_pending} && {{ echo pending; exit 0; }}; "
               f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
               f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
     words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
@@ -130,32 +153,22 @@ def _changed(*metas: OperationMeta | None):
 def apply(settings: Settings, state: HostState, venv, weights_changed: OperationMeta | None) -> None:
     """Install the unit and env file, restart + gate when they, the venv or the weights changed, enable it.
 
-    + venv: vllm_fleet.pyenv.step.Venv (``.path``, ``.changed``), or None to serve ``{base_dir}/venvs/vllm-{version}``
+    + venv: vllm_fleet.pyenv.step.Venv (``.path``, ``.changed``), or None to serve the venv python_env would build (``stack.default_venv``)
     + weights_changed: the weights role's sync operation (or None)
     """
-    systemd_version = int(state.snapshot.systemd_version) if (state.snapshot.systemd_version or "").isdigit() else None
-    rendered = render(settings, state.plan, venv_path(settings, venv), systemd_version=systemd_version)
-    user, base = settings.service_user, settings.base_dir
-    gate_bin = f"{base}/bin/vllm-fleet-gate"
-    gate_json = f"{CONFIG_DIR}/{settings.service_name}.gate.json"
-
-    gate_files = [
-        ManagedFile(gate_bin, GATE_SOURCE, "root", "root", "755"),
-        ManagedFile(gate_json, json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n",
-                    "root", user, "640"),
-    ]
-    service_files = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
-    secrets = [ManagedFile(rendered.env_path, rendered.env, "root", user, "640", secret=True)]
-    every = [f.path for f in gate_files + service_files + secrets]  # one FileStates fact for all three
+    lay = HostLayout.of(settings)
+    rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
+    gate_bin, gate_json = lay.gate_program, lay.gate_config
+    every = [f.path for f in gate_files + service_files_ + secrets]  # one FileStates fact for all three
     managed_files(name="Ensure the health-gate program and its config are current",
                   files=gate_files, read_with=every)
-    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files, read_with=every)
+    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, read_with=every)
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
                         files=secrets, read_with=every)
 
     pending, enabled = _pending(settings, rendered)
     changed = _changed(unit, env, getattr(venv, "changed", None), weights_changed)
-    marker = _weights_marker(settings)
+    marker = lay.weights_pending
     if not getattr(weights_changed, "ready", True):
         # vllm_weights_wait=False and the download is not complete: never (re)start vLLM on partial weights.
         logger.warning(f"{host.print_prefix}service: {settings.service_name}.service is not (re)started: "
@@ -183,22 +196,39 @@ def unit_enabled(service: str, enabled: bool):
         yield StringCommand("systemctl", "enable", service)
 
 
+def removal(settings: Settings):
+    """What uninstall removes and keeps: `HostLayout.uninstall_targets` for this host's purge settings."""
+    return HostLayout.of(settings).uninstall_targets(purge_venvs=settings.purge_venvs, purge_weights=settings.purge_weights)
+
+
 @deploy("Remove the vLLM service")
 def remove(settings: Settings) -> None:
-    """Stop and disable the service, delete its unit, env files and gate; venvs/weights only when purge_* is set."""
-    name = settings.service_name
-    unit_path = f"/etc/systemd/system/{name}.service"
-    systemd.service(name=f"Ensure {name}.service is stopped and disabled", service=f"{name}.service",
-                    running=False, enabled=False)
-    paths = [unit_path, f"{CONFIG_DIR}/{name}.service.prev", f"{CONFIG_DIR}/{name}.env", f"{CONFIG_DIR}/{name}.env.prev",
-             f"{CONFIG_DIR}/{name}.gate.json", f"{settings.base_dir}/state/{name}.gate.log",
-             f"{settings.base_dir}/state/{name}.gate.json"]
-    removed = [files.file(name=f"Ensure {path} is absent", path=path, present=False) for path in paths]
-    systemd.daemon_reload(name="Reload systemd after removing the unit", _if=_changed(*removed))
-    if settings.purge_venvs:
-        files.directory(name=f"Ensure the venvs under {settings.base_dir}/venvs are absent (vllm_purge_venvs)",
-                        path=f"{settings.base_dir}/venvs", present=False)
-    if settings.purge_weights:
-        for sub in ("models", "cache"):
-            files.directory(name=f"Ensure {settings.data_dir}/{sub} is absent (vllm_purge_weights)",
-                            path=f"{settings.data_dir}/{sub}", present=False)
+    """Stop and disable the service and the download unit, then remove what the layout says a deploy created
+    (`removal`): venvs only with vllm_purge_venvs, weights and caches only with vllm_purge_weights."""
+    lay = HostLayout.of(settings)
+    for unit in (lay.unit_name, f"{lay.fetch_unit}.service"):
+        unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
+    removed = []
+    for t in removal(settings):
+        if not t.remove:
+            continue
+        op = files.file if t.kind == "file" else files.directory
+        removed.append(op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False))
+    systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*removed))
+
+
+@operation()
+def unit_stopped(unit: str):
+    """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
+    out = host.get_fact(Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
+                                 f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+                        _sudo=host.data.get("_sudo", False)) or ""
+    seen = dict(line.partition("=")[::2] for line in out.splitlines())
+    running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
+    enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
+    if running:
+        yield StringCommand("systemctl", "stop", unit)
+    if enabled:
+        yield StringCommand("systemctl", "disable", unit)
+    if not running and not enabled:
+        host.noop(f"{unit} is stopped and disabled")

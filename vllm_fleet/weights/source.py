@@ -5,7 +5,7 @@ operations; the host program vllm_fleet/weights/hostprog.py (run by the
 ``{service_name}-fetch`` unit) does the download, the file plan (what to keep,
 re-fetch, hash) and the verification state, reading the JSON `FetchPlan.config`.
 
-Layout on the host, for repo ``Org/Name``:
+Layout on the host, for repo ``Org/Name`` (every path from vllm_fleet/layout.py):
 
     {data_dir}/models/Org/Name           the snapshot directory vLLM gets (config.json in it; never a
                                          huggingface cache root like models--Org--Name)
@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.settings import Settings, WeightsSource
 
 # What the host's fetch venv installs (the version these tests ran against).
@@ -28,7 +29,6 @@ HF_HUB_REQUIREMENT = "huggingface_hub==2.4.0"
 # Added to the fetch venv only when a source is of kind "modelscope" (modelscope delegates its hub calls to
 # modelscope-hub; both pinned to what tests/msmirror was checked with).
 MODELSCOPE_REQUIREMENTS = ("modelscope==1.40.2", "modelscope-hub==0.5.1")
-FETCH_PROGRAM = "fetch_weights.py"
 BACKOFF_MAX_S = 300.0
 
 
@@ -42,22 +42,11 @@ class FetchPlan:
     fetch_dir: str  # {base_dir}/fetch: program + venv
     state_dir: str
     config: dict  # the JSON the host program reads (no secret)
-
-    @property
-    def venv(self) -> str:
-        return f"{self.fetch_dir}/venv"
-
-    @property
-    def program(self) -> str:
-        return f"{self.fetch_dir}/{FETCH_PROGRAM}"
-
-    @property
-    def config_path(self) -> str:
-        return f"{self.state_dir}/fetch.json"
-
-    @property
-    def env_path(self) -> str:
-        return f"/etc/vllm-fleet/{self.unit}.env"
+    venv: str = ""
+    program: str = ""
+    config_path: str = ""
+    env_path: str = ""  # the unit's EnvironmentFile (HF token)
+    unit_path: str = ""
 
     @property
     def modelscope(self) -> bool:
@@ -109,11 +98,12 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
     if not sources:
         return None
     name = _model_name(sources)
+    lay = HostLayout.of(settings)
     if sources[0].kind == "local":
         dest = str(PurePosixPath(sources[0].path))
     else:
-        dest = f"{settings.data_dir}/models/{name}"
-    state_dir = f"{settings.data_dir}/weights-state/{name.replace('/', '--')}"
+        dest = lay.model(name)
+    state_dir = lay.weights_state(name)
     config = {
         "identity": identity(dest, sources),
         "dest": dest,
@@ -126,7 +116,9 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
         "headroom_bytes": settings.disk_headroom_gib * 1024**3,
         "verify": "full" if settings.weights_reverify else "stat",
     }
-    return FetchPlan(sources, dest, f"{settings.service_name}-fetch", f"{settings.base_dir}/fetch", state_dir, config)
+    return FetchPlan(sources, dest, lay.fetch_unit, lay.fetch_dir, state_dir, config, venv=lay.fetch_venv,
+                     program=lay.fetch_program, config_path=lay.fetch_config(name), env_path=lay.fetch_env_file,
+                     unit_path=lay.fetch_unit_path)
 
 
 def check_serve_path(path: str) -> str:
@@ -142,13 +134,14 @@ def check_serve_path(path: str) -> str:
 
 def unit_environment(settings: Settings, plan: FetchPlan) -> list[str]:
     """Environment= lines of the fetch unit (no secret: HF_TOKEN is in the EnvironmentFile)."""
-    env = [f"HF_HOME={settings.data_dir}/cache/huggingface", "HF_HUB_DISABLE_TELEMETRY=1",
+    lay = HostLayout.of(settings)
+    env = [f"HF_HOME={lay.hf_home}", "HF_HUB_DISABLE_TELEMETRY=1",
            "HF_HUB_ENABLE_HF_TRANSFER=0", "PYTHONUNBUFFERED=1"]
     if not settings.hf_xet:
         env.append("HF_HUB_DISABLE_XET=1")
     if plan.modelscope:
         # The unit runs with ProtectHome=yes: the client's cache and its ~/.modelscope go under data_dir.
-        env += [f"MODELSCOPE_CACHE={settings.data_dir}/cache/modelscope", f"HOME={settings.data_dir}/cache/modelscope-home"]
+        env += [f"MODELSCOPE_CACHE={lay.modelscope_cache}", f"HOME={lay.modelscope_home}"]
     return env
 
 

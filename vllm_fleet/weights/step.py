@@ -28,12 +28,13 @@ from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, server, systemd
 
-from vllm_fleet.hostops.operations import mirror_dir
+from vllm_fleet.hostops.operations import managed_files, mirror_dir, secret_file
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import Settings
 
-PROGRAM_SRC = Path(__file__).with_name("hostprog.py")  # installed on the host as wplan.FETCH_PROGRAM
+PROGRAM_SRC = Path(__file__).with_name("hostprog.py")  # installed on the host as HostLayout.fetch_program
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
 POLL_S = 2.0
 PROGRESS_EVERY_S = 5.0
@@ -65,7 +66,7 @@ def source(settings: Settings) -> ModelSource:
         return ModelSource(None, wplan.check_serve_path(plan.serve_path), plan)
     local = Path(settings.model)
     if local.is_dir():
-        return ModelSource(local.resolve(), f"{settings.data_dir}/models/{local.resolve().name}")
+        return ModelSource(local.resolve(), HostLayout.of(settings).model(local.resolve().name))
     return ModelSource(None, "")  # the planner uses the profile's repo id
 
 
@@ -166,6 +167,12 @@ def follow_download(plan: wplan.FetchPlan, timeout_s: int):
     yield FunctionCommand(_wait, (plan, timeout_s, bool(host.data.get("_sudo"))), {})
 
 
+def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
+    """The download unit's EnvironmentFile, a secret file like the service's (`secret_file`)."""
+    token = settings.hf_token.get_secret_value() if settings.hf_token else ""
+    return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
+
+
 def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
     user = settings.service_user
     fact = host.get_fact(FetchState, plan=plan)
@@ -186,19 +193,17 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
         host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
     files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
               user="root", group="root", mode="755")
-    for d in (f"{settings.data_dir}/weights-state", plan.state_dir):
+    for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir):
         files.directory(name=f"Ensure {d} exists for the fetch state", path=d, user=user, group=user, mode="750")
     files.put(name=f"Ensure the fetch config {plan.config_path}",
               src=StringIO(json.dumps(plan.config, indent=1, sort_keys=True) + "\n"),
               dest=plan.config_path, user="root", group=user, mode="640")
-    token = settings.hf_token.get_secret_value() if settings.hf_token else ""
-    files.put(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} (HF token, if any)",
-              src=StringIO(f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n"),
-              dest=plan.env_path, user="root", group=user, mode="640")
+    managed_files(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} is current (HF token; content not shown)",
+                  files=[fetch_env_file(settings, plan)])
     parent = str(Path(plan.serve_path).parent)
     unit = files.template(
         name=f"Ensure the weights download unit {plan.unit}.service",
-        src=str(TEMPLATE), dest=f"/etc/systemd/system/{plan.unit}.service", user="root", group="root", mode="644",
+        src=str(TEMPLATE), dest=plan.unit_path, user="root", group="root", mode="644",
         unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
         config=plan.config_path, run_as=user, python=f"{plan.venv}/bin/python", program=plan.program,
         environment=wplan.unit_environment(settings, plan), env_file=plan.env_path,

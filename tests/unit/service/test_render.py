@@ -154,7 +154,7 @@ def test_render_cli_writes_what_render_returns(tmp_path, monkeypatch, capsys):
     assert rc == 0
     settings = Settings(model=TINY, api_key="x" * 16, gpu_memory_utilization=0.5, port=8101, gpus=[0, 1, 2, 3])
     plan = make_plan(TINY, "4xA800-80G", settings.plan_options("/var/lib/vllm-fleet/models/tiny-minimax-m2"))
-    want = render(settings, plan, "/opt/vllm-fleet/venvs/vllm-0.25.0", systemd_version=252, show_secrets=False)
+    want = render(settings, plan, "/opt/vllm-fleet/venvs/vllm-0.25.0-cu130", systemd_version=252, show_secrets=False)
     assert (tmp_path / "vllm.service").read_text() == want.unit
     assert (tmp_path / "vllm.env").read_text() == want.env
     assert KEY not in (tmp_path / "vllm.env").read_text() + capsys.readouterr().out
