@@ -323,3 +323,21 @@ def test_bad_stack_settings_are_one_clear_error(data, key, words):
         load_settings(data, host="gpu-1")
     text = str(err.value)
     assert text.startswith(f"host gpu-1: {key}=") and words in text and "secret" not in text.split("remedy")[0].replace("secret@", "")
+
+
+def test_state_reads_the_paths_the_layout_sends(tmp_path):
+    """The VenvState fact sends HostLayout.venv_state_paths() as JSON; the program reads only those paths."""
+    from vllm_fleet.layout import HostLayout
+    from vllm_fleet.pyenv.facts import VenvState
+
+    lay = HostLayout("vllm", "vllm", str(tmp_path / "base"), str(tmp_path / "data"))
+    (tmp_path / "base" / "venvs" / "vllm-0.25.0-cpu").mkdir(parents=True)
+    (tmp_path / "base" / "wheelhouse").mkdir()
+    (tmp_path / "base" / "wheelhouse" / "MANIFEST.json").write_text("{}")
+    paths = json.dumps(lay.venv_state_paths(), sort_keys=True)
+    proc = subprocess.run([sys.executable, str(Path(venvctl.__file__)), "state", paths], capture_output=True, text=True,
+                          check=True)
+    state = parse_state(proc.stdout.strip())
+    assert [v.name for v in state.venvs] == ["vllm-0.25.0-cpu"] and state.wheelhouse == {}
+    assert parse_state(proc.stdout.strip()) == parse_state(json.dumps(venvctl.state(str(tmp_path / "base"))))
+    assert VenvState().command(paths).endswith(f"state {__import__('shlex').quote(paths)}")

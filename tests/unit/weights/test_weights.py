@@ -295,3 +295,22 @@ def test_hf_down_falls_back_to_modelscope(ms_mirror, tmp_path, monkeypatch):
     cfg["sources"].insert(0, {"kind": "hf", "repo": repo.REPO_ID, "endpoint": down.url})
     assert run(cfg) == 0
     assert fw.read_json(cfg["state_dir"] + "/state.json", {})["source"] == f"modelscope:{repo.REPO_ID} at {ms_mirror.url}"
+
+
+def test_the_fetch_env_file_is_a_secret_file_like_the_services():
+    """The HF token goes through the one private path (managed_files, secret=True), never files.put + diff."""
+    from vllm_fleet.hostops.operations import secret_file
+    from vllm_fleet.layout import HostLayout
+    from vllm_fleet.weights.step import fetch_env_file
+
+    s = settings(weights_sources=[HF], hf_token="hf_secret_token_value")
+    plan = weights.fetch_plan(s)
+    f = fetch_env_file(s, plan)
+    lay = HostLayout.of(s)
+    assert f.secret and f.path == plan.env_path == lay.fetch_env_file == "/etc/vllm-fleet/vllm-fetch.env"
+    assert (f.user, f.group, f.mode) == ("root", "vllm", "640") == (lambda g: (g.user, g.group, g.mode))(
+        secret_file(lay.env_file, s.service_user, ""))
+    assert f.data() == b"HF_TOKEN=hf_secret_token_value\n" and "hf_secret" not in repr(f)
+    assert (plan.venv, plan.program, plan.config_path, plan.unit_path) == (
+        lay.fetch_venv, lay.fetch_program, lay.fetch_config("MiniMaxAI/MiniMax-M2"), lay.fetch_unit_path)
+    assert plan.config["state_dir"] == lay.weights_state("MiniMaxAI/MiniMax-M2") and plan.serve_path == lay.model("MiniMaxAI/MiniMax-M2")

@@ -1,0 +1,124 @@
+"""vllm_fleet/layout.py: one object owns every path on a host; uninstall's list comes from it."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from vllm_fleet.layout import CONFIG_DIR, UNIT_DIR, HostLayout
+from vllm_fleet.settings import Settings
+
+# Paths that are the same for every service on a host sharing base_dir/data_dir (programs, tools, roots).
+SHARED = {"config_dir", "unit_dir", "base_dir", "data_dir", "home", "bin_dir", "gate_program", "venv_program",
+          "state_dir", "venvs_dir", "uv_dir", "uv", "tool_cache_dir", "uv_cache", "wheelhouse_dir", "src_dir",
+          "fetch_dir", "fetch_program", "fetch_venv", "weights_state_dir", "models_dir", "cache_dir", "vllm_cache",
+          "hf_home", "triton_cache", "torchinductor_cache", "modelscope_cache", "modelscope_home"}
+# Names that are not paths, and the same path under two names on purpose.
+NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs"}
+ALIASES = {"home": "data_dir"}  # the service's HOME is data_dir
+SAMPLE = {"venv": "vllm-0.25.0-cu130", "source_checkout": "vllm-0.25.0-src.v1-cu130", "weights_state": "Org/Name",
+          "fetch_config": "Org/Name", "model": "Org/Name"}
+
+
+def _paths(lay: HostLayout) -> dict[str, str]:
+    """Every path the layout names: its str properties and fields, and its per-name methods on a sample name."""
+    out = {}
+    for name, value in inspect.getmembers(lay):
+        if name.startswith("_") or name in NOT_PATHS:
+            continue
+        if isinstance(value, str):
+            out[name] = value
+        elif name in SAMPLE:
+            out[name] = value(SAMPLE[name])
+        elif name == "prev":  # the gate's last-good copies of this service's unit and env file
+            out["prev"], out["prev_env"] = value(lay.unit_path), value(lay.env_file)
+    return out
+
+
+LAY = HostLayout.of(Settings(model="minimax-m2", service_name="vllm-b", service_user="svc",
+                             base_dir="/srv/base", data_dir="/srv/data"))
+
+
+def test_every_path_is_absolute_and_under_its_root():
+    roots = (CONFIG_DIR, UNIT_DIR, "/srv/base", "/srv/data")
+    for name, path in _paths(LAY).items():
+        assert path.startswith("/") and "//" not in path, (name, path)
+        assert any(path == r or path.startswith(r + "/") for r in roots), (name, path)
+    assert set(SAMPLE) | {"prev", "unit_path", "env_file", "gate_config", "fetch_env_file"} <= set(_paths(LAY))
+
+
+def test_no_two_purposes_share_a_path():
+    seen: dict[str, str] = {}
+    for name, path in sorted(_paths(LAY).items()):
+        if name in ALIASES:
+            assert path == _paths(LAY)[ALIASES[name]]
+            continue
+        assert path not in seen, f"{name} and {seen.get(path)} are both {path}"
+        seen[path] = name
+
+
+def test_per_service_paths_carry_the_service_name_and_two_services_share_none():
+    other = HostLayout.of(Settings(model="minimax-m2", service_name="vllm-c", base_dir="/srv/base", data_dir="/srv/data"))
+    mine, theirs = _paths(LAY), _paths(other)
+    for name, path in mine.items():
+        if name in SHARED or name in SAMPLE:
+            continue
+        assert "vllm-b" in path.rsplit("/", 1)[-1], (name, path)
+        assert theirs[name] != path, name
+
+
+def test_the_paths_hosts_already_have_are_unchanged():
+    lay = HostLayout.of(Settings(model="minimax-m2"))
+    assert (lay.unit_path, lay.env_file, lay.gate_config, lay.gate_program, lay.gate_state, lay.gate_log) == (
+        "/etc/systemd/system/vllm.service", "/etc/vllm-fleet/vllm.env", "/etc/vllm-fleet/vllm.gate.json",
+        "/opt/vllm-fleet/bin/vllm-fleet-gate", "/opt/vllm-fleet/state/vllm.gate.json", "/opt/vllm-fleet/state/vllm.gate.log")
+    assert (lay.fetch_unit_path, lay.fetch_env_file, lay.fetch_program, lay.fetch_venv) == (
+        "/etc/systemd/system/vllm-fetch.service", "/etc/vllm-fleet/vllm-fetch.env",
+        "/opt/vllm-fleet/fetch/fetch_weights.py", "/opt/vllm-fleet/fetch/venv")
+    assert lay.fetch_config("Org/Name") == "/var/lib/vllm-fleet/weights-state/Org--Name/fetch.json"
+    assert (lay.venv("vllm-0.25.0-cu130"), lay.uv, lay.uv_cache, lay.wheelhouse_dir, lay.source_checkout("x")) == (
+        "/opt/vllm-fleet/venvs/vllm-0.25.0-cu130", "/opt/vllm-fleet/uv/bin/uv", "/opt/vllm-fleet/cache/uv",
+        "/opt/vllm-fleet/wheelhouse", "/opt/vllm-fleet/src/x")
+    assert (lay.model("Org/Name"), lay.hf_home, lay.vllm_cache, lay.weights_pending, lay.prev(lay.env_file)) == (
+        "/var/lib/vllm-fleet/models/Org/Name", "/var/lib/vllm-fleet/cache/huggingface", "/var/lib/vllm-fleet/cache/vllm",
+        "/opt/vllm-fleet/state/vllm.weights-pending", "/etc/vllm-fleet/vllm.env.prev")
+
+
+def _covered(path: str, targets) -> list:
+    """The targets that decide `path`: itself, or a directory above it."""
+    return [t for t in targets if path == t.path or (t.kind == "directory" and path.startswith(t.path + "/"))]
+
+
+@pytest.mark.parametrize("purge_venvs,purge_weights", [(False, False), (True, False), (False, True), (True, True)])
+def test_uninstall_decides_every_path_the_layout_names(purge_venvs, purge_weights):
+    targets = LAY.uninstall_targets(purge_venvs=purge_venvs, purge_weights=purge_weights)
+    assert len({t.path for t in targets}) == len(targets)
+    for name, path in _paths(LAY).items():
+        if name == "unit_dir":
+            continue  # /etc/systemd/system is the system's, not ours
+        deciding = _covered(path, targets)
+        assert deciding, f"uninstall neither removes nor keeps {name} ({path})"
+        innermost = max(deciding, key=lambda t: len(t.path))
+        assert innermost.remove or innermost.why.startswith("kept:"), (name, innermost)
+
+
+def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
+    def removed(**kw):
+        return {t.path for t in LAY.uninstall_targets(**kw) if t.remove}
+
+    always = {LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config, LAY.gate_state,
+              LAY.gate_log, LAY.weights_pending, LAY.prev(LAY.unit_path), LAY.prev(LAY.env_file), LAY.fetch_dir,
+              LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program}
+    assert removed() == always
+    assert removed(purge_venvs=True) == always | {LAY.venvs_dir, LAY.src_dir, LAY.uv_cache}
+    assert removed(purge_weights=True) == always | {LAY.models_dir, LAY.cache_dir}
+    kept = {t.path for t in LAY.uninstall_targets() if not t.remove}
+    assert {LAY.base_dir, LAY.data_dir, LAY.config_dir, LAY.bin_dir, LAY.state_dir} <= kept
+
+
+def test_uninstall_step_removes_the_layouts_list():
+    from vllm_fleet.service.step import removal
+
+    s = Settings(model="minimax-m2", purge_weights=True)
+    assert removal(s) == HostLayout.of(s).uninstall_targets(purge_weights=True)
