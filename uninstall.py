@@ -1,10 +1,11 @@
 """The way back: stop and remove the vLLM service; venvs and weights only when asked.
 
-    pyinfra inventory/prod.py uninstall.py                               # service, unit, env file, gate
-    pyinfra inventory/prod.py uninstall.py --data vllm_purge_venvs=True  # + the venvs under base_dir
+    pyinfra inventory/prod.py uninstall.py                               # units, env files, gate, fetch, uv, wheelhouse, weights state
+    pyinfra inventory/prod.py uninstall.py --data vllm_purge_venvs=True  # + the venvs, source checkouts and uv cache under base_dir
     pyinfra inventory/prod.py uninstall.py --data vllm_purge_weights=True  # + weights and caches under data_dir
 
-The service user and the directories stay (vllm_fleet/account/step.py owns them).
+What is removed is `HostLayout.uninstall_targets` (vllm_fleet/layout.py), one list. The service user and
+its directories stay (vllm_fleet/account/step.py owns them).
 """
 
 from pyinfra import host
