@@ -262,14 +262,34 @@ class HostLayout:
                 (self.data_dir, u, u, "750"), (self.models_dir, u, u, "750"), (self.cache_dir, u, u, "750"),
                 (self.config_dir, "root", u, "750")]
 
-    def uninstall_targets(self, *, purge_venvs: bool = False, purge_weights: bool = False) -> list[Target]:
+    def deployed_services(self, gate_configs: list[str]) -> list[str]:
+        """Service names from the gate configs found in config_dir (every deployed service has one)."""
+        out = []
+        for path in gate_configs:
+            name = path.rsplit("/", 1)[-1]
+            if path.startswith(self.config_dir + "/") and name.endswith(".gate.json"):
+                out.append(name.removesuffix(".gate.json"))
+        return sorted(set(out))
+
+    def uninstall_targets(self, *, purge_venvs: bool = False, purge_weights: bool = False,
+                          others: list[str] | tuple[str, ...] = ()) -> list[Target]:
         """Every path a deploy creates, each removed by uninstall or kept on purpose (with the reason).
+
+        + others: other services deployed on this host (sharing base_dir and data_dir): the shared
+          tooling (programs, download worker, uv, wheelhouse, weights state) stays for them. The purge_*
+          settings are explicit and remove their trees regardless.
 
         Units first (they are stopped and disabled before), then files, then directories.
         """
         kept_venvs = "kept: set vllm_purge_venvs"
         kept_weights = "kept: set vllm_purge_weights"
         account = "kept: the account's directory (the service user and its directories stay)"
+        shared = not others
+        in_use = f"kept: also used by {', '.join(others)} on this host"
+
+        def tool(path: str, kind: str, why: str) -> Target:
+            return Target(path, kind, shared, why if shared else in_use)
+
         t = [
             Target(self.unit_path, "file", True, "the service unit"),
             Target(self.fetch_unit_path, "file", True, "the weights download unit"),
@@ -281,12 +301,12 @@ class HostLayout:
             Target(self.gate_state, "file", True, "the gate's last verdict"),
             Target(self.gate_log, "file", True, "the gate's log"),
             Target(self.weights_pending, "file", True, "the held-back-restart marker"),
-            Target(self.gate_program, "file", True, "the gate program"),
-            Target(self.venv_program, "file", True, "the venv program"),
-            Target(self.fetch_dir, "directory", True, "the download worker and its venv"),
-            Target(self.uv_dir, "directory", True, "the bootstrap venv holding uv"),
-            Target(self.wheelhouse_dir, "directory", True, "the pushed wheelhouse"),
-            Target(self.weights_state_dir, "directory", True, "the download state and configs"),
+            tool(self.gate_program, "file", "the gate program"),
+            tool(self.venv_program, "file", "the venv program"),
+            tool(self.fetch_dir, "directory", "the download worker and its venv"),
+            tool(self.uv_dir, "directory", "the bootstrap venv holding uv"),
+            tool(self.wheelhouse_dir, "directory", "the pushed wheelhouse"),
+            tool(self.weights_state_dir, "directory", "the download state and configs"),
             # A source venv is installed editable from its checkout: the checkouts go with the venvs.
             Target(self.src_dir, "directory", purge_venvs, "source checkouts of the venvs" if purge_venvs else kept_venvs),
             Target(self.uv_cache, "directory", purge_venvs, "uv's cache" if purge_venvs else kept_venvs),

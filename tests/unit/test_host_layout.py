@@ -90,9 +90,10 @@ def _covered(path: str, targets) -> list:
     return [t for t in targets if path == t.path or (t.kind == "directory" and path.startswith(t.path + "/"))]
 
 
+@pytest.mark.parametrize("others", [(), ("vllm-c",)])
 @pytest.mark.parametrize("purge_venvs,purge_weights", [(False, False), (True, False), (False, True), (True, True)])
-def test_uninstall_decides_every_path_the_layout_names(purge_venvs, purge_weights):
-    targets = LAY.uninstall_targets(purge_venvs=purge_venvs, purge_weights=purge_weights)
+def test_uninstall_decides_every_path_the_layout_names(purge_venvs, purge_weights, others):
+    targets = LAY.uninstall_targets(purge_venvs=purge_venvs, purge_weights=purge_weights, others=others)
     assert len({t.path for t in targets}) == len(targets)
     for name, path in _paths(LAY).items():
         if name == "unit_dir":
@@ -122,3 +123,13 @@ def test_uninstall_step_removes_the_layouts_list():
 
     s = Settings(model="minimax-m2", purge_weights=True)
     assert removal(s) == HostLayout.of(s).uninstall_targets(purge_weights=True)
+
+
+def test_uninstall_keeps_the_shared_tooling_while_another_service_is_deployed():
+    found = ["/etc/vllm-fleet/vllm-b.gate.json", "/etc/vllm-fleet/vllm-c.gate.json", "/etc/other/x.gate.json"]
+    assert LAY.deployed_services(found) == ["vllm-b", "vllm-c"]
+    targets = {t.path: t for t in LAY.uninstall_targets(others=["vllm-c"])}
+    for path in (LAY.gate_program, LAY.venv_program, LAY.fetch_dir, LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir):
+        assert not targets[path].remove and targets[path].why == "kept: also used by vllm-c on this host"
+    for path in (LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config):
+        assert targets[path].remove

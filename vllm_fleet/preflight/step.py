@@ -84,7 +84,7 @@ def _weights_present(settings: Settings, snap: Snapshot, fetch, weights_bytes: i
 
 def _ours(settings: Settings) -> preflight.Ours:
     """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
-    unit, user, port = f"{settings.service_name}.service", settings.service_user, settings.port
+    unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, settings.port
     out = host.get_fact(Command, (
         f"pid=$(systemctl show -p MainPID --value {unit} 2>/dev/null); "
         f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then cg=$(sed -n "s/^0:://p" /proc/$pid/cgroup); '

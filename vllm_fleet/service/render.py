@@ -1,6 +1,6 @@
 """Render the vLLM unit and its env file from Settings + Plan: pure, the same text the deploy installs.
 
-    files = render(settings, plan, venv_path="/opt/vllm-fleet/venvs/vllm-0.25.0")
+    files = render(settings, plan, venv_path="/opt/vllm-fleet/venvs/vllm-0.25.0-cu130")
     files.unit          # /etc/systemd/system/<service>.service
     files.env           # /etc/vllm-fleet/<service>.env  (secrets)
     render(..., show_secrets=False).env   # the same with placeholders, for display

@@ -183,8 +183,7 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
             _if=lambda: pending or changed(),
             _serial=True,
         )
-    unit_enabled(name=f"Ensure {settings.service_name}.service starts at boot",
-                 service=f"{settings.service_name}.service", enabled=enabled)
+    unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
 
 
 @operation()
@@ -196,9 +195,18 @@ def unit_enabled(service: str, enabled: bool):
         yield StringCommand("systemctl", "enable", service)
 
 
-def removal(settings: Settings):
-    """What uninstall removes and keeps: `HostLayout.uninstall_targets` for this host's purge settings."""
-    return HostLayout.of(settings).uninstall_targets(purge_venvs=settings.purge_venvs, purge_weights=settings.purge_weights)
+def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
+    """What uninstall removes and keeps: `HostLayout.uninstall_targets` for this host's purge settings and the
+    other services deployed on it."""
+    return HostLayout.of(settings).uninstall_targets(purge_venvs=settings.purge_venvs, purge_weights=settings.purge_weights,
+                                                     others=others)
+
+
+def _other_services(lay: HostLayout) -> list[str]:
+    """Other services deployed on this host (their gate configs in config_dir); no operation of uninstall changes them."""
+    out = host.get_fact(Command, f"ls -1 {lay.config_dir}/*.gate.json 2>/dev/null; true",
+                        _sudo=host.data.get("_sudo", False)) or ""
+    return [n for n in lay.deployed_services(out.split()) if n != lay.service]
 
 
 @deploy("Remove the vLLM service")
@@ -206,15 +214,21 @@ def remove(settings: Settings) -> None:
     """Stop and disable the service and the download unit, then remove what the layout says a deploy created
     (`removal`): venvs only with vllm_purge_venvs, weights and caches only with vllm_purge_weights."""
     lay = HostLayout.of(settings)
+    others = _other_services(lay)
+    if others:
+        logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
+                    f"download worker, uv, wheelhouse and weights state stay")
     for unit in (lay.unit_name, f"{lay.fetch_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
-    removed = []
-    for t in removal(settings):
+    units = []
+    for t in removal(settings, others):
         if not t.remove:
             continue
         op = files.file if t.kind == "file" else files.directory
-        removed.append(op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False))
-    systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*removed))
+        meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
+        if t.path in (lay.unit_path, lay.fetch_unit_path):
+            units.append(meta)
+    systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 
 
 @operation()
