@@ -99,7 +99,7 @@ def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
         "TRITON_CACHE_DIR": f"{cache}/triton",
         "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
     })
-    if plan.argv[2].startswith("/"):
+    if plan.model_path.startswith("/"):
         # The weights are a directory on the host (the weights role put them there): vLLM needs
         # no hub, and on air-gapped hosts a hub lookup only waits for timeouts (found on the
         # GPU validation host, docs/gpu-validation.md).
@@ -172,22 +172,11 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
     return Rendered(f"{UNIT_DIR}/{unit_name}", unit, env_path, env)
 
 
-def _flag(plan: Plan, name: str) -> str | None:
-    """The value of ``name`` in the plan's argv (None when absent)."""
-    argv = plan.argv
-    for i, word in enumerate(argv):
-        if word == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith(name + "="):
-            return word.split("=", 1)[1]
-    return None
-
-
 def served_name(plan: Plan) -> str:
-    """The model id clients send (--served-model-name, else the model argument)."""
-    return _flag(plan, "--served-model-name") or plan.argv[2]
+    """The model id clients send (the plan's --served-model-name)."""
+    return plan.served_model_name
 
 
 def uses_append_think(plan: Plan) -> bool:
     """True when the plan serves with minimax_m2_append_think (the gate then checks <think> in content)."""
-    return _flag(plan, "--reasoning-parser") == "minimax_m2_append_think"
+    return plan.reasoning_parser == "minimax_m2_append_think"
