@@ -160,12 +160,11 @@ OPTIONS: tuple[Option, ...] = (
            'True = --compilation-config {"cudagraph_mode": "PIECEWISE"} '
            '(fixes "CUDA error: an illegal memory access")'),
     Option("nvlink_multicast", None, bool, True,
-           "NVLink multicast (NCCL NVLS, PyTorch/NVSHMEM symmetric memory, vLLM's symm-mem all-reduce) as vLLM "
-           "and NCCL choose; False = off (NCCL_NVLS_ENABLE=0 and three more variables) where it fails, "
-           "docs/planner.md", cli=False),
+           "NVLink multicast as NCCL, PyTorch, NVSHMEM and vLLM choose; False = off (NCCL_NVLS_ENABLE=0 "
+           "and 3 more variables) where it fails, docs/planner.md", cli=False),
     Option("flashinfer_sampler", None, bool, True,
-           "top-k/top-p sampler as vLLM chooses (FlashInfer's where it picks it); False = "
-           "VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler, for a venv without FlashInfer", cli=False),
+           "top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler "
+           "(a venv without FlashInfer)", cli=False),
     Option("bind_host", "--host", str, "127.0.0.1",
            "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host),
     Option("port", "--port", int, 8100,
