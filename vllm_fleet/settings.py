@@ -34,7 +34,8 @@ from vllm_fleet.versions import VLLM_VERSION
 
 PREFIX = "vllm_"
 
-_SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
+# Secret variables: the secret rows' own (VLLM_API_KEY, HF_TOKEN) and the hubs' other token variables.
+_SECRET_ENV = (*(r.env for r in vllm_options.rows(secret=True) if r.env), "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
 _PY_RE = re.compile(r"^3\.(\d{1,2})$")
@@ -378,7 +379,7 @@ def _model_problems(settings: Settings) -> list[Problem]:
 
 def _shown(name: str, value: object) -> object:
     """A value as it may appear in an error: secrets, and argv/env that may hold one, masked."""
-    if name in ("api_key", "hf_token"):
+    if name in {r.key for r in vllm_options.rows(secret=True)}:
         return "***"
     if name == "extra_args" and isinstance(value, list):
         out, hide, secrets = [], False, vllm_options.secret_flags()

@@ -55,6 +55,8 @@ class Option:
     owner: Literal["plan", "free"] = "plan"
     secret: bool = False
     """The value is a secret: never a setting that reaches argv; the flag is refused in extra args."""
+    env: str | None = None
+    """A secret's environment variable: the service gets it from its EnvironmentFile instead of the flag."""
     aliases: tuple[str, ...] = ()
     """Other spellings of the flag vLLM accepts (e.g. -tp); also CLI aliases."""
     ge: float | None = None
@@ -171,10 +173,10 @@ OPTIONS: tuple[Option, ...] = (
            "TCP port vLLM listens on (preflight fails if another process owns it)", ge=1, le=65535),
     Option("api_key", "--api-key", SecretStr | None, None,
            "API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs",
-           secret=True, check=_check_api_key, cli=False),
+           secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),
     Option("hf_token", "--hf-token", SecretStr | None, None,
            "Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)",
-           secret=True, cli=False),
+           secret=True, env="HF_TOKEN", cli=False),
 )
 
 # Flags no row sets but something else owns: refused in extra args, with where to set them instead.

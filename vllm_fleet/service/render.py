@@ -19,6 +19,7 @@ from pathlib import Path
 import jinja2
 
 from vllm_fleet.errors import FleetError
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.plan import Plan
 from vllm_fleet.settings import Settings
 
@@ -161,12 +162,12 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         device_allow=DEVICE_ALLOW,
     )
     secrets = []
-    for var, setting, value in (("VLLM_API_KEY", "vllm_api_key", settings.api_key),
-                                ("HF_TOKEN", "vllm_hf_token", settings.hf_token)):
-        if value is None:
+    for row in serve_options.rows(secret=True):  # the secret rows of the options table, by their variable
+        value = getattr(settings, row.key)
+        if value is None or row.env is None:
             continue
-        shown = value.get_secret_value() if show_secrets else PLACEHOLDER.format(setting=setting)
-        secrets.append((var, env_file_value(var, shown)))
+        shown = value.get_secret_value() if show_secrets else PLACEHOLDER.format(setting=f"vllm_{row.key}")
+        secrets.append((row.env, env_file_value(row.env, shown)))
     env = jinja.get_template("vllm.env.j2").render(env_file=env_path, unit_name=unit_name, user=settings.service_user,
                                                    secrets=secrets)
     return Rendered(f"{UNIT_DIR}/{unit_name}", unit, env_path, env)
