@@ -180,7 +180,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 # Flags no row sets but something else owns: refused in extra args, with where to set them instead.
-OTHER_OWNED_FLAGS = {"--trust-remote-code": "the model profile (models/*.yaml)"}
+TRUST_REMOTE_CODE = "--trust-remote-code"  # the profile's trust_remote_code (planner/plan.py renders it)
+OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)"}
 
 
 def rows(*, secret: bool | None = None, owner: str | None = None, cli: bool | None = None) -> tuple[Option, ...]:

@@ -591,7 +591,7 @@ def _flags(profile: Profile, layout: Layout, options: PlanOptions, max_len: int,
     flags.append(Flag(f("gpu_memory_utilization"), f"{options.gpu_memory_utilization:g}", "fraction of each GPU vLLM may use"))
     flags += [Flag(name, value, reason) for name, value, reason in serve_options.free_flags(options)]
     if profile.trust_remote_code:
-        flags.append(Flag("--trust-remote-code", None, "the checkpoint ships custom code that vLLM must load"))
+        flags.append(Flag(serve_options.TRUST_REMOTE_CODE, None, "the checkpoint ships custom code that vLLM must load"))
     if profile.tool_call_parser:
         flags.append(Flag("--enable-auto-tool-choice", None, "let the model decide when to call tools"))
         flags.append(Flag("--tool-call-parser", profile.tool_call_parser, "parses this model's tool-call format"))
