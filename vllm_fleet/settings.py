@@ -145,9 +145,6 @@ class Settings(_ServeOptions):
             raise ValueError(f"lists GPU {dups[0]} twice|list each GPU index once")
         return v
 
-
-
-
     @field_validator("service_user")
     @classmethod
     def _user(cls, v: str) -> str:

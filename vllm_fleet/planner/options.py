@@ -160,7 +160,7 @@ OPTIONS: tuple[Option, ...] = (
            "reasoning parser; None = the profile's default (minimax_m2_append_think keeps <think> in content)"),
     Option("cudagraph_piecewise", "--compilation-config", bool, False,
            'True = --compilation-config {"cudagraph_mode": "PIECEWISE"} '
-           '(fixes "CUDA error: an illegal memory access")'),
+           '(fixes "CUDA error: an illegal memory access")', aliases=("-cc",)),
     Option("nvlink_multicast", None, bool, True,
            "NVLink multicast as NCCL, PyTorch, NVSHMEM and vLLM choose; False = off (NCCL_NVLS_ENABLE=0 "
            "and 3 more variables) where it fails, docs/planner.md", cli=False),
@@ -241,9 +241,14 @@ def _validator(r: Option, separator: str) -> Any:
 # --------------------------------------------------------------------------------- CLI --
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per CLI row: ``--dashed-key`` (plus the flag's short aliases), help = the description."""
+    """One option per CLI row: ``--dashed-key``, help = the description.
+
+    Where the option is the vLLM flag itself (``--tensor-parallel-size``), the flag's aliases
+    (``-tp``) are CLI aliases too; where it is not (``--cudagraph-piecewise`` renders
+    ``--compilation-config``, alias ``-cc``), they are not.
+    """
     for r in rows(cli=True):
-        names = [r.cli_option, *(a for a in r.aliases if not a.startswith("--"))]
+        names = [r.cli_option, *(r.aliases if r.cli_option == r.flag else ())]
         help_text = r.description.replace("%", "%%")
         base = _base_type(r.type)
         if base is bool:
