@@ -299,8 +299,15 @@ def secret_flags() -> tuple[str, ...]:
 
 
 def owned_flags() -> dict[str, str]:
-    """Flags extra args may not set -> the setting (or place) that sets them instead."""
+    """Flags extra args may not set -> the setting (or place) that sets them instead.
+
+    Every spelling of every row's flag (secrets excepted: `secret_flags`), a boolean's
+    ``--no-`` twin, and the flags set from elsewhere (OTHER_OWNED_FLAGS).
+    """
     out = {f: "vllm_" + r.key for r in rows(secret=False) for f in r.flags}
+    for r in rows(secret=False):  # vLLM's boolean flags have a --no- twin (BooleanOptionalAction)
+        if _base_type(r.type) is bool and r.flag is not None and r.flag.startswith("--"):
+            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)
     out.update(OTHER_OWNED_FLAGS)
     return out
 

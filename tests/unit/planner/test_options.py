@@ -113,6 +113,12 @@ def test_an_owned_flag_in_extra_args_names_its_setting_in_every_spelling(key, fl
             load_settings({"vllm_extra_args": words}, host="h")
 
 
+@pytest.mark.parametrize("words", [["--no-enforce-eager"], ["--no-enable-expert-parallel"], ["--no_enforce_eager"]])
+def test_the_no_twin_of_a_boolean_flag_is_owned_too(words):
+    with pytest.raises(SettingsError, match="which the plan owns"):
+        load_settings({"vllm_extra_args": words})
+
+
 def test_other_flags_pass_in_extra_args():
     s = load_settings({"vllm_extra_args": ["--enable-prefix-caching", "--swap-space", "4", "-O3"]})
     assert s.extra_args == ["--enable-prefix-caching", "--swap-space", "4", "-O3"]
