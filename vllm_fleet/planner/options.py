@@ -20,7 +20,8 @@ given, ``flag value`` (``flag`` alone for a boolean) when it differs from the de
 Adding a vLLM flag is one row here (plus planner logic when the plan decides it).
 
 The table is read when the models are built (import of settings.py and planner/plan.py) and
-when flags are rendered or checked, never copied elsewhere.
+when flags are rendered or checked, never copied elsewhere (the vLLM test double keeps its own
+parser, as vLLM does; tests/unit/test_vllm_double.py checks it takes every row's flag).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Option:
     env: str | None = None
     """A secret's environment variable: the service gets it from its EnvironmentFile instead of the flag."""
     aliases: tuple[str, ...] = ()
-    """Other spellings of the flag vLLM accepts (e.g. -tp); also CLI aliases."""
+    """Other spellings of the flag vLLM accepts (-tp, -cc); CLI aliases where the CLI option is the flag."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
