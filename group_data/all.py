@@ -17,30 +17,30 @@ from vllm_fleet.versions import VLLM_VERSION
 vllm_model = "minimax-m2"                # model profile in models/*.yaml, or a local dir holding config.json
 vllm_served_model_name = None            # name clients send as "model"; None = the profile name
 vllm_gpus = None                         # GPU indices to use, e.g. [1, 3, 4, 5] -> CUDA_VISIBLE_DEVICES; None = all
-vllm_tensor_parallel_size = None         # TP size; None = all selected GPUs / (PP x DP)
+vllm_tensor_parallel_size = None         # TP size; None = the planner picks (all selected GPUs / (PP x DP))
 vllm_pipeline_parallel_size = 1          # PP size (layers split across GPUs / nodes)
 vllm_data_parallel_size = 1              # DP size (replicas; with expert parallel for MoE: DP+EP)
 vllm_enable_expert_parallel = None       # expert parallel for MoE; None = the planner's layout rules decide
-vllm_max_model_len = "auto"              # context length; "auto" = the largest that fits the KV cache
-vllm_kv_cache_dtype = "auto"             # auto (model dtype) | bf16 | fp8 (halves KV memory, small quality cost)
-vllm_block_size = None                   # KV block size in tokens; None = vLLM's default
-vllm_gpu_memory_utilization = 0.9        # fraction of each GPU vLLM may take (lower it if others share the GPU)
-vllm_kv_cache_memory_bytes = None        # fixed KV cache bytes per GPU instead of utilization-derived
+vllm_max_model_len = "auto"              # context length to serve; "auto" = the largest that fits in the KV cache
+vllm_kv_cache_dtype = "auto"             # KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)
+vllm_block_size = None                   # KV cache block size in tokens (a power of two); None = vLLM's default
+vllm_gpu_memory_utilization = 0.9        # fraction of each GPU's memory vLLM may use (lower it if others share the GPU)
+vllm_kv_cache_memory_bytes = None        # fixed KV cache bytes per GPU (vLLM semantics; overrides gpu_memory_utilization for KV)
 vllm_max_num_seqs = None                 # most sequences per batch; None = vLLM's default for the GPU
 vllm_max_num_batched_tokens = None       # most tokens per batch; None = vLLM's default for the GPU
 vllm_enforce_eager = False               # True = no CUDA graphs / torch.compile (faster start, slower serving)
-vllm_reasoning_parser = None             # None = profile default (minimax_m2_append_think keeps <think> in content)
-vllm_cudagraph_piecewise = False         # True = cudagraph_mode PIECEWISE (fixes "CUDA error: an illegal memory access")
-vllm_nvlink_multicast = True             # NVLink multicast as NCCL/PyTorch/vLLM choose; False = off (4 env vars) where NCCL NVLS fails, docs/planner.md
-vllm_flashinfer_sampler = True           # sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0 (a venv without FlashInfer)
+vllm_reasoning_parser = None             # reasoning parser; None = the profile's default (minimax_m2_append_think keeps <think> in content)
+vllm_cudagraph_piecewise = False         # True = --compilation-config {"cudagraph_mode": "PIECEWISE"} (fixes "CUDA error: an illegal memory access")
+vllm_nvlink_multicast = True             # NVLink multicast as NCCL, PyTorch, NVSHMEM and vLLM choose; False = off (NCCL_NVLS_ENABLE=0 and 3 more variables) where it fails, docs/planner.md
+vllm_flashinfer_sampler = True           # top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (a venv without FlashInfer)
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
 
 # -- the service --
-vllm_bind_host = "127.0.0.1"             # listen address; anything but loopback requires vllm_api_key
-vllm_port = 8100                         # listen port (preflight fails if another process owns it)
-vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key; kept in a 0640 EnvironmentFile, never in argv/logs
-vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos (same handling)
+vllm_bind_host = "127.0.0.1"             # address vLLM listens on; anything but loopback requires vllm_api_key
+vllm_port = 8100                         # TCP port vLLM listens on (preflight fails if another process owns it)
+vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs
+vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)
 vllm_service_user = "vllm"               # unprivileged system user running vLLM
 vllm_service_name = "vllm"               # systemd unit name (vllm.service)
 vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs

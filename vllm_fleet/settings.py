@@ -23,43 +23,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from vllm_fleet.errors import Problem, SettingsError
+from vllm_fleet.planner import options as vllm_options
 from vllm_fleet.versions import VLLM_VERSION
 
 PREFIX = "vllm_"
 
-# Flags the plan owns: setting them through extra_args would fight the plan.
-_PLAN_OWNED_FLAGS = {
-    "--host": "vllm_bind_host",
-    "--port": "vllm_port",
-    "--tensor-parallel-size": "vllm_tensor_parallel_size",
-    "-tp": "vllm_tensor_parallel_size",
-    "--pipeline-parallel-size": "vllm_pipeline_parallel_size",
-    "-pp": "vllm_pipeline_parallel_size",
-    "--data-parallel-size": "vllm_data_parallel_size",
-    "-dp": "vllm_data_parallel_size",
-    "--enable-expert-parallel": "vllm_enable_expert_parallel",
-    "--max-model-len": "vllm_max_model_len",
-    "--kv-cache-dtype": "vllm_kv_cache_dtype",
-    "--block-size": "vllm_block_size",
-    "--gpu-memory-utilization": "vllm_gpu_memory_utilization",
-    "--kv-cache-memory-bytes": "vllm_kv_cache_memory_bytes",
-    "--served-model-name": "vllm_served_model_name",
-    "--reasoning-parser": "vllm_reasoning_parser",
-    "--max-num-seqs": "vllm_max_num_seqs",
-    "--max-num-batched-tokens": "vllm_max_num_batched_tokens",
-    "--enforce-eager": "vllm_enforce_eager",
-    "--compilation-config": "vllm_cudagraph_piecewise",
-    "--trust-remote-code": "the model profile (models/*.yaml)",
-}
-_SECRET_FLAGS = ("--api-key", "--hf-token")
-_SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
+# Secret variables: the secret rows' own (VLLM_API_KEY, HF_TOKEN) and the hubs' other token variables.
+_SECRET_ENV = (*(r.env for r in vllm_options.rows(secret=True) if r.env), "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
 _PY_RE = re.compile(r"^3\.(\d{1,2})$")
@@ -89,39 +65,27 @@ class WeightsSource(BaseModel):
         return self
 
 
-class Settings(BaseModel):
-    """Everything a user can tune for one host. Field names are host-data keys without `vllm_`."""
+# The fields of the `vllm serve` options: one per row of vllm_fleet/planner/options.py (type,
+# default, bounds, description, check), inherited by Settings.
+_ServeOptions = vllm_options.model("ServeOptions", vllm_options.OPTIONS)
+
+
+class Settings(_ServeOptions):
+    """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
+
+    The `vllm serve` options (served_model_name, layout sizes, max_model_len, ..., bind_host, port,
+    api_key, hf_token) are inherited: their fields come from the table in vllm_fleet/planner/options.py.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    # -- the model and how it is laid out on the GPUs (decided by the planner) --
+    # -- the model (how it is laid out on the GPUs: the options table) --
     model: str = Field("minimax-m2", description="model profile name from models/*.yaml, or a local directory holding a config.json")
-    served_model_name: str | None = Field(None, description="name clients use in the API (default: the profile name)")
     gpus: list[int] | None = Field(None, description="GPU indices to use, e.g. [1, 3, 4, 5] (becomes CUDA_VISIBLE_DEVICES); None = all GPUs")
-    tensor_parallel_size: int | None = Field(None, ge=1, description="tensor parallel size; None = the planner picks (all selected GPUs / PP / DP)")
-    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline parallel size")
-    data_parallel_size: int = Field(1, ge=1, description="data parallel size")
-    enable_expert_parallel: bool | None = Field(None, description="expert parallelism for MoE models; None = the planner decides from the layout rules")
-    max_model_len: int | Literal["auto"] = Field("auto", description='context length to serve; "auto" = the largest that fits in the KV cache')
-    kv_cache_dtype: Literal["auto", "bfloat16", "bf16", "float16", "fp16", "half", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field("auto", description="KV cache dtype; auto = the model's dtype")
-    block_size: int | None = Field(None, description="KV cache block size in tokens (None = vLLM's default)")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="fraction of each GPU's memory vLLM may use")
-    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="fixed KV cache size per GPU in bytes (overrides gpu_memory_utilization for KV)")
-    max_num_seqs: int | None = Field(None, ge=1, description="most sequences in one batch (None = vLLM's default for the GPU)")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="most tokens in one batch (None = vLLM's default for the GPU)")
-    enforce_eager: bool = Field(False, description="no CUDA graphs, no torch.compile: faster start, slower serving")
-    reasoning_parser: str | None = Field(None, description="reasoning parser (None = the profile's default)")
-    cudagraph_piecewise: bool = Field(False, description='use --compilation-config {"cudagraph_mode": "PIECEWISE"} (fix for "CUDA error: an illegal memory access")')
-    nvlink_multicast: bool = Field(True, description="NVLink multicast (NCCL NVLS, PyTorch/NVSHMEM symmetric memory, vLLM's symm-mem all-reduce) as vLLM and NCCL choose; False = switch it off (NCCL_NVLS_ENABLE=0 and three more variables) where it fails")
-    flashinfer_sampler: bool = Field(True, description="leave the top-k/top-p sampler to vLLM (FlashInfer's where vLLM picks it); False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler, for a venv without FlashInfer")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 
     # -- the service --
-    bind_host: str = Field("127.0.0.1", description="address vLLM listens on; a non-loopback address needs vllm_api_key")
-    port: int = Field(8100, ge=1, le=65535, description="TCP port vLLM listens on")
-    api_key: SecretStr | None = Field(None, description="API key clients must send; lives only in the service's EnvironmentFile")
-    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated repos; lives only in an EnvironmentFile")
     service_user: str = Field("vllm", description="unprivileged system user the service runs as")
     service_name: str = Field("vllm", description="systemd unit name (without .service)")
     base_dir: str = Field("/opt/vllm-fleet", description="venvs and the toolkit's programs on the host")
@@ -179,29 +143,6 @@ class Settings(BaseModel):
         dups = sorted({i for i in v if v.count(i) > 1})
         if dups:
             raise ValueError(f"lists GPU {dups[0]} twice|list each GPU index once")
-        return v
-
-    @field_validator("max_model_len")
-    @classmethod
-    def _max_len(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 16:
-            raise ValueError('is too small to serve anything|use "auto" or a length such as 131072')
-        return v
-
-    @field_validator("block_size")
-    @classmethod
-    def _block(cls, v: int | None) -> int | None:
-        if v is not None and (v < 1 or v & (v - 1)):
-            raise ValueError("is not a power of two|use 16, 32 or 64, or leave it unset")
-        return v
-
-    @field_validator("bind_host")
-    @classmethod
-    def _bind(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            raise ValueError("is not an IP address|use an address such as 127.0.0.1 or 0.0.0.0") from None
         return v
 
     @field_validator("service_user")
@@ -292,12 +233,13 @@ class Settings(BaseModel):
     @field_validator("extra_args")
     @classmethod
     def _extra_args(cls, v: list[str]) -> list[str]:
+        secrets, owned = vllm_options.secret_flags(), vllm_options.owned_flags()
         for a in v:
-            flag = a.split("=", 1)[0]
-            if flag in _SECRET_FLAGS:
+            flag = vllm_options.flag_name(a)
+            if flag in secrets:
                 raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
-            if flag in _PLAN_OWNED_FLAGS:
-                raise ValueError(f"sets {flag}, which the plan owns|set {_PLAN_OWNED_FLAGS[flag]} instead")
+            if flag in owned:
+                raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
         return v
 
     @field_validator("extra_env")
@@ -308,13 +250,6 @@ class Settings(BaseModel):
                 raise ValueError(f"sets {k}, a secret, in plain service environment|set vllm_api_key / vllm_hf_token instead")
             if k == "CUDA_VISIBLE_DEVICES":
                 raise ValueError("sets CUDA_VISIBLE_DEVICES|set vllm_gpus instead (the toolkit derives it)")
-        return v
-
-    @field_validator("api_key")
-    @classmethod
-    def _key(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value()) < 8:
-            raise ValueError("is shorter than 8 characters|use a long random key, e.g. `openssl rand -hex 24`")
         return v
 
     @model_validator(mode="after")
@@ -348,33 +283,15 @@ class Settings(BaseModel):
         return None if self.gpus is None else ",".join(str(i) for i in self.gpus)
 
     def plan_options(self, model_path: str | None = None):
-        """The planner's options for this host (the planner decides every vLLM flag)."""
+        """The planner's options for this host (the planner decides every vLLM flag).
+
+        One value per row of the options table that is not a secret (same names), plus the
+        vLLM version, the model's path on the host and the extra args.
+        """
         from vllm_fleet.planner.plan import PlanOptions
 
-        return PlanOptions(
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            data_parallel_size=self.data_parallel_size,
-            enable_expert_parallel=self.enable_expert_parallel,
-            max_model_len=self.max_model_len,
-            kv_cache_dtype=self.kv_cache_dtype,
-            block_size=self.block_size,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-            vllm_version=self.version,
-            model_path=model_path,
-            served_model_name=self.served_model_name,
-            host=self.bind_host,
-            port=self.port,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            enforce_eager=self.enforce_eager,
-            reasoning_parser=self.reasoning_parser,
-            cudagraph_piecewise=self.cudagraph_piecewise,
-            nvlink_multicast=self.nvlink_multicast,
-            flashinfer_sampler=self.flashinfer_sampler,
-            extra_args=tuple(self.extra_args),
-        )
+        values = {row.key: getattr(self, row.key) for row in vllm_options.plan_rows()}
+        return PlanOptions(**values, vllm_version=self.version, model_path=model_path, extra_args=tuple(self.extra_args))
 
 
 class _Cross(ValueError):
@@ -459,14 +376,15 @@ def _model_problems(settings: Settings) -> list[Problem]:
 
 def _shown(name: str, value: object) -> object:
     """A value as it may appear in an error: secrets, and argv/env that may hold one, masked."""
-    if name in ("api_key", "hf_token"):
+    if name in {r.key for r in vllm_options.rows(secret=True)}:
         return "***"
     if name == "extra_args" and isinstance(value, list):
-        out, hide = [], False
+        out, hide, secrets = [], False, vllm_options.secret_flags()
         for a in value:
-            flag = str(a).split("=", 1)[0]
-            out.append("***" if hide else f"{flag}=***" if flag in _SECRET_FLAGS and "=" in str(a) else a)
-            hide = flag in _SECRET_FLAGS and "=" not in str(a)
+            flag = vllm_options.flag_name(str(a))
+            secret = flag in secrets
+            out.append("***" if hide else f"{str(a).split('=', 1)[0]}=***" if secret and "=" in str(a) else a)
+            hide = secret and "=" not in str(a)
         return out
     if name == "extra_env" and isinstance(value, dict):
         return {k: "***" if k in _SECRET_ENV else v for k, v in value.items()}

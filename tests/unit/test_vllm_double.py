@@ -203,6 +203,15 @@ def test_serve_help_lists_the_toolkit_flags(tmp_path):
         assert flag in result.stdout, flag
 
 
+def test_serve_takes_every_flag_of_the_options_table(tmp_path):
+    """A row added to vllm_fleet/planner/options.py needs the double to take its flag (the e2e hosts run it)."""
+    from vllm_fleet.planner import options
+
+    result = run_once(tmp_path, "serve", "--help")
+    for flag in [f for r in options.rows(secret=False) for f in r.flags]:
+        assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,=\]]|$)", result.stdout, re.M), flag
+
+
 # --------------------------------------------------------- model checks --
 
 def test_a_path_without_config_json_gives_vllms_invalid_repository_error(tmp_path):

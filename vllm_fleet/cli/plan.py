@@ -24,7 +24,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from vllm_fleet.planner.hardware import GiB
-from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.modelinfo import list_profiles
 from vllm_fleet.planner.plan import Plan, make_plan, options_from
 
@@ -38,26 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--model", required=True, help=f"profile ({', '.join(list_profiles())}), model dir or config.json")
     p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G, 8xH200, 2xH100-80G")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: all GPUs / (PP x DP)")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int)
-    p.add_argument("--data-parallel-size", "-dp", type=int)
-    ep = p.add_mutually_exclusive_group()
-    ep.add_argument("--enable-expert-parallel", dest="enable_expert_parallel", action="store_true", default=None)
-    ep.add_argument("--no-enable-expert-parallel", dest="enable_expert_parallel", action="store_false")
-    p.add_argument("--max-model-len", help="tokens, or 'auto' (the largest that fits; default)")
-    dtypes = [*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES]
-    p.add_argument("--kv-cache-dtype", choices=dtypes, help="default auto (the model dtype)")
-    p.add_argument("--block-size", type=int)
-    p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--kv-cache-memory-bytes", type=int, help="fixed KV bytes per GPU (vLLM semantics)")
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--reasoning-parser")
-    p.add_argument("--cudagraph-piecewise", action="store_true", default=None,
-                   help="known-issue switch: --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}'")
-    p.add_argument("--enforce-eager", action="store_true", default=None)
+    serve_options.add_arguments(p)  # one option per row of vllm_fleet/planner/options.py
     p.add_argument("--vllm-version")
-    p.add_argument("--port", type=int)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
     return p
@@ -65,27 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Build and print the plan; 0 when deployable, 1 when it has errors."""
-    max_len = args.max_model_len
-    if max_len is not None and max_len != "auto":
-        max_len = int(max_len) if max_len.isdigit() else max_len
-    options = options_from(
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel,
-        max_model_len=max_len,
-        kv_cache_dtype=args.kv_cache_dtype,
-        block_size=args.block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        reasoning_parser=args.reasoning_parser,
-        cudagraph_piecewise=args.cudagraph_piecewise,
-        enforce_eager=args.enforce_eager,
-        vllm_version=args.vllm_version,
-        port=args.port,
-    )
+    options = options_from(**serve_options.given(args), vllm_version=args.vllm_version)
     plan = make_plan(args.model, args.gpus, options)
     print(json.dumps(document(plan), indent=2) if args.json else render(plan), end="" if not args.json else "\n")
     return 0 if plan.ok else 1

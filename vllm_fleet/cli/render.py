@@ -25,19 +25,17 @@ from pathlib import Path
 from vllm_fleet.errors import FleetError
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.plan import make_plan
 from vllm_fleet.service.render import render
 from vllm_fleet.settings import load_settings
 from vllm_fleet.versions import VLLM_VERSION
 
-# CLI option -> setting (host-data key without vllm_)
+# The settings of the service that are no `vllm serve` option: CLI option -> setting (host-data key
+# without vllm_). The serve options come from the table (vllm_fleet/planner/options.py).
 _OPTIONS = {
-    "tensor_parallel_size": int, "pipeline_parallel_size": int, "data_parallel_size": int,
-    "max_model_len": str, "kv_cache_dtype": str, "block_size": int, "gpu_memory_utilization": float,
-    "kv_cache_memory_bytes": int, "max_num_seqs": int, "max_num_batched_tokens": int, "reasoning_parser": str,
-    "served_model_name": str, "bind_host": str, "port": int, "service_name": str, "service_user": str,
-    "base_dir": str, "data_dir": str, "version": str, "restart_sec": int, "torch_backend": str, "channel": str,
-    "source_ref": str,
+    "service_name": str, "service_user": str, "base_dir": str, "data_dir": str, "version": str, "restart_sec": int,
+    "torch_backend": str, "channel": str, "source_ref": str,
 }
 
 
@@ -48,10 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="profile name or local model dir")
     p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G")
     p.add_argument("--gpu-indices", help="host GPU indices, e.g. 0,1,2,3 (vllm_gpus; default: all)")
+    serve_options.add_arguments(p)  # one option per row of vllm_fleet/planner/options.py
     for name, kind in _OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
-    p.add_argument("--enforce-eager", action="store_true", default=None)
-    p.add_argument("--cudagraph-piecewise", action="store_true", default=None)
     p.add_argument("--cuda", help="the host driver's CUDA (nvidia-smi), to resolve --torch-backend auto as a deploy does")
     p.add_argument("--venv", help=f"venv on the host (default: the deploy's, BASE_DIR/venvs/vllm-{VLLM_VERSION}-BACKEND)")
     p.add_argument("--systemd-version", type=int, default=252, help="the host's systemd (default 252, Debian 12)")
@@ -62,13 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan, render, write; print the paths and where they go on a host."""
     data: dict[str, object] = {"vllm_model": args.model}
-    for name, kind in _OPTIONS.items():
-        value = getattr(args, name)
-        if value is not None:
-            data["vllm_" + name] = int(value) if name == "max_model_len" and str(value).isdigit() else value
-    for flag in ("enforce_eager", "cudagraph_piecewise"):
-        if getattr(args, flag):
-            data["vllm_" + flag] = True
+    given = {**serve_options.given(args), **{name: getattr(args, name) for name in _OPTIONS}}
+    data.update({"vllm_" + name: value for name, value in given.items() if value is not None})
     if args.gpu_indices:
         try:
             data["vllm_gpus"] = [int(i) for i in args.gpu_indices.split(",")]

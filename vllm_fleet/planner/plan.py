@@ -14,18 +14,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, ValidationError, field_validator
 
 from vllm_fleet.planner import kv
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.errors import FleetError
 from vllm_fleet.planner.hardware import GiB, Hardware, HardwareError, parse_gpu_spec
 from vllm_fleet.planner.modelinfo import Architecture, AttentionKind, ModelInfoError, Profile, load_profile, weight_parts
 from vllm_fleet.versions import VLLM_VERSION
 
 PIECEWISE_CONFIG = '{"cudagraph_mode": "PIECEWISE"}'
-SECRET_FLAGS = ("--api-key", "--hf-token")
 
 # NVLink multicast off in every library of a vLLM process that would use it (vllm_nvlink_multicast = False):
 # variable -> (value, what it switches off).
@@ -45,46 +45,16 @@ class PlanError(FleetError):
     """Input the planner cannot plan with (unknown model, unparsable GPU spec, bad option)."""
 
 
-class PlanOptions(BaseModel):
-    """Everything a user may choose; names follow vLLM's flags where one exists."""
+class PlanOptions(serve_options.model("ServeOptions", serve_options.plan_rows(), remedy_separator="; ")):
+    """Everything a user may choose. The serve options are inherited: one field per row of the
+    table in vllm_fleet/planner/options.py that is not a secret, named by its setting key, with
+    the row's type, default, bounds and check (the same as Settings')."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    """None: all GPUs given (divided by pipeline and data parallel sizes)."""
-    pipeline_parallel_size: int = Field(1, ge=1)
-    data_parallel_size: int = Field(1, ge=1)
-    enable_expert_parallel: bool | None = None
-    """None: the profile and the layout rules decide."""
-    max_model_len: int | Literal["auto"] = "auto"
-    kv_cache_dtype: str = "auto"
-    block_size: int | None = Field(None, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1)
     vllm_version: str = VLLM_VERSION
     model_path: str | None = None
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8100, ge=1, le=65535)
-    reasoning_parser: str | None = None
-    cudagraph_piecewise: bool = False
-    enforce_eager: bool = False
-    nvlink_multicast: bool = True
-    """True: NCCL, PyTorch, NVSHMEM and vLLM use NVLink multicast as they choose (the plan sets none
-    of MULTICAST_OFF_ENV); False: the plan sets MULTICAST_OFF_ENV, switching it off everywhere."""
-    flashinfer_sampler: bool = True
-    """True: vLLM picks its top-k/top-p sampler (the plan leaves VLLM_USE_FLASHINFER_SAMPLER unset);
-    False: VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (for a venv without FlashInfer)."""
     extra_args: tuple[str, ...] = ()
-
-    @field_validator("max_model_len")
-    @classmethod
-    def _positive_len(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be a positive number of tokens or 'auto'")
-        return v
 
     @field_validator("kv_cache_dtype")
     @classmethod
@@ -94,9 +64,9 @@ class PlanOptions(BaseModel):
     @field_validator("extra_args")
     @classmethod
     def _no_secrets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for arg in v:
-            if arg.split("=", 1)[0] in SECRET_FLAGS:
-                raise ValueError(f"{arg.split('=', 1)[0]} must not travel in argv; put it in the service's EnvironmentFile")
+        secret = serve_options.secret_in(v)
+        if secret is not None:
+            raise ValueError(f"{secret} must not travel in argv; put it in the service's EnvironmentFile")
         return v
 
 
@@ -202,6 +172,12 @@ class Plan:
     env_reasons: dict[str, str]
     warnings: tuple[Finding, ...]
     errors: tuple[Finding, ...]
+    model_path: str = ""
+    """The model word of the argv: a directory on the host, or the repo id vLLM resolves."""
+    served_model_name: str = ""
+    """The id clients send in `model` (--served-model-name)."""
+    reasoning_parser: str | None = None
+    """The reasoning parser served (--reasoning-parser), None without one."""
 
     @property
     def argv(self) -> list[str]:
@@ -564,6 +540,8 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
         kv_cache_bytes_per_token_per_gpu=layout_kv.bytes_per_token(), kv_capacity_tokens=capacity,
         memory_per_gpu=memory, weights_bytes=profile.weights_bytes, flags=tuple(flags), env=env,
         env_reasons=env_reasons, warnings=tuple(warnings), errors=tuple(errors),
+        model_path=_model_path(profile, options), served_model_name=options.served_model_name or profile.name,
+        reasoning_parser=_reasoning_parser(profile, options),
     )
 
 
@@ -584,58 +562,58 @@ def _fit_remedy(short: kv.KVShortfall, profile: Profile, layout: Layout, hw: Har
     return "use " + ", or ".join(ways) + "."
 
 
+def _model_path(profile: Profile, options: PlanOptions) -> str:
+    """What `vllm serve` is given as the model: the host's directory, the profile's local dir or repo id."""
+    return options.model_path or (str(profile.local_path) if profile.local_path else profile.hf_repo or profile.name)
+
+
 def _flags(profile: Profile, layout: Layout, options: PlanOptions, max_len: int, source: str) -> list[Flag]:
-    model_path = options.model_path or (str(profile.local_path) if profile.local_path else profile.hf_repo or profile.name)
+    """The argv after `vllm serve`, each with its reason; spellings from the options table."""
+    f = serve_options.flag
     flags = [
-        Flag(model_path, None, "the model: a local snapshot directory or the HF repo id vLLM resolves"),
-        Flag("--served-model-name", options.served_model_name or profile.name, "the id clients send in `model`"),
-        Flag("--host", options.host, "listen address"),
-        Flag("--port", str(options.port), "listen port"),
-        Flag("--tensor-parallel-size", str(layout.tensor_parallel_size), "GPUs each model replica is split over"),
+        Flag(_model_path(profile, options), None, "the model: a local snapshot directory or the HF repo id vLLM resolves"),
+        Flag(f("served_model_name"), options.served_model_name or profile.name, "the id clients send in `model`"),
+        Flag(f("bind_host"), options.bind_host, "listen address"),
+        Flag(f("port"), str(options.port), "listen port"),
+        Flag(f("tensor_parallel_size"), str(layout.tensor_parallel_size), "GPUs each model replica is split over"),
     ]
     if layout.pipeline_parallel_size > 1:
-        flags.append(Flag("--pipeline-parallel-size", str(layout.pipeline_parallel_size), "layers split over stages"))
+        flags.append(Flag(f("pipeline_parallel_size"), str(layout.pipeline_parallel_size), "layers split over stages"))
     if layout.data_parallel_size > 1:
-        flags.append(Flag("--data-parallel-size", str(layout.data_parallel_size), "independent attention replicas"))
+        flags.append(Flag(f("data_parallel_size"), str(layout.data_parallel_size), "independent attention replicas"))
     if layout.expert_parallel:
         why = "requested" if options.enable_expert_parallel else (
             "experts stay whole per rank: the FP8 block rule forbids splitting them at this TP"
             if _fp8_block_problems(profile.arch, layout.tensor_parallel_size, False)
             else "MoE experts are distributed across ranks")
-        flags.append(Flag("--enable-expert-parallel", None, why))
-    flags.append(Flag("--max-model-len", str(max_len), source))
-    flags.append(Flag("--gpu-memory-utilization", f"{options.gpu_memory_utilization:g}", "fraction of each GPU vLLM may use"))
-    if options.kv_cache_memory_bytes is not None:
-        flags.append(Flag("--kv-cache-memory-bytes", str(options.kv_cache_memory_bytes),
-                          "fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"))
-    if options.kv_cache_dtype != "auto":
-        flags.append(Flag("--kv-cache-dtype", options.kv_cache_dtype, "KV cache element type"))
-    if options.block_size is not None:
-        flags.append(Flag("--block-size", str(options.block_size), "tokens per KV block (pinned so the plan is exact)"))
-    if options.max_num_seqs is not None:
-        flags.append(Flag("--max-num-seqs", str(options.max_num_seqs), "most sequences per batch (sizes activations)"))
-    if options.max_num_batched_tokens is not None:
-        flags.append(Flag("--max-num-batched-tokens", str(options.max_num_batched_tokens),
-                          "most tokens per batch (sizes activations)"))
-    if options.enforce_eager:
-        flags.append(Flag("--enforce-eager", None, "no CUDA graphs / torch.compile"))
+        flags.append(Flag(f("enable_expert_parallel"), None, why))
+    flags.append(Flag(f("max_model_len"), str(max_len), source))
+    flags.append(Flag(f("gpu_memory_utilization"), f"{options.gpu_memory_utilization:g}", "fraction of each GPU vLLM may use"))
+    flags += [Flag(name, value, reason) for name, value, reason in serve_options.free_flags(options)]
     if profile.trust_remote_code:
-        flags.append(Flag("--trust-remote-code", None, "the checkpoint ships custom code that vLLM must load"))
+        flags.append(Flag(serve_options.TRUST_REMOTE_CODE, None, "the checkpoint ships custom code that vLLM must load"))
     if profile.tool_call_parser:
         flags.append(Flag("--enable-auto-tool-choice", None, "let the model decide when to call tools"))
         flags.append(Flag("--tool-call-parser", profile.tool_call_parser, "parses this model's tool-call format"))
+    reasoning = _reasoning_parser(profile, options)
+    if reasoning:
+        flags.append(Flag(f("reasoning_parser"), reasoning, "profile default" if not options.reasoning_parser else "requested"))
+    if options.cudagraph_piecewise:
+        flags.append(Flag(f("cudagraph_piecewise"), PIECEWISE_CONFIG,
+                          "known issue: full CUDA graphs crash with an illegal memory access; PIECEWISE avoids it"))
+    for word in options.extra_args:
+        flags.append(Flag(word, None, "extra argument given by the user"))
+    return flags
+
+
+def _reasoning_parser(profile: Profile, options: PlanOptions) -> str | None:
+    """The reasoning parser served: the requested one (checked against the profile's), else the profile's."""
     reasoning = options.reasoning_parser or profile.reasoning_parser
     if reasoning:
         allowed = {profile.reasoning_parser, *profile.reasoning_parsers}
         if options.reasoning_parser and profile.reasoning_parsers and reasoning not in allowed:
             raise PlanError(f"reasoning parser {reasoning!r} is not one of {sorted(a for a in allowed if a)} for {profile.name}.")
-        flags.append(Flag("--reasoning-parser", reasoning, "profile default" if not options.reasoning_parser else "requested"))
-    if options.cudagraph_piecewise:
-        flags.append(Flag("--compilation-config", PIECEWISE_CONFIG,
-                          "known issue: full CUDA graphs crash with an illegal memory access; PIECEWISE avoids it"))
-    for word in options.extra_args:
-        flags.append(Flag(word, None, "extra argument given by the user"))
-    return flags
+    return reasoning or None
 
 
 def _env(options: PlanOptions) -> tuple[dict[str, str], dict[str, str]]:

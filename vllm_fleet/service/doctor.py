@@ -352,7 +352,7 @@ def _illegal_access(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> D
         "A CUDA kernel made an illegal memory access (seen with MiniMax-M2 during CUDA-graph replay).",
         _evidence(line),
         (
-            "PIECEWISE is already on: run once with vllm_extra_args = [\"--enforce-eager\"] to rule "
+            "PIECEWISE is already on: run once with vllm_enforce_eager = True (--enforce-eager) to rule "
             "out CUDA graphs, then report to vLLM with the traceback."
             if already
             else "set vllm_cudagraph_piecewise = True (renders --compilation-config "
@@ -401,7 +401,7 @@ def _cuda_oom(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnos
         f"CUDA ran out of memory allocating {m['size']}{where}.",
         _evidence(line),
         f"lower vllm_gpu_memory_utilization (e.g. {util} -> {lower}), lower vllm_max_model_len, or "
-        'cap the batch with vllm_extra_args = ["--max-num-seqs", "64"]; check no other process '
+        "cap the batch with vllm_max_num_seqs = 64 (--max-num-seqs); check no other process "
         "took the GPU after start-up.",
         {"vllm_gpu_memory_utilization": lower},
         line.number,

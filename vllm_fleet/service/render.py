@@ -20,6 +20,7 @@ import jinja2
 
 from vllm_fleet.errors import FleetError
 from vllm_fleet.layout import HostLayout
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.plan import Plan
 from vllm_fleet.settings import Settings
 
@@ -98,7 +99,7 @@ def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
         "TRITON_CACHE_DIR": lay.triton_cache,
         "TORCHINDUCTOR_CACHE_DIR": lay.torchinductor_cache,
     })
-    if plan.argv[2].startswith("/"):
+    if plan.model_path.startswith("/"):
         # The weights are a directory on the host (the weights role put them there): vLLM needs
         # no hub, and on air-gapped hosts a hub lookup only waits for timeouts (found on the
         # GPU validation host, docs/gpu-validation.md).
@@ -160,33 +161,22 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         device_allow=DEVICE_ALLOW,
     )
     secrets = []
-    for var, setting, value in (("VLLM_API_KEY", "vllm_api_key", settings.api_key),
-                                ("HF_TOKEN", "vllm_hf_token", settings.hf_token)):
-        if value is None:
+    for row in serve_options.rows(secret=True):  # the secret rows of the options table, by their variable
+        value = getattr(settings, row.key)
+        if value is None or row.env is None:
             continue
-        shown = value.get_secret_value() if show_secrets else PLACEHOLDER.format(setting=setting)
-        secrets.append((var, env_file_value(var, shown)))
+        shown = value.get_secret_value() if show_secrets else PLACEHOLDER.format(setting=f"vllm_{row.key}")
+        secrets.append((row.env, env_file_value(row.env, shown)))
     env = jinja.get_template("vllm.env.j2").render(env_file=env_path, unit_name=unit_name, user=settings.service_user,
                                                    secrets=secrets)
     return Rendered(lay.unit_path, unit, env_path, env)
 
 
-def _flag(plan: Plan, name: str) -> str | None:
-    """The value of ``name`` in the plan's argv (None when absent)."""
-    argv = plan.argv
-    for i, word in enumerate(argv):
-        if word == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith(name + "="):
-            return word.split("=", 1)[1]
-    return None
-
-
 def served_name(plan: Plan) -> str:
-    """The model id clients send (--served-model-name, else the model argument)."""
-    return _flag(plan, "--served-model-name") or plan.argv[2]
+    """The model id clients send (the plan's --served-model-name)."""
+    return plan.served_model_name
 
 
 def uses_append_think(plan: Plan) -> bool:
     """True when the plan serves with minimax_m2_append_think (the gate then checks <think> in content)."""
-    return _flag(plan, "--reasoning-parser") == "minimax_m2_append_think"
+    return plan.reasoning_parser == "minimax_m2_append_think"

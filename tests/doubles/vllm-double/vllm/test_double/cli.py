@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compilation-config", "-cc", type=json_object, default=None)
     _add_bool(serve, "--enforce-eager")
     serve.add_argument("--max-num-seqs", type=positive_int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
     serve.add_argument("--api-key", nargs="+", default=None)
     serve.add_argument("--disable-log-requests", action="store_true", default=False)
     serve.add_argument("--uvicorn-log-level", choices=UVICORN_LOG_LEVELS, default="info")

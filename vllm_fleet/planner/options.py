@@ -1,0 +1,341 @@
+"""The table of `vllm serve` options the toolkit knows: one row per option, everything derived from it.
+
+Each `Option` row says, once: the setting key (host data `vllm_<key>`), the vLLM flag, the
+Python type, the default, the bounds, who renders it (``owner``), whether its value is a
+secret, and the description used for Settings' ``Field(description=...)``, group_data/all.py's
+comment and the CLI help. From `OPTIONS` come:
+
+- the Settings fields for these options and the PlanOptions fields (`model`, both classes
+  inherit the model it builds; a row's ``check`` validates the value in both);
+- `Settings.plan_options()` / `options_from` (field names are the setting keys);
+- the `vllm-fleet plan` and `vllm-fleet render` options (`add_arguments`);
+- the flags extra args may not set (`owned_flags`) and the secret ones (`secret_flags`),
+  in every spelling vLLM's parser accepts (`flag_name`);
+- the argv of the ``free`` options (`free_flags`): rendered as given when set.
+
+``owner="plan"``: the planner decides or renders the value itself (planner/plan.py `_flags`,
+which takes the flag's spelling from the row); ``owner="free"``: the plan renders the value as
+given, ``flag value`` (``flag`` alone for a boolean) when it differs from the default.
+
+Adding a vLLM flag is one row here (plus planner logic when the plan decides it).
+
+The table is read when the models are built (import of settings.py and planner/plan.py) and
+when flags are rendered or checked, never copied elsewhere (the vLLM test double keeps its own
+parser, as vLLM does; tests/unit/test_vllm_double.py checks it takes every row's flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
+
+from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
+
+KV_CACHE_DTYPES = (*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES)
+MIN_MAX_MODEL_LEN = 16
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `vllm serve` option (or one setting the plan reads for the serve process)."""
+
+    key: str
+    """Setting key without `vllm_`; also the PlanOptions field and the CLI option (`--` + dashed key)."""
+    flag: str | None
+    """The vLLM flag; None: no flag of its own (the plan turns it into other flags or environment)."""
+    type: Any
+    """The Python type (annotation) of the setting."""
+    default: Any
+    description: str
+    """Settings' description, group_data/all.py's comment, the CLI help."""
+    owner: Literal["plan", "free"] = "plan"
+    secret: bool = False
+    """The value is a secret: never a setting that reaches argv; the flag is refused in extra args."""
+    env: str | None = None
+    """A secret's environment variable: the service gets it from its EnvironmentFile instead of the flag."""
+    aliases: tuple[str, ...] = ()
+    """Other spellings of the flag vLLM accepts (-tp, -cc); CLI aliases where the CLI option is the flag."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    check: Callable[[Any], Any] | None = None
+    """Extra validation: value -> value, or ValueError("problem|remedy")."""
+    reason: str = ""
+    """Why the plan renders it (the plan's Flags table) for ``free`` rows."""
+    cli: bool = True
+    """Offered by `vllm-fleet plan` and `vllm-fleet render`."""
+    cli_type: Callable[[str], Any] | None = None
+    """How the CLI parses the word (default: the type's base: int, float, str)."""
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Every spelling of the flag (none without a flag)."""
+        return () if self.flag is None else (self.flag, *self.aliases)
+
+    @property
+    def cli_option(self) -> str:
+        """The CLI option: ``--`` + the key with dashes."""
+        return "--" + self.key.replace("_", "-")
+
+    def field(self) -> Any:
+        """The pydantic Field of this row."""
+        bounds = {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
+        return Field(self.default, description=self.description, **bounds)
+
+
+# ------------------------------------------------------------------------------ checks --
+
+def _check_max_model_len(v: int | str) -> int | str:
+    if isinstance(v, int) and v < MIN_MAX_MODEL_LEN:
+        raise ValueError('is too small to serve anything|use "auto" or a length such as 131072')
+    return v
+
+
+def _check_block_size(v: int | None) -> int | None:
+    if v is not None and (v < 1 or v & (v - 1)):
+        raise ValueError("is not a power of two|use 16, 32 or 64, or leave it unset")
+    return v
+
+
+def _check_bind_host(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError("is not an IP address|use an address such as 127.0.0.1 or 0.0.0.0") from None
+    return v
+
+
+def _check_api_key(v: SecretStr | None) -> SecretStr | None:
+    if v is not None and len(v.get_secret_value()) < 8:
+        raise ValueError("is shorter than 8 characters|use a long random key, e.g. `openssl rand -hex 24`")
+    return v
+
+
+def _int_or_word(word: str) -> int | str:
+    """A CLI length: a number, else the word as given (the model's validation names it)."""
+    return int(word) if word.isdigit() else word
+
+
+# ------------------------------------------------------------------------------- table --
+
+OPTIONS: tuple[Option, ...] = (
+    Option("served_model_name", "--served-model-name", str | None, None,
+           'name clients send as "model"; None = the profile name'),
+    Option("tensor_parallel_size", "--tensor-parallel-size", int | None, None,
+           "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1),
+    Option("pipeline_parallel_size", "--pipeline-parallel-size", int, 1,
+           "PP size (layers split across GPUs / nodes)", aliases=("-pp",), ge=1),
+    Option("data_parallel_size", "--data-parallel-size", int, 1,
+           "DP size (replicas; with expert parallel for MoE: DP+EP)", aliases=("-dp",), ge=1),
+    Option("enable_expert_parallel", "--enable-expert-parallel", bool | None, None,
+           "expert parallel for MoE; None = the planner's layout rules decide"),
+    Option("max_model_len", "--max-model-len", int | Literal["auto"], "auto",
+           'context length to serve; "auto" = the largest that fits in the KV cache',
+           check=_check_max_model_len, cli_type=_int_or_word),
+    Option("gpu_memory_utilization", "--gpu-memory-utilization", float, 0.9,
+           "fraction of each GPU's memory vLLM may use (lower it if others share the GPU)", gt=0.0, le=1.0),
+    Option("kv_cache_memory_bytes", "--kv-cache-memory-bytes", int | None, None,
+           "fixed KV cache bytes per GPU (vLLM semantics; overrides gpu_memory_utilization for KV)",
+           owner="free", gt=0, reason="fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"),
+    Option("kv_cache_dtype", "--kv-cache-dtype", Literal[KV_CACHE_DTYPES], "auto",
+           "KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)",
+           owner="free", reason="KV cache element type"),
+    Option("block_size", "--block-size", int | None, None,
+           "KV cache block size in tokens (a power of two); None = vLLM's default",
+           owner="free", check=_check_block_size, reason="tokens per KV block (pinned so the plan is exact)"),
+    Option("max_num_seqs", "--max-num-seqs", int | None, None,
+           "most sequences per batch; None = vLLM's default for the GPU",
+           owner="free", ge=1, reason="most sequences per batch (sizes activations)"),
+    Option("max_num_batched_tokens", "--max-num-batched-tokens", int | None, None,
+           "most tokens per batch; None = vLLM's default for the GPU",
+           owner="free", ge=1, reason="most tokens per batch (sizes activations)"),
+    Option("enforce_eager", "--enforce-eager", bool, False,
+           "True = no CUDA graphs / torch.compile (faster start, slower serving)",
+           owner="free", reason="no CUDA graphs / torch.compile"),
+    Option("reasoning_parser", "--reasoning-parser", str | None, None,
+           "reasoning parser; None = the profile's default (minimax_m2_append_think keeps <think> in content)"),
+    Option("cudagraph_piecewise", "--compilation-config", bool, False,
+           'True = --compilation-config {"cudagraph_mode": "PIECEWISE"} '
+           '(fixes "CUDA error: an illegal memory access")', aliases=("-cc",)),
+    Option("nvlink_multicast", None, bool, True,
+           "NVLink multicast as NCCL, PyTorch, NVSHMEM and vLLM choose; False = off (NCCL_NVLS_ENABLE=0 "
+           "and 3 more variables) where it fails, docs/planner.md", cli=False),
+    Option("flashinfer_sampler", None, bool, True,
+           "top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler "
+           "(a venv without FlashInfer)", cli=False),
+    Option("bind_host", "--host", str, "127.0.0.1",
+           "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host),
+    Option("port", "--port", int, 8100,
+           "TCP port vLLM listens on (preflight fails if another process owns it)", ge=1, le=65535),
+    Option("api_key", "--api-key", SecretStr | None, None,
+           "API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs",
+           secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),
+    Option("hf_token", "--hf-token", SecretStr | None, None,
+           "Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)",
+           secret=True, env="HF_TOKEN", cli=False),
+)
+
+# Flags no row sets but something else owns: refused in extra args, with where to set them instead.
+TRUST_REMOTE_CODE = "--trust-remote-code"  # the profile's trust_remote_code (planner/plan.py renders it)
+OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)"}
+
+
+def rows(*, secret: bool | None = None, owner: str | None = None, cli: bool | None = None) -> tuple[Option, ...]:
+    """The table's rows, filtered."""
+    return tuple(r for r in OPTIONS if (secret is None or r.secret == secret) and (owner is None or r.owner == owner)
+                 and (cli is None or r.cli == cli))
+
+
+def row(key: str) -> Option:
+    """The row of setting ``key``."""
+    for r in OPTIONS:
+        if r.key == key:
+            return r
+    raise KeyError(key)
+
+
+def flag(key: str) -> str:
+    """The vLLM flag of setting ``key`` (the planner's spelling of every flag it renders)."""
+    name = row(key).flag
+    if name is None:
+        raise KeyError(f"{key} has no flag")
+    return name
+
+
+def plan_rows() -> tuple[Option, ...]:
+    """The rows the plan reads: every row whose value is not a secret (PlanOptions' fields)."""
+    return rows(secret=False)
+
+
+# ------------------------------------------------------------------------------ models --
+
+def model(name: str, table: Iterable[Option], *, remedy_separator: str = "|") -> type[BaseModel]:
+    """A pydantic model with one field per row (type, default, bounds, description) and each row's check.
+
+    Settings and PlanOptions inherit one each. ``remedy_separator`` replaces the "|" between a
+    check's problem and remedy (Settings splits them into its error; the planner prints one line).
+    """
+    table = tuple(table)
+    fields = {r.key: (r.type, r.field()) for r in table}
+    validators = {f"_check_{r.key}": _validator(r, remedy_separator) for r in table if r.check is not None}
+    return create_model(name, __validators__=validators, **fields)
+
+
+def _validator(r: Option, separator: str) -> Any:
+    check = r.check
+
+    def _check(cls: type, v: Any) -> Any:
+        try:
+            return check(v)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("|", separator)) from None
+
+    _check.__name__ = f"_check_{r.key}"
+    return field_validator(r.key)(_check)
+
+
+# --------------------------------------------------------------------------------- CLI --
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per CLI row: ``--dashed-key``, help = the description.
+
+    Where the option is the vLLM flag itself (``--tensor-parallel-size``), the flag's aliases
+    (``-tp``) are CLI aliases too; where it is not (``--cudagraph-piecewise`` renders
+    ``--compilation-config``, alias ``-cc``), they are not.
+    """
+    for r in rows(cli=True):
+        names = [r.cli_option, *(r.aliases if r.cli_option == r.flag else ())]
+        help_text = r.description.replace("%", "%%")
+        base = _base_type(r.type)
+        if base is bool:
+            action = "store_true" if r.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(*names, dest=r.key, action=action, default=None, help=help_text)
+        elif r.cli_type is not None:
+            parser.add_argument(*names, dest=r.key, type=r.cli_type, default=None, help=help_text)
+        elif getattr(base, "__origin__", None) is Literal:
+            parser.add_argument(*names, dest=r.key, choices=list(base.__args__), default=None, help=help_text)
+        else:
+            parser.add_argument(*names, dest=r.key, type=base, default=None, help=help_text)
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    """The CLI rows' values the user gave (setting key -> value)."""
+    out = {}
+    for r in rows(cli=True):
+        value = getattr(args, r.key, None)
+        if value is not None:
+            out[r.key] = value
+    return out
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> int; a Literal stays itself."""
+    members = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if getattr(annotation, "__origin__", None) is Literal or not members:
+        return annotation
+    return members[0] if len(members) == 1 else annotation
+
+
+# ------------------------------------------------------------------------- extra args --
+
+def flag_name(word: str) -> str | None:
+    """The flag a `vllm serve` word sets, as the table spells it; None for a value.
+
+    vLLM's parser reads ``--flag=value`` as ``--flag value`` and ``--flag_name`` as ``--flag-name``.
+    """
+    if not word.startswith("-") or word == "-" or word[1:2].isdigit() or word[1:2] == ".":
+        return None
+    name = word.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+def secret_flags() -> tuple[str, ...]:
+    """The flags whose value is a secret (refused in extra args: argv is readable by every user)."""
+    return tuple(f for r in rows(secret=True) for f in r.flags)
+
+
+def owned_flags() -> dict[str, str]:
+    """Flags extra args may not set -> the setting (or place) that sets them instead.
+
+    Every spelling of every row's flag (secrets excepted: `secret_flags`), a boolean's
+    ``--no-`` twin, and the flags set from elsewhere (OTHER_OWNED_FLAGS).
+    """
+    out = {f: "vllm_" + r.key for r in rows(secret=False) for f in r.flags}
+    for r in rows(secret=False):  # vLLM's boolean flags have a --no- twin (BooleanOptionalAction)
+        if _base_type(r.type) is bool and r.flag is not None and r.flag.startswith("--"):
+            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)
+    out.update(OTHER_OWNED_FLAGS)
+    return out
+
+
+def secret_in(args: Iterable[str]) -> str | None:
+    """The first secret flag among ``args`` (as the table spells it), or None."""
+    secrets = secret_flags()
+    for word in args:
+        name = flag_name(word)
+        if name in secrets:
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------- render --
+
+def free_flags(values: Mapping[str, Any] | Any) -> list[tuple[str, str | None, str]]:
+    """``(flag, value or None, reason)`` of each free row set to something other than its default.
+
+    ``values``: a mapping or an object (PlanOptions) holding the rows' keys. A boolean renders
+    its flag alone when True.
+    """
+    get = values.get if isinstance(values, Mapping) else lambda k: getattr(values, k)
+    out = []
+    for r in rows(owner="free"):
+        value = get(r.key)
+        if r.flag is None or value is None or value is False or value == r.default:
+            continue
+        out.append((r.flag, None if value is True else str(value), r.reason))
+    return out
