@@ -121,7 +121,9 @@ SECTIONS: dict[str, type[BaseModel]] = {
 }
 
 
-class Settings(CoreSection, ServeOptions, PreflightSection, AccountSection, PyenvSection, WeightsSection, ServiceSection):
+# The bases are SECTIONS reversed: pydantic orders inherited fields from the last base to the first, so
+# Settings.model_fields (and the problems of a SettingsError) follow SECTIONS and group_data/all.py.
+class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
     """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
 
     The fields and their checks come from the sections (`SECTIONS`): the core section above, the

@@ -54,6 +54,10 @@ def test_every_capability_has_its_section_and_every_section_is_a_base_of_setting
     assert set(Settings.__bases__) == set(SECTIONS.values())
 
 
+def test_settings_fields_come_in_the_order_of_the_sections():
+    assert list(Settings.model_fields) == [f for section in SECTIONS.values() for f in section.model_fields]
+
+
 def test_no_two_sections_name_a_validator_alike():
     seen: dict[str, str] = {}
     for name, section in SECTIONS.items():
