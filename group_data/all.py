@@ -5,6 +5,11 @@ group: inventory/prod.py -> group_data/prod.py) or per host in the inventory.
 Unknown `vllm_` keys are an error (with the closest match), so typos cannot
 silently fall back to a default. Secrets come from the environment, never
 from a committed file.
+
+The lines are grouped by settings section, one `# --- <section> (<module>) ---`
+header each, in the order of vllm_fleet.settings.SECTIONS: the module is where the
+section's fields and checks are defined (a unit test keeps each line under its
+section's header).
 """
 
 import os
@@ -13,19 +18,27 @@ from pydantic import SecretStr  # secrets stay masked in host data, which `pyinf
 
 from vllm_fleet.versions import VLLM_VERSION
 
-# -- the model and its layout (the planner decides what is left as None / "auto") --
+# --- core (vllm_fleet/settings.py) ---
+# what several capabilities share
 vllm_model = "minimax-m2"                # model profile in models/*.yaml, or a local dir holding config.json
-vllm_served_model_name = None            # name clients send as "model"; None = the profile name
 vllm_gpus = None                         # GPU indices to use, e.g. [1, 3, 4, 5] -> CUDA_VISIBLE_DEVICES; None = all
+vllm_version = VLLM_VERSION              # vLLM release to install (the pin in vllm_fleet/versions.py)
+vllm_service_name = "vllm"               # systemd unit name (vllm.service)
+vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs
+vllm_data_dir = "/var/lib/vllm-fleet"    # weights, compile cache, state
+
+# --- serve options (vllm_fleet/planner/options.py) ---
+# one line per row, the row's description as comment; the planner decides what is left as None / "auto"
+vllm_served_model_name = None            # name clients send as "model"; None = the profile name
 vllm_tensor_parallel_size = None         # TP size; None = the planner picks (all selected GPUs / (PP x DP))
 vllm_pipeline_parallel_size = 1          # PP size (layers split across GPUs / nodes)
 vllm_data_parallel_size = 1              # DP size (replicas; with expert parallel for MoE: DP+EP)
 vllm_enable_expert_parallel = None       # expert parallel for MoE; None = the planner's layout rules decide
 vllm_max_model_len = "auto"              # context length to serve; "auto" = the largest that fits in the KV cache
-vllm_kv_cache_dtype = "auto"             # KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)
-vllm_block_size = None                   # KV cache block size in tokens (a power of two); None = vLLM's default
 vllm_gpu_memory_utilization = 0.9        # fraction of each GPU's memory vLLM may use (lower it if others share the GPU)
 vllm_kv_cache_memory_bytes = None        # fixed KV cache bytes per GPU (vLLM semantics; overrides gpu_memory_utilization for KV)
+vllm_kv_cache_dtype = "auto"             # KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)
+vllm_block_size = None                   # KV cache block size in tokens (a power of two); None = vLLM's default
 vllm_max_num_seqs = None                 # most sequences per batch; None = vLLM's default for the GPU
 vllm_max_num_batched_tokens = None       # most tokens per batch; None = vLLM's default for the GPU
 vllm_enforce_eager = False               # True = no CUDA graphs / torch.compile (faster start, slower serving)
@@ -33,26 +46,20 @@ vllm_reasoning_parser = None             # reasoning parser; None = the profile'
 vllm_cudagraph_piecewise = False         # True = --compilation-config {"cudagraph_mode": "PIECEWISE"} (fixes "CUDA error: an illegal memory access")
 vllm_nvlink_multicast = True             # NVLink multicast as NCCL, PyTorch, NVSHMEM and vLLM choose; False = off (NCCL_NVLS_ENABLE=0 and 3 more variables) where it fails, docs/planner.md
 vllm_flashinfer_sampler = True           # top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (a venv without FlashInfer)
-vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
-vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
-
-# -- the service --
 vllm_bind_host = "127.0.0.1"             # address vLLM listens on; anything but loopback requires vllm_api_key
 vllm_port = 8100                         # TCP port vLLM listens on (preflight fails if another process owns it)
 vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs
 vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)
-vllm_service_user = "vllm"               # unprivileged system user running vLLM
-vllm_service_name = "vllm"               # systemd unit name (vllm.service)
-vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs
-vllm_data_dir = "/var/lib/vllm-fleet"    # weights, compile cache, state
-vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
-vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
-vllm_purge_venvs = False                 # uninstall.py: also delete the venvs (default: keep them)
-vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
-# -- the Python stack --
+# --- preflight (vllm_fleet/preflight/settings.py) ---
+vllm_disk_headroom_gib = 20              # free disk required beyond venv + weights
+vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id -> VERSION_IDs accepted
+
+# --- account (vllm_fleet/account/settings.py) ---
+vllm_service_user = "vllm"               # unprivileged system user running vLLM
+
+# --- pyenv (vllm_fleet/pyenv/settings.py) ---
 vllm_python_version = "3.12"             # Python of the service venv (uv provides it if the OS lacks it)
-vllm_version = VLLM_VERSION              # vLLM release to install (the pin in vllm_fleet/versions.py)
 vllm_channel = "release"                 # release | nightly | source
 vllm_source_url = None                   # git URL of vLLM for channel "source"
 vllm_source_ref = None                   # commit/tag/branch for channel "source"
@@ -66,8 +73,9 @@ vllm_torch_index_url = None              # torch builds index (mirror of downloa
 vllm_nightly_index_url = "https://wheels.vllm.ai/nightly"  # extra index for vllm_channel = "nightly"
 vllm_no_index = False                    # True = only vllm_find_links / vllm_wheelhouse, never an index
 vllm_wheelhouse = None                   # wheel dir on the control machine, pushed to the host, installed with --no-index (air-gapped)
+vllm_purge_venvs = False                 # uninstall.py: also delete the venvs (default: keep them)
 
-# -- weights (docs/weights.md) --
+# --- weights (vllm_fleet/weights/settings.py) ---
 vllm_weights_sources = None              # [{"kind": "hf"|"modelscope"|"local", "repo", "endpoint", "revision", "path"}], tried in order; None = local model dir copied / vLLM fetches
 vllm_weights_wait = True                 # deploy waits for the download unit with a progress line; False = start it and go on
 vllm_weights_wait_timeout_s = 21600      # deploy's wait for the download (the unit keeps going; a rerun attaches)
@@ -76,7 +84,10 @@ vllm_weights_backoff_s = 10.0            # wait before a source's 2nd attempt; d
 vllm_weights_workers = 8                 # files downloaded in parallel
 vllm_weights_reverify = False            # True = hash every file again on the next run (normally: only changed files)
 vllm_hf_xet = False                      # huggingface_hub Xet storage; off because HF mirrors serve plain resolve URLs only
+vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
-# -- preflight --
-vllm_disk_headroom_gib = 20              # free disk required beyond venv + weights
-vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id -> VERSION_IDs accepted
+# --- service (vllm_fleet/service/settings.py) ---
+vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
+vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
+vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
+vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}

@@ -22,6 +22,15 @@ class Problem:
         return f"{self.key}={self.value!r}: {self.problem}\n    remedy: {self.remedy}"
 
 
+class SettingConflict(ValueError):
+    """A problem found by a model validator of the settings (several fields together), carried out of
+    pydantic's validation with the key it is reported under and its remedy (``key`` without ``vllm_``)."""
+
+    def __init__(self, key: str, value: object, problem: str, remedy: str):
+        super().__init__(problem)
+        self.problem = Problem("vllm_" + key, value, problem, remedy)
+
+
 class SettingsError(FleetError):
     """Bad host data: names the host, and for each problem the key, value and remedy."""
 

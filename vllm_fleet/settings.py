@@ -6,6 +6,13 @@ data of one host into one typed `Settings` value, or raises one
 `SettingsError` naming the host and, for each bad key, its value and remedy.
 It runs while pyinfra is still planning, so bad input changes nothing.
 
+Each capability owns its section of the settings, `vllm_fleet/<capability>/settings.py`
+(its fields and their checks); the `vllm serve` options come from the table in
+vllm_fleet/planner/options.py. This module holds the core section (what several
+capabilities share: the model, its GPUs, the vLLM version, the unit name, the two
+directories), composes `Settings` from the sections (`SECTIONS`), and keeps the checks
+that need fields of several sections.
+
 The defaults here and in group_data/all.py are the same by construction: a
 unit test compares them, key by key.
 """
@@ -17,7 +24,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -28,108 +35,37 @@ from pydantic import (
     model_validator,
 )
 
-from vllm_fleet.errors import Problem, SettingsError
+from vllm_fleet.account.settings import AccountSection
+from vllm_fleet.errors import Problem, SettingConflict, SettingsError
 from vllm_fleet.planner import options as vllm_options
+from vllm_fleet.preflight.settings import PreflightSection
+from vllm_fleet.pyenv.settings import PyenvSection
+from vllm_fleet.service.settings import SECRET_ENV as _SECRET_ENV
+from vllm_fleet.service.settings import ServiceSection
 from vllm_fleet.versions import VLLM_VERSION
+from vllm_fleet.weights.settings import WeightsSection, WeightsSource
+
+__all__ = ["PREFIX", "SECTIONS", "Settings", "WeightsSource", "load_settings"]
 
 PREFIX = "vllm_"
 
-# Secret variables: the secret rows' own (VLLM_API_KEY, HF_TOKEN) and the hubs' other token variables.
-_SECRET_ENV = (*(r.env for r in vllm_options.rows(secret=True) if r.env), "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN")
-_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
-_PY_RE = re.compile(r"^3\.(\d{1,2})$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
 
 
-class WeightsSource(BaseModel):
-    """One place the weights can come from (an entry of vllm_weights_sources)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["hf", "modelscope", "local"]
-    repo: str | None = None
-    endpoint: str | None = None
-    revision: str | None = None
-    path: str | None = None
-
-    @model_validator(mode="after")
-    def _fields(self) -> "WeightsSource":
-        if self.kind == "local":
-            if not self.path or not self.path.startswith("/"):
-                raise ValueError("a local source needs path: an absolute directory on the host holding config.json")
-        elif not self.repo or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo):
-            raise ValueError(f"a {self.kind} source needs repo: an id like MiniMaxAI/MiniMax-M2")
-        if self.endpoint is not None and not re.match(r"^https?://[^@\s]+$", self.endpoint):
-            raise ValueError("endpoint must be an http(s) URL without credentials (the token goes in vllm_hf_token)")
-        return self
-
-
-# The fields of the `vllm serve` options: one per row of vllm_fleet/planner/options.py (type,
-# default, bounds, description, check), inherited by Settings.
-_ServeOptions = vllm_options.model("ServeOptions", vllm_options.OPTIONS)
-
-
-class Settings(_ServeOptions):
-    """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
-
-    The `vllm serve` options (served_model_name, layout sizes, max_model_len, ..., bind_host, port,
-    api_key, hf_token) are inherited: their fields come from the table in vllm_fleet/planner/options.py.
-    """
+class CoreSection(BaseModel):
+    """What several capabilities share: the model and its GPUs (planner, preflight, weights, service),
+    the vLLM version (pyenv and the planner), the unit name and the two directories (every path of
+    vllm_fleet/layout.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    # -- the model (how it is laid out on the GPUs: the options table) --
     model: str = Field("minimax-m2", description="model profile name from models/*.yaml, or a local directory holding a config.json")
     gpus: list[int] | None = Field(None, description="GPU indices to use, e.g. [1, 3, 4, 5] (becomes CUDA_VISIBLE_DEVICES); None = all GPUs")
-    extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
-    extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
-
-    # -- the service --
-    service_user: str = Field("vllm", description="unprivileged system user the service runs as")
+    version: str = Field(VLLM_VERSION, description="vLLM version (release channel) or minimum (nightly)")
     service_name: str = Field("vllm", description="systemd unit name (without .service)")
     base_dir: str = Field("/opt/vllm-fleet", description="venvs and the toolkit's programs on the host")
     data_dir: str = Field("/var/lib/vllm-fleet", description="weights, caches and state on the host")
-    restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
-    health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
-    purge_venvs: bool = Field(False, description="uninstall.py also deletes the venvs under base_dir")
-    purge_weights: bool = Field(False, description="uninstall.py also deletes the weights and caches under data_dir")
-
-    # -- the Python stack --
-    python_version: str = Field("3.12", description="Python version of the service venv (uv installs it if the host lacks it)")
-    version: str = Field(VLLM_VERSION, description="vLLM version (release channel) or minimum (nightly)")
-    channel: Literal["release", "nightly", "source"] = Field("release", description="where vLLM comes from")
-    source_url: str | None = Field(None, description="git URL for channel=source")
-    source_ref: str | None = Field(None, description="git ref (commit, tag, branch) for channel=source")
-    torch_backend: str = Field("auto", description="torch build: auto (from the driver's CUDA), cu128, cu130, cpu, ...")
-    index_url: str | None = Field(None, description="Python package index (a mirror); None = PyPI")
-    extra_index_urls: list[str] = Field(default_factory=list, description="extra package indexes")
-    find_links: list[str] = Field(default_factory=list, description="local wheel directories or URLs to find packages in")
-    keep_venvs: int = Field(2, ge=1, le=10, description="venvs kept for rollback (older ones are pruned)")
-    torch_version: str | None = Field(None, description="torch version to pin (None = what the vLLM release requires)")
-    torch_index_url: str | None = Field(None, description="index of torch builds for the backend, e.g. a mirror of download.pytorch.org/whl/cu128 (None = uv --torch-backend)")
-    nightly_index_url: str = Field("https://wheels.vllm.ai/nightly", description="extra index for channel=nightly")
-    no_index: bool = Field(False, description="install only from vllm_find_links / vllm_wheelhouse, never from an index")
-    wheelhouse: str | None = Field(None, description="directory of wheels on the control machine, pushed to the host and installed from with --no-index (air-gapped hosts)")
-
-    # -- weights (docs/weights.md) --
-    weights_sources: list[WeightsSource] | None = Field(None, description="where the weights come from, tried in order: [{kind: hf|modelscope|local, repo, endpoint, revision, path}]; None = the local model dir of vllm_model is copied, or vLLM fetches the profile's repo itself")
-    weights_wait: bool = Field(True, description="the deploy waits for the download unit (progress line); False = start it and go on")
-    weights_wait_timeout_s: int = Field(6 * 3600, ge=10, description="how long the deploy waits for the download before failing (the unit keeps going; a rerun attaches)")
-    weights_retries: int = Field(5, ge=1, le=100, description="attempts per source before the next source is tried")
-    weights_backoff_s: float = Field(10.0, ge=0, description="wait before the second attempt; doubles per attempt, capped at 300 s")
-    weights_workers: int = Field(8, ge=1, le=64, description="files downloaded in parallel")
-    weights_reverify: bool = Field(False, description="hash every file again on the next run (normally only files whose size/mtime changed)")
-    hf_xet: bool = Field(False, description="let huggingface_hub use Xet storage; off: HF mirrors (hf-mirror.com, local ones) serve plain HTTP resolve URLs only")
-
-    # -- preflight --
-    disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")
-    supported_os: dict[str, list[str]] = Field(
-        default_factory=lambda: {"ubuntu": ["22.04", "24.04"], "debian": ["12"]},
-        description="OS id -> supported VERSION_IDs (from /etc/os-release)",
-    )
-
-    # ---------------------------------------------------------------- checks --
 
     @field_validator("gpus")
     @classmethod
@@ -145,11 +81,11 @@ class Settings(_ServeOptions):
             raise ValueError(f"lists GPU {dups[0]} twice|list each GPU index once")
         return v
 
-    @field_validator("service_user")
+    @field_validator("version")
     @classmethod
-    def _user(cls, v: str) -> str:
-        if not _USER_RE.match(v) or v == "root":
-            raise ValueError("is not a valid unprivileged user name|use a lower-case name such as vllm (never root)")
+    def _version(cls, v: str) -> str:
+        if not _VERSION_RE.match(v):
+            raise ValueError(f"is not a version|use a release such as {VLLM_VERSION}")
         return v
 
     @field_validator("service_name")
@@ -167,102 +103,47 @@ class Settings(_ServeOptions):
             raise ValueError("must be an absolute path below /, without ..|use a path such as /opt/vllm-fleet")
         return str(p)
 
-    @field_validator("python_version")
-    @classmethod
-    def _py(cls, v: str) -> str:
-        m = _PY_RE.match(v)
-        if not m or not 10 <= int(m.group(1)) <= 13:
-            raise ValueError("is not a Python vLLM supports|use 3.10, 3.11, 3.12 or 3.13")
-        return v
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not _VERSION_RE.match(v):
-            raise ValueError(f"is not a version|use a release such as {VLLM_VERSION}")
-        return v
+# The fields of the `vllm serve` options: one per row of vllm_fleet/planner/options.py (type,
+# default, bounds, description, check), inherited by Settings.
+ServeOptions = vllm_options.model("ServeOptions", vllm_options.OPTIONS)
 
-    @field_validator("index_url", "source_url", "torch_index_url", "nightly_index_url")
-    @classmethod
-    def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
-            raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
-        if v is not None and re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", v):
-            raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host (uv and pip read it) and use the URL without them")
-        return v
+# The sections of Settings, in order (group_data/all.py has one header per section, in this order):
+# name -> the section's model. Each field of Settings is a field of exactly one of them.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "core": CoreSection,
+    "serve options": ServeOptions,
+    "preflight": PreflightSection,
+    "account": AccountSection,
+    "pyenv": PyenvSection,
+    "weights": WeightsSection,
+    "service": ServiceSection,
+}
 
-    @field_validator("torch_backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        from vllm_fleet.pyenv.stack import KNOWN_BACKENDS
 
-        if v != "auto" and v not in KNOWN_BACKENDS:
-            raise ValueError(f"is not a torch backend|use auto (from the driver's CUDA) or one of {', '.join(KNOWN_BACKENDS)}")
-        return v
+# The bases are SECTIONS reversed: pydantic orders inherited fields from the last base to the first, so
+# Settings.model_fields (and the problems of a SettingsError) follow SECTIONS and group_data/all.py.
+class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
+    """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
 
-    @field_validator("torch_version")
-    @classmethod
-    def _torch_version(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?", v):
-            raise ValueError("is not a torch release|use a version such as 2.11.0 (the build, +cu130 etc., comes from vllm_torch_backend)")
-        return v
+    The fields and their checks come from the sections (`SECTIONS`): the core section above, the
+    `vllm serve` options (served_model_name, layout sizes, max_model_len, ..., bind_host, port,
+    api_key, hf_token: the table in vllm_fleet/planner/options.py) and one section per capability
+    (`vllm_fleet/<capability>/settings.py`). Settings declares no field of its own; it holds the
+    checks that need fields of several sections, and the views.
+    """
 
-    @field_validator("wheelhouse")
-    @classmethod
-    def _wheelhouse(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from pathlib import Path
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-        p = Path(v).expanduser()
-        if not p.is_dir() or not any(p.glob("*.whl")):
-            raise ValueError("is not a directory of wheels on the control machine|build one (e.g. `pip download -d DIR vllm==X`, "
-                             "or `python tests/e2e/wheelhouse.py` for the test hosts) and point vllm_wheelhouse at it")
-        return str(p.resolve())
-
-    @field_validator("extra_index_urls", "find_links")
-    @classmethod
-    def _urls(cls, v: list[str]) -> list[str]:
-        for u in v:
-            if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
-                raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
-            if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", u):
-                raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host and use the URL without them")
-        return v
-
-    @field_validator("extra_args")
-    @classmethod
-    def _extra_args(cls, v: list[str]) -> list[str]:
-        secrets, owned = vllm_options.secret_flags(), vllm_options.owned_flags()
-        for a in v:
-            flag = vllm_options.flag_name(a)
-            if flag in secrets:
-                raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
-            if flag in owned:
-                raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
-        return v
-
-    @field_validator("extra_env")
-    @classmethod
-    def _extra_env(cls, v: dict[str, str]) -> dict[str, str]:
-        for k in v:
-            if k in _SECRET_ENV:
-                raise ValueError(f"sets {k}, a secret, in plain service environment|set vllm_api_key / vllm_hf_token instead")
-            if k == "CUDA_VISIBLE_DEVICES":
-                raise ValueError("sets CUDA_VISIBLE_DEVICES|set vllm_gpus instead (the toolkit derives it)")
-        return v
+    # ---------------------------------------------------------------- checks --
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:
+        # Two rows of the serve options table (the table's checks are one row each).
         if self.api_key is None and not ipaddress.ip_address(self.bind_host).is_loopback:
             raise _Cross("api_key", None, f"is missing while vLLM listens on {self.bind_host}, reachable from other machines",
                          "set vllm_api_key (e.g. from an environment variable in group_data/all.py), or set vllm_bind_host = \"127.0.0.1\"")
-        if self.channel == "source" and not self.source_url:
-            raise _Cross("source_url", None, "is required when vllm_channel = \"source\"",
-                         "set vllm_source_url to a git URL of vLLM (and vllm_source_ref to a commit or tag)")
-        if self.channel != "source" and (self.source_url or self.source_ref):
-            raise _Cross("channel", self.channel, "is not \"source\" but vllm_source_url/ref are set",
-                         "set vllm_channel = \"source\", or remove vllm_source_url/vllm_source_ref")
+        # The core section's GPUs against the serve options' layout sizes.
         if self.gpus is not None:
             used = self.pipeline_parallel_size * self.data_parallel_size * (self.tensor_parallel_size or 1)
             if self.tensor_parallel_size is not None and used != len(self.gpus):
@@ -294,12 +175,8 @@ class Settings(_ServeOptions):
         return PlanOptions(**values, vllm_version=self.version, model_path=model_path, extra_args=tuple(self.extra_args))
 
 
-class _Cross(ValueError):
-    """A cross-field problem, carried out of a model validator with its key and remedy."""
-
-    def __init__(self, key: str, value: object, problem: str, remedy: str):
-        super().__init__(problem)
-        self.problem = Problem(PREFIX + key, value, problem, remedy)
+# A cross-field problem, carried out of a model validator with its key and remedy (the sections raise it too).
+_Cross = SettingConflict
 
 
 def _remedy_for(key: str, err: dict[str, Any]) -> tuple[str, str]:
@@ -346,7 +223,7 @@ def load_settings(data: Mapping[str, Any], host: str | None = None) -> Settings:
     except ValidationError as exc:
         for err in exc.errors():
             ctx = err.get("ctx") or {}
-            if isinstance(ctx.get("error"), _Cross):
+            if isinstance(ctx.get("error"), SettingConflict):
                 problems.append(ctx["error"].problem)
                 continue
             loc = err["loc"]

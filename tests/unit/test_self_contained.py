@@ -65,7 +65,7 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed("tests/unit/weights/test_weights.py",
             "/root/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2",
             "an HF cache root on a deployed host, which the weights role must refuse to serve"),
-    Allowed("vllm_fleet/settings.py", "/root/.netrc on the host",
+    Allowed("vllm_fleet/pyenv/settings.py", "/root/.netrc on the host",
             "remedy text: the credentials file on the deployed host (uv and pip read it as root)"),
     Allowed("docs/python-env.md", "`/root/.netrc` on the host",
             "the credentials file on the deployed host (uv and pip read it as root)"),

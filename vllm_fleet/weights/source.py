@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from vllm_fleet.layout import HostLayout
-from vllm_fleet.settings import Settings, WeightsSource
+from vllm_fleet.settings import Settings
+from vllm_fleet.weights.settings import WeightsSource
 
 # What the host's fetch venv installs (the version these tests ran against).
 HF_HUB_REQUIREMENT = "huggingface_hub==2.4.0"

@@ -1,0 +1,28 @@
+"""The account's settings section (pure: pydantic only): the system user the service runs as.
+
+The directories the account step creates (base_dir, data_dir) are every capability's paths, so they
+are core settings (vllm_fleet/settings.py). Composed into `vllm_fleet.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+
+
+class AccountSection(BaseModel):
+    """The service user."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    service_user: str = Field("vllm", description="unprivileged system user the service runs as")
+
+    @field_validator("service_user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not _USER_RE.match(v) or v == "root":
+            raise ValueError("is not a valid unprivileged user name|use a lower-case name such as vllm (never root)")
+        return v

@@ -1,0 +1,20 @@
+"""The preflight's settings section (pure: pydantic only): what a host must offer before anything changes.
+
+Composed into `vllm_fleet.settings.Settings`; field names are host-data keys without `vllm_`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PreflightSection(BaseModel):
+    """Disk headroom and the operating systems preflight accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")
+    supported_os: dict[str, list[str]] = Field(
+        default_factory=lambda: {"ubuntu": ["22.04", "24.04"], "debian": ["12"]},
+        description="OS id -> supported VERSION_IDs (from /etc/os-release)",
+    )
