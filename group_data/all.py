@@ -39,6 +39,7 @@ vllm_extra_env = {}                      # extra non-secret service environment,
 # -- the service --
 vllm_bind_host = "127.0.0.1"             # address vLLM listens on; anything but loopback requires vllm_api_key
 vllm_port = 8100                         # TCP port vLLM listens on (preflight fails if another process owns it)
+vllm_advertise_address = None            # address other hosts (router, Prometheus, cluster peers) reach vLLM at; None = vllm_bind_host if one specific address, else ssh_hostname / the inventory name
 vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs
 vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)
 vllm_service_user = "vllm"               # unprivileged system user running vLLM

@@ -40,6 +40,7 @@ _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
 _PY_RE = re.compile(r"^3\.(\d{1,2})$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
 class WeightsSource(BaseModel):
@@ -94,6 +95,7 @@ class Settings(_ServeOptions):
     health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
     purge_venvs: bool = Field(False, description="uninstall.py also deletes the venvs under base_dir")
     purge_weights: bool = Field(False, description="uninstall.py also deletes the weights and caches under data_dir")
+    advertise_address: str | None = Field(None, description="address other hosts (a router, Prometheus, cluster peers) use to reach this host's vLLM; None = vllm_bind_host when it is one specific address, else the inventory's ssh_hostname or host name")
 
     # -- the Python stack --
     python_version: str = Field("3.12", description="Python version of the service venv (uv installs it if the host lacks it)")
@@ -230,6 +232,23 @@ class Settings(_ServeOptions):
                 raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host and use the URL without them")
         return v
 
+    @field_validator("advertise_address")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            if not _HOSTNAME_RE.fullmatch(v) or len(v) > 253:
+                raise ValueError("is neither an IP address nor a host name|use an address such as 10.0.0.5 or a DNS name "
+                                 "such as gpu01.example.internal (no scheme, no port: the port is vllm_port)") from None
+            return v
+        if ip.is_unspecified:
+            raise ValueError("is a wildcard, which no other host can connect to|use this host's own address, "
+                             "e.g. 10.0.0.5, or leave vllm_advertise_address unset") from None
+        return str(ip)
+
     @field_validator("extra_args")
     @classmethod
     def _extra_args(cls, v: list[str]) -> list[str]:
@@ -257,6 +276,16 @@ class Settings(_ServeOptions):
         if self.api_key is None and not ipaddress.ip_address(self.bind_host).is_loopback:
             raise _Cross("api_key", None, f"is missing while vLLM listens on {self.bind_host}, reachable from other machines",
                          "set vllm_api_key (e.g. from an environment variable in group_data/all.py), or set vllm_bind_host = \"127.0.0.1\"")
+        if self.advertise_address is not None:
+            bind = ipaddress.ip_address(self.bind_host)
+            if bind.is_loopback and not _is_loopback_name(self.advertise_address):
+                raise _Cross("advertise_address", self.advertise_address,
+                             f"is advertised to other hosts, but vLLM listens on {self.bind_host} only, which they cannot reach",
+                             "set vllm_bind_host to this host's address or 0.0.0.0 (with vllm_api_key), or unset vllm_advertise_address")
+            if not bind.is_unspecified and _is_ip(self.advertise_address) and ipaddress.ip_address(self.advertise_address) != bind:
+                raise _Cross("advertise_address", self.advertise_address,
+                             f"is not the address vLLM listens on (vllm_bind_host = {self.bind_host})",
+                             f"advertise {self.bind_host}, set vllm_bind_host = \"0.0.0.0\", or unset vllm_advertise_address")
         if self.channel == "source" and not self.source_url:
             raise _Cross("source_url", None, "is required when vllm_channel = \"source\"",
                          "set vllm_source_url to a git URL of vLLM (and vllm_source_ref to a commit or tag)")
@@ -292,6 +321,19 @@ class Settings(_ServeOptions):
 
         values = {row.key: getattr(self, row.key) for row in vllm_options.plan_rows()}
         return PlanOptions(**values, vllm_version=self.version, model_path=model_path, extra_args=tuple(self.extra_args))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback_name(text: str) -> bool:
+    """``text`` names the loopback: a loopback IP or localhost."""
+    return ipaddress.ip_address(text).is_loopback if _is_ip(text) else text.rstrip(".").lower() == "localhost"
 
 
 class _Cross(ValueError):
