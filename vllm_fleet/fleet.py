@@ -133,11 +133,11 @@ class Topology:
     def describe(self, host: str) -> str:
         """One plan line for ``host``: "fleet: replica 2 of 3 of minimax-m2 at a800-02:8200"."""
         m = self.member(host)
-        replicas = self.replicas(m.model)
+        peers = tuple(p for p in self.members_of(m.model) if p.role == m.role)  # the replicas, for a replica
         where = (f"on {m.bind_host}:{m.port}, this host only (vllm_bind_host is loopback)" if m.local_only
                  else f"at {m.endpoint}" if m.endpoint
                  else f"on port {m.port}, at no address other hosts know (set {ADVERTISE})")
-        return f"fleet: {m.role} {replicas.index(m) + 1} of {len(replicas)} of {m.model} {where}"
+        return f"fleet: {m.role} {peers.index(m) + 1} of {len(peers)} of {m.model} {where}"
 
 
 class TopologyError(FleetError):
