@@ -3,9 +3,11 @@
     pyinfra inventory/prod.py deploy.py          # converge every host
     pyinfra inventory/prod.py deploy.py --dry    # show the plan and diffs, change nothing
 
-Settings are validated, and preflight and the plan run on every host's real
-GPUs, while pyinfra plans, before any operation runs on any host: bad input
-or a bad host ends the run with one message and nothing changed.
+Settings are validated, the fleet (vllm_fleet/fleet.py: which hosts serve
+which model, in what role) is computed once from every host of the inventory,
+and preflight and the plan run on every host's real GPUs, while pyinfra plans,
+before any operation runs on any host: bad input or a bad host ends the run
+with one message and nothing changed.
 """
 
 from pyinfra import host
@@ -15,6 +17,7 @@ from vllm_fleet.preflight import step as preflight
 from vllm_fleet.pyenv import step as python_env
 from vllm_fleet.service import step as service
 from vllm_fleet.weights import step as weights
+from vllm_fleet.hostops import fleet
 from vllm_fleet.hostops.abort import abort
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
@@ -23,6 +26,12 @@ try:
     settings = load_settings(host.data.dict(), host=host.name)
 except FleetError as exc:
     abort(exc)
+
+# What spans hosts (which hosts serve which model, in what role): computed once per run from
+# every host of the inventory. Steps that span hosts take `topology` or `member`; none does yet.
+topology = fleet.topology()
+member = topology.member(host.name)
+fleet.report(topology)
 
 model = weights.source(settings)
 state = preflight.run(settings, model_path=model.serve_path or None)

@@ -26,6 +26,7 @@ vllm_version = VLLM_VERSION              # vLLM release to install (the pin in v
 vllm_service_name = "vllm"               # systemd unit name (vllm.service)
 vllm_base_dir = "/opt/vllm-fleet"        # venvs and helper programs
 vllm_data_dir = "/var/lib/vllm-fleet"    # weights, compile cache, state
+vllm_advertise_address = None            # address other hosts (router, Prometheus, cluster peers) reach vLLM at; None = vllm_bind_host if one specific address, else ssh_hostname / the inventory name
 
 # --- serve options (vllm_fleet/planner/options.py) ---
 # one line per row, the row's description as comment; the planner decides what is left as None / "auto"

@@ -51,6 +51,7 @@ PREFIX = "vllm_"
 
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
 class CoreSection(BaseModel):
@@ -66,6 +67,25 @@ class CoreSection(BaseModel):
     service_name: str = Field("vllm", description="systemd unit name (without .service)")
     base_dir: str = Field("/opt/vllm-fleet", description="venvs and the toolkit's programs on the host")
     data_dir: str = Field("/var/lib/vllm-fleet", description="weights, caches and state on the host")
+    advertise_address: str | None = Field(None, description="address other hosts (a router, Prometheus, cluster peers) use to reach this host's vLLM; None = vllm_bind_host when it is one specific address, else the inventory's ssh_hostname or host name")
+
+    @field_validator("advertise_address")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            if not _HOSTNAME_RE.fullmatch(v) or len(v) > 253:
+                raise ValueError("is neither an IP address nor a host name|use an address such as 10.0.0.5 or a DNS name "
+                                 "such as gpu01.example.internal (no scheme, no port: the port is vllm_port)") from None
+            return v
+        if ip.is_unspecified:
+            raise ValueError("is a wildcard, which no other host can connect to|use this host's own address, "
+                             "e.g. 10.0.0.5, or leave vllm_advertise_address unset") from None
+        return str(ip)
+
 
     @field_validator("gpus")
     @classmethod
@@ -143,6 +163,16 @@ class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, Pre
         if self.api_key is None and not ipaddress.ip_address(self.bind_host).is_loopback:
             raise _Cross("api_key", None, f"is missing while vLLM listens on {self.bind_host}, reachable from other machines",
                          "set vllm_api_key (e.g. from an environment variable in group_data/all.py), or set vllm_bind_host = \"127.0.0.1\"")
+        if self.advertise_address is not None:
+            bind = ipaddress.ip_address(self.bind_host)
+            if bind.is_loopback and not _is_loopback_name(self.advertise_address):
+                raise _Cross("advertise_address", self.advertise_address,
+                             f"is advertised to other hosts, but vLLM listens on {self.bind_host} only, which they cannot reach",
+                             "set vllm_bind_host to this host's address or 0.0.0.0 (with vllm_api_key), or unset vllm_advertise_address")
+            if not bind.is_unspecified and _is_ip(self.advertise_address) and ipaddress.ip_address(self.advertise_address) != bind:
+                raise _Cross("advertise_address", self.advertise_address,
+                             f"is not the address vLLM listens on (vllm_bind_host = {self.bind_host})",
+                             f"advertise {self.bind_host}, set vllm_bind_host = \"0.0.0.0\", or unset vllm_advertise_address")
         # The core section's GPUs against the serve options' layout sizes.
         if self.gpus is not None:
             used = self.pipeline_parallel_size * self.data_parallel_size * (self.tensor_parallel_size or 1)
@@ -177,6 +207,19 @@ class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, Pre
 
 # A cross-field problem, carried out of a model validator with its key and remedy (the sections raise it too).
 _Cross = SettingConflict
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback_name(text: str) -> bool:
+    """``text`` names the loopback: a loopback IP or localhost."""
+    return ipaddress.ip_address(text).is_loopback if _is_ip(text) else text.rstrip(".").lower() == "localhost"
 
 
 def _remedy_for(key: str, err: dict[str, Any]) -> tuple[str, str]:

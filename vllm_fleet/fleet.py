@@ -1,0 +1,236 @@
+"""The fleet: what spans hosts, computed once from every host of the inventory (pure).
+
+deploy.py runs once per host with that host's data; a router in front of the
+replicas of a model, one model across several hosts (vLLM's multi-node
+runtime) and Prometheus scraping every replica need to know the other hosts.
+`topology` builds that knowledge once, from each host's validated settings,
+and the steps receive it as typed data: a `Topology` of `Member`s, one per
+host of the inventory, in inventory order.
+
+    topo = topology([("a800-01", data_1), ("a800-02", data_2), ("h200-01", data_3)])
+    topo.models()                  # ("minimax-m2",)
+    topo.replicas("minimax-m2")    # the members serving it, in inventory order
+    topo.member("a800-02").url     # "http://a800-02:8200"
+
+A capability that spans hosts (router, cluster, monitoring) reads the Topology
+in its own folder; the fields it needs on a Member are added here, left None
+where it does not apply. No other step changes.
+
+The address other hosts use for a member's endpoint, first that applies:
+`vllm_advertise_address`; `vllm_bind_host` when it is one specific address
+(vLLM answers only there); the inventory's `ssh_hostname`; the inventory host
+name, unless it names a connector (`@docker/fleet-a`, `@local`): then the
+address is unknown (None) until vllm_advertise_address says it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vllm_fleet.errors import FleetError, Problem
+from vllm_fleet.settings import Settings, load_settings
+
+Role = Literal["replica"]
+"""What a member is to its model. Today every member is a vLLM server of its own ("replica")."""
+
+ADVERTISE = "vllm_advertise_address"
+BIND = "vllm_bind_host"
+SSH_HOSTNAME = "ssh_hostname"
+INVENTORY_NAME = "inventory host name"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One host of the fleet: the vLLM endpoint it serves and its role.
+
+    + host: the inventory host name (as pyinfra names it: "@docker/fleet-a", "a800-01.example.internal")
+    + model: the served model name: what clients send as "model", what a router routes by
+    + address: where other hosts reach its vLLM; None when unknown (a connector host without
+      ssh_hostname or vllm_advertise_address)
+    + address_from: the setting the address came from (ADVERTISE, BIND, SSH_HOSTNAME,
+      INVENTORY_NAME), "" when there is none
+    + port: vllm_port
+    + bind_host: vllm_bind_host, the address vLLM listens on
+    + role: "replica"
+
+    Fields of the issues to come, None until they set them:
+
+    + cluster, rank, cluster_size, head_address, head_port: one model across several hosts
+      (vLLM's multi-node runtime): the cluster's name, this host's rank 0..N-1, N, and where
+      rank 0 listens for the others
+    + router: the host name of the router in front of this replica
+    + scrape_job: the Prometheus job that scrapes this replica's /metrics
+    """
+
+    host: str
+    model: str
+    address: str | None
+    address_from: str
+    port: int
+    bind_host: str
+    role: Role = "replica"
+    cluster: str | None = None
+    rank: int | None = None
+    cluster_size: int | None = None
+    head_address: str | None = None
+    head_port: int | None = None
+    router: str | None = None
+    scrape_job: str | None = None
+
+    @property
+    def local_only(self) -> bool:
+        """vLLM listens on a loopback address: only the host itself reaches the endpoint."""
+        return ipaddress.ip_address(self.bind_host).is_loopback
+
+    @property
+    def endpoint(self) -> str | None:
+        """``address:port`` (an IPv6 address in brackets), None when the address is unknown."""
+        if self.address is None:
+            return None
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str | None:
+        """The base URL of the OpenAI-compatible API, for other hosts: ``http://address:port``."""
+        return None if self.endpoint is None else f"http://{self.endpoint}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every member of the fleet, in inventory order (including hosts a --limit leaves out)."""
+
+    members: tuple[Member, ...] = field(default_factory=tuple)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def models(self) -> tuple[str, ...]:
+        """The served model names, in the order their first member comes in the inventory."""
+        return tuple(dict.fromkeys(m.model for m in self.members))
+
+    def members_of(self, model: str) -> tuple[Member, ...]:
+        """Every member serving ``model`` (any role), in inventory order; () for a model nobody serves."""
+        return tuple(m for m in self.members if m.model == model)
+
+    def replicas(self, model: str) -> tuple[Member, ...]:
+        """The members of ``model`` that are vLLM servers of their own, in inventory order."""
+        return tuple(m for m in self.members_of(model) if m.role == "replica")
+
+    def member(self, host: str) -> Member:
+        """The member of the inventory host named ``host``; KeyError when the fleet has no such host."""
+        for m in self.members:
+            if m.host == host:
+                return m
+        raise KeyError(f"{host} is not a host of this fleet ({', '.join(m.host for m in self.members)})")
+
+    def describe(self, host: str) -> str:
+        """One plan line for ``host``: "fleet: replica 2 of 3 of minimax-m2 at a800-02:8200"."""
+        m = self.member(host)
+        peers = tuple(p for p in self.members_of(m.model) if p.role == m.role)  # the replicas, for a replica
+        where = (f"on {m.bind_host}:{m.port}, this host only (vllm_bind_host is loopback)" if m.local_only
+                 else f"at {m.endpoint}" if m.endpoint
+                 else f"on port {m.port}, at no address other hosts know (set {ADVERTISE})")
+        return f"fleet: {m.role} {peers.index(m) + 1} of {len(peers)} of {m.model} {where}"
+
+
+class TopologyError(FleetError):
+    """The hosts together make no fleet (one served name for two models, one endpoint for two hosts)."""
+
+    def __init__(self, problems: list[tuple[str, Problem]]):
+        self.problems = problems
+        if len(problems) == 1:
+            host, p = problems[0]
+            super().__init__(f"host {host}: {p.render()}")
+        else:
+            lines = "\n".join(f"  - host {host}: {p.render()}" for host, p in problems)
+            super().__init__(f"fleet: {len(problems)} problems across hosts, nothing was changed:\n{lines}")
+
+
+def topology(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> Topology:
+    """The fleet of ``hosts``: (inventory host name, merged host data) pairs, in inventory order.
+
+    Each host's data is validated with `load_settings` (a `SettingsError` names the
+    host). Raises `TopologyError` when two hosts serve different models (vllm_model)
+    under one served name, or two hosts are reached at the same address and port.
+    """
+    members: list[Member] = []
+    models: dict[str, tuple[str, str]] = {}  # served name -> (first host, its vllm_model)
+    endpoints: dict[tuple[str, int], Member] = {}
+    problems: list[tuple[str, Problem]] = []
+    for name, data in hosts:
+        settings = load_settings(data, host=name)
+        m = member(name, data, settings)
+        first = models.setdefault(m.model, (name, settings.model))
+        if first[1] != settings.model:
+            problems.append((name, Problem(
+                "vllm_served_model_name", settings.served_model_name,
+                f"serves vllm_model {settings.model!r} as {m.model!r}, the name host {first[0]} serves vllm_model {first[1]!r} as: "
+                "clients and a router could not tell the two models apart",
+                f"give one of them another vllm_served_model_name, or the same vllm_model")))
+        key = _endpoint_key(m)
+        if key is not None:
+            other = endpoints.setdefault(key, m)
+            if other is not m:
+                problems.append((name, Problem(
+                    ADVERTISE, data.get(ADVERTISE),
+                    f"host {name} ({m.address} from {m.address_from}) and host {other.host} ({other.address} from "
+                    f"{other.address_from}) are both reached at {m.endpoint}",
+                    f"set {ADVERTISE} on each to the address other hosts reach it at, or give one another vllm_port")))
+        members.append(m)
+    if problems:
+        raise TopologyError(problems)
+    return Topology(tuple(members))
+
+
+def member(name: str, data: Mapping[str, Any], settings: Settings) -> Member:
+    """The member for one host: its served model name, endpoint and role (no cluster, router or scrape job yet)."""
+    address, source = advertised_address(name, data, settings)
+    return Member(host=name, model=served_name(settings), address=address, address_from=source,
+                  port=settings.port, bind_host=settings.bind_host)
+
+
+def served_name(settings: Settings) -> str:
+    """The name clients send as "model": vllm_served_model_name, else the profile's name (as the plan decides)."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    from vllm_fleet.planner.modelinfo import load_profile
+
+    return load_profile(settings.model).name
+
+
+def advertised_address(name: str, data: Mapping[str, Any], settings: Settings) -> tuple[str | None, str]:
+    """(the address other hosts use for this host's vLLM, the setting it came from); module docstring: the order."""
+    if settings.advertise_address is not None:
+        return settings.advertise_address, ADVERTISE
+    bind = ipaddress.ip_address(settings.bind_host)
+    if not bind.is_unspecified and not bind.is_loopback:
+        return settings.bind_host, BIND
+    ssh_hostname = data.get(SSH_HOSTNAME)
+    if isinstance(ssh_hostname, str) and ssh_hostname:
+        return ssh_hostname, SSH_HOSTNAME
+    if not name.startswith("@"):
+        return name, INVENTORY_NAME
+    return None, ""
+
+
+def _endpoint_key(m: Member) -> tuple[str, int] | None:
+    """What makes two members one endpoint to other hosts; None for none to compare.
+
+    A host name compares without case. A derived address of a loopback-bound member
+    names no endpoint (its vLLM is not there for other hosts), an advertised one does.
+    """
+    if m.address is None or (m.local_only and m.address_from != ADVERTISE):
+        return None
+    address = m.address.rstrip(".").lower()
+    try:
+        address = str(ipaddress.ip_address(address))
+    except ValueError:
+        pass
+    return address, m.port
