@@ -21,12 +21,13 @@ from vllm_fleet.settings import load_settings
 
 try:
     settings = load_settings(host.data.dict(), host=host.name)
-except FleetError as exc:
-    abort(exc)
+    model = weights.source(settings)
+except (FleetError, ValueError) as exc:
+    abort(exc if isinstance(exc, FleetError) else FleetError(str(exc)))
 
-model = weights.source(settings)
-state = preflight.run(settings, model_path=model.serve_path or None)
+# Each step hands the next its typed value (vllm_fleet/handoff.py): nothing is probed, nothing recomputed.
+state = preflight.run(settings, model)
 service_user.apply(settings)
 venv = python_env.apply(settings, state)
-weights_changed = weights.apply(settings, model)
-service.apply(settings, state, venv, weights_changed)
+fetched = weights.apply(settings, model)
+service.apply(settings, state, venv, fetched)

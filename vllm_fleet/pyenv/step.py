@@ -23,7 +23,6 @@ import functools
 import hashlib
 import json
 import shlex
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from pyinfra.operations import apt, files, server
 
 from vllm_fleet.hostops.abort import abort
 from vllm_fleet.layout import HostLayout
-from vllm_fleet.preflight.step import HostState
+from vllm_fleet.handoff import HostState, Venv
 from vllm_fleet.preflight import checks as preflight
 from vllm_fleet.pyenv import stack
 from vllm_fleet.errors import FleetError, PreflightError
@@ -42,22 +41,6 @@ from vllm_fleet.planner.modelinfo import load_profile
 from vllm_fleet.settings import Settings
 from vllm_fleet.pyenv.stack import BuildSpec, PackageSource
 from vllm_fleet.pyenv.facts import PROGRAM_SOURCE, StackState, VenvState
-
-
-@dataclass(frozen=True)
-class Venv:
-    """The venv the service runs from (contract with vllm_fleet/service/step.py).
-
-    + path: the venv directory on the host; `{path}/bin/vllm` is what ExecStart runs.
-    + changed: the operation whose change means "the venv's content changed" (None: nothing to build).
-    + previous_path: the newest other usable venv, the rollback target (None: there is none).
-    + spec: what was asked for (version, backend, install arguments).
-    """
-
-    path: str
-    changed: OperationMeta | None
-    previous_path: str | None
-    spec: BuildSpec
 
 
 def build_spec(settings: Settings, state: HostState, facts: StackState) -> BuildSpec:

@@ -29,12 +29,11 @@ from pyinfra import host, logger
 from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
-from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
-from vllm_fleet.preflight.step import HostState
+from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
 from vllm_fleet.layout import HostLayout
@@ -46,7 +45,7 @@ GATE_SOURCE = Path(gate_program.__file__)
 _HALTED: list[str] = []  # hosts whose gate failed in this run: later hosts are not restarted
 
 
-def venv_path(settings: Settings, venv, driver_cuda: str | None = None) -> str:
+def venv_path(settings: Settings, venv: Venv | None, driver_cuda: str | None = None) -> str:
     """The venv the unit runs (python_env's Venv.path; without one, the path python_env would build,
     `stack.default_venv`, for the host driver's CUDA)."""
     return venv.path if venv is not None else stack.default_venv(settings, driver_cuda)
@@ -57,7 +56,7 @@ def systemd_version_of(state: HostState) -> int | None:
     return int(v) if v.isdigit() else None
 
 
-def service_files(settings: Settings, state: HostState, venv=None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
+def service_files(settings: Settings, state: HostState, venv: Venv | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
                                                                              list[ManagedFile]]:
     """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host."""
     lay = HostLayout.of(settings)
@@ -143,18 +142,18 @@ def _between(lines: list[str], begin: str, end: str) -> str:
     return "\n".join(lines[start:stop])
 
 
-def _changed(*metas: OperationMeta | None):
-    """An `_if` callable: any of the operations changed something (None entries ignored)."""
-    real = [m for m in metas if m is not None]
-    return lambda: any(m.did_change() for m in real)
+def _changed(*values: Changed | None):
+    """An `_if` callable: any of the values changed something (None entries ignored)."""
+    return any_changed(*values)
 
 
 @deploy("vLLM service and health gate")
-def apply(settings: Settings, state: HostState, venv, weights_changed: OperationMeta | None) -> None:
+def apply(settings: Settings, state: HostState, venv: Venv | None, weights: WeightsResult) -> None:
     """Install the unit and env file, restart + gate when they, the venv or the weights changed, enable it.
 
-    + venv: vllm_fleet.pyenv.step.Venv (``.path``, ``.changed``), or None to serve the venv python_env would build (``stack.default_venv``)
-    + weights_changed: the weights role's sync operation (or None)
+    + venv: what vllm_fleet/pyenv/step.py built (``.path``, ``.changed``), or None to serve the venv python_env
+      would build (``stack.default_venv``)
+    + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
     """
     lay = HostLayout.of(settings)
     rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
@@ -167,12 +166,12 @@ def apply(settings: Settings, state: HostState, venv, weights_changed: Operation
                         files=secrets, read_with=every)
 
     pending, enabled = _pending(settings, rendered)
-    changed = _changed(unit, env, getattr(venv, "changed", None), weights_changed)
+    changed = _changed(unit, env, venv.changed if venv is not None else None, weights.changed)
     marker = lay.weights_pending
-    if not getattr(weights_changed, "ready", True):
+    if not weights.ready:
         # vllm_weights_wait=False and the download is not complete: never (re)start vLLM on partial weights.
         logger.warning(f"{host.print_prefix}service: {settings.service_name}.service is not (re)started: "
-                       f"{weights_changed.reason}; rerun the deploy once the download is complete")
+                       f"{weights.reason}; rerun the deploy once the download is complete")
         files.file(name=f"Hold back the restart of {settings.service_name}.service until the weights are complete "
                         f"({marker})", path=marker, present=True, user="root", group="root", mode="644")
     else:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
-from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, server, systemd
 
+from vllm_fleet.handoff import ModelSource, WeightsResult
 from vllm_fleet.hostops.operations import managed_files, mirror_dir, secret_file
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
@@ -42,15 +41,6 @@ PROGRESS_EVERY_S = 5.0
 
 class WeightsDownloadError(FleetError):
     """The download unit failed, or the deploy's wait ran out."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from and the path (or repo id) `vllm serve` gets."""
-
-    local_dir: Path | None
-    serve_path: str
-    fetch: wplan.FetchPlan | None = None
 
 
 def source(settings: Settings) -> ModelSource:
@@ -68,24 +58,6 @@ def source(settings: Settings) -> ModelSource:
     if local.is_dir():
         return ModelSource(local.resolve(), HostLayout.of(settings).model(local.resolve().name))
     return ModelSource(None, "")  # the planner uses the profile's repo id
-
-
-@dataclass(frozen=True)
-class WeightsResult:
-    """What vllm_fleet/service/step.py gets from `apply`: did the weights change in this run, and may the service start on them.
-
-    ``did_change()`` is the weights operation's (the `_if` contract of an OperationMeta);
-    ``ready`` is False when the download is not known to be complete when the service step
-    runs (``vllm_weights_wait = False`` and the weights were not complete while planning):
-    the service is then not (re)started, and ``reason`` says why.
-    """
-
-    meta: OperationMeta | None
-    ready: bool = True
-    reason: str = ""
-
-    def did_change(self) -> bool:
-        return self.meta is not None and self.meta.did_change()
 
 
 class FetchState(FactBase[dict]):
@@ -233,19 +205,18 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
 
 
 @deploy("Weights")
-def apply(settings: Settings, src: ModelSource) -> WeightsResult | OperationMeta | None:
-    """Place the weights; return what says "the weights changed" (``did_change()``), and for a download
-    a `WeightsResult` whose ``ready`` says whether the service may be (re)started on them."""
+def apply(settings: Settings, src: ModelSource) -> WeightsResult:
+    """Place the weights; return whether they changed in this run and whether the service may be (re)started on them."""
     if src.fetch is not None:
         if not src.fetch.downloads:
-            return None  # a directory already on the host, served in place
+            return WeightsResult()  # a directory already on the host, served in place
         return _apply_fetch(settings, src.fetch)
     if src.local_dir is None:
-        return None
-    return mirror_dir(
+        return WeightsResult()
+    return WeightsResult(mirror_dir(
         name=f"Ensure the host holds exactly the model files of {Path(src.local_dir).name}",
         src=str(src.local_dir),
         dest=src.serve_path,
         user=settings.service_user,
         group=settings.service_user,
-    )
+    ))
