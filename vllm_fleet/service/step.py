@@ -16,7 +16,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
    The gate runs on the host, detached from SSH; this side follows its
    progress, and on failure runs the doctor on the journal it returns and
    fails the host. Hosts are gated one at a time (``_serial``) and a failed
-   gate halts the rolling deploy: later hosts are not restarted;
+   gate halts the rolling deploy: later hosts are not restarted (`service/rolling.py`: the record lives on the run's State);
 4. the unit enabled at boot.
 """
 
@@ -38,11 +38,11 @@ from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
+from vllm_fleet.service.rolling import RollingHalt
 from vllm_fleet.service.render import Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
-_HALTED: list[str] = []  # hosts whose gate failed in this run: later hosts are not restarted
 
 
 def venv_path(settings: Settings, venv: Venv | None, driver_cuda: str | None = None) -> str:
@@ -110,14 +110,16 @@ def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
 
 def _run_gate(state, host, command: str) -> None:
     """Execute the host's gate, streaming its progress; on failure print the doctor's diagnosis and fail."""
-    if _HALTED:
-        raise OperationError(f"not restarted: the rolling deploy halted after {', '.join(_HALTED)} failed its health gate")
+    halt = RollingHalt.of(state)  # this run's record of failed gates (the hosts before this one, gated serially)
+    blocked = halt.blocked()
+    if blocked:
+        raise OperationError(blocked)
     op_data = state.get_op_data_for_host(host, host.executing_op_hash)
     args = {k: op_data.global_arguments[k] for k in CONNECTOR_ARGUMENT_KEYS if k in op_data.global_arguments}
     ok, output = host.run_shell_command(StringCommand(command), print_output=True, **args)
     if ok:
         return
-    _HALTED.append(host.name)
+    halt.record_failure(host.name)
     lines = [line.line for line in output]
     verdict = next((l for l in lines if l.startswith("gate verdict:")), lines[-1] if lines else "gate verdict: none (no output)")
     journal = _between(lines, gate_program.JOURNAL_BEGIN, gate_program.JOURNAL_END)
