@@ -29,5 +29,5 @@ except (FleetError, ValueError) as exc:
 state = preflight.run(settings, model)
 service_user.apply(settings)
 venv = python_env.apply(settings, state)
-fetched = weights.apply(settings, model)
+fetched = weights.apply(settings, model, state)
 service.apply(settings, state, venv, fetched)

@@ -5,7 +5,7 @@ deploy.py passes them explicitly, in the order the steps run:
     model = weights.source(settings)                 # ModelSource
     state = preflight.run(settings, model)           # HostState
     venv = python_env.apply(settings, state)         # Venv
-    fetched = weights.apply(settings, model)         # WeightsResult
+    fetched = weights.apply(settings, model, state)  # WeightsResult
     service.apply(settings, state, venv, fetched)
 
 A "did this change in the run" value is anything with ``did_change() -> bool``

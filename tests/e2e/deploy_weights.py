@@ -21,4 +21,4 @@ except (FleetError, ValueError) as exc:
 
 state = preflight.run(settings, model)
 service_user.apply(settings)
-weights.apply(settings, model)
+weights.apply(settings, model, state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -21,10 +21,12 @@ from pyinfra.facts.server import Home
 from vllm_fleet.layout import SECRET_MODE
 from vllm_fleet.hostops.facts import (
     MISSING,
+    FileState,
     FileStates,
     PathStates,
     SystemAccount,
     TreeDigests,
+    read_once,
 )
 
 
@@ -191,20 +193,28 @@ def secret_file(path: str, service_user: str, text: str) -> ManagedFile:
 
 
 @operation()
-def managed_files(files: Sequence[ManagedFile], read_with: Sequence[str] = ()):
+def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState | None] | None = None):
     """
     Ensure several files hold the given content, owner and mode, reading them all in one fact.
 
     + files: the wanted files
-    + read_with: more paths to read in the same fact, so that other ``managed_files``
-      calls of the same deploy find it cached (one round trip for all of them)
+    + states: the ``FileStates`` fact already read by the caller for these paths (and maybe more), so that
+      several ``managed_files`` of one step cost one round trip (pyinfra does not cache facts); None: read here
 
     .. code:: python
 
         managed_files(name="Ensure the unit and env file", files=[ManagedFile("/etc/x.conf", "a=1\\n", "root", "root", "644")])
+
+        states = host.get_fact(FileStates, paths=[f.path for f in unit + env])
+        managed_files(name="Ensure the unit", files=unit, states=states)
+        managed_files(name="Ensure the env file", files=env, states=states)
     """
-    paths = sorted({f.path for f in files} | set(read_with))
-    states = host.get_fact(FileStates, paths=paths)
+    if states is None:
+        states = host.get_fact(FileStates, paths=sorted({f.path for f in files}))
+    else:
+        unread = sorted(f.path for f in files if f.path not in states)
+        if unread:
+            raise ValueError(f"managed_files: states were read without {', '.join(unread)}")
     q = shlex.quote
     changed = False
     for f in files:
@@ -213,7 +223,7 @@ def managed_files(files: Sequence[ManagedFile], read_with: Sequence[str] = ()):
         if have is None or have.sha256 != hashlib.sha256(data).hexdigest():
             temp = host.get_temp_filename(f.path)
             if f.secret:
-                private = f"{host.get_fact(Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
+                private = f"{read_once(host, Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
                 yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
                 yield StringCommand("chmod", "700", private, _sudo=False)
                 temp = f"{private}/{hashlib.sha256(data).hexdigest()[:16]}"

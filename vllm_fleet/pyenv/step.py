@@ -155,7 +155,7 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
     if settings.wheelhouse:
         _push_wheelhouse(settings, facts)
     if facts.program_sha256 != hashlib.sha256(PROGRAM_SOURCE.read_bytes()).hexdigest():
-        files.directory(name=f"Ensure {lay.bin_dir} exists (root:root 755)", path=lay.bin_dir, user="root", group="root", mode="755")
+        # {bin_dir} is the account step's (root:root 755); files.put reads it (and creates it if absent) once.
         files.put(name=f"Ensure the venv program is installed at {program}", src=str(PROGRAM_SOURCE), dest=program,
                   user="root", group="root", mode="755")
     if facts.uv is None:

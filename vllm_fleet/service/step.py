@@ -32,6 +32,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
+from vllm_fleet.hostops.facts import FileStates
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
@@ -160,12 +161,13 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     lay = HostLayout.of(settings)
     rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
     gate_bin, gate_json = lay.gate_program, lay.gate_config
-    every = [f.path for f in gate_files + service_files_ + secrets]  # one FileStates fact for all three
+    # One FileStates fact for all three, read here and handed to each (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets))
     managed_files(name="Ensure the health-gate program and its config are current",
-                  files=gate_files, read_with=every)
-    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, read_with=every)
+                  files=gate_files, states=states)
+    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, states=states)
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
-                        files=secrets, read_with=every)
+                        files=secrets, states=states)
 
     pending, enabled = _pending(settings, rendered)
     changed = _changed(unit, env, venv.changed if venv is not None else None, weights.changed)

@@ -26,7 +26,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.operations import files, server, systemd
 
-from vllm_fleet.handoff import ModelSource, WeightsResult
+from vllm_fleet.handoff import HostState, ModelSource, WeightsResult
 from vllm_fleet.hostops.operations import managed_files, mirror_dir, secret_file
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
@@ -62,25 +62,26 @@ def source(settings: Settings) -> ModelSource:
 
 class FetchState(FactBase[dict]):
     """
-    The fetch venv's huggingface_hub, the unit's state and the recorded verification, in one command.
+    The fetch venv's huggingface_hub (and modelscope) and the download unit's state, in one command.
+
+    The recorded verification (``fetch_weights.py check``) is not read here: preflight's snapshot read it
+    in its round trip (``Snapshot.weights_check``) and `apply` gets it in the ``HostState``.
 
     + plan: the weights' FetchPlan
 
     .. code:: python
 
-        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "active": "inactive", "check": {"complete": True, ...}}
+        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "modelscope": None, "active": "inactive"}
     """
 
     def command(self, plan: wplan.FetchPlan) -> str:
         q = shlex.quote
         return (f"echo hub=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/huggingface_hub-*.dist-info 2>/dev/null | head -1); "
                 f"echo ms=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/modelscope-*.dist-info 2>/dev/null | head -1); "
-                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null); "
-                f"if test -f {q(plan.program)} -a -f {q(plan.config_path)}; then echo check=$(python3 {q(plan.program)} check {q(plan.config_path)}); "
-                f"else echo check=; fi")
+                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null)")
 
     def process(self, output: list[str]) -> dict:
-        out: dict = {"hub": None, "modelscope": None, "active": "", "check": None}
+        out: dict = {"hub": None, "modelscope": None, "active": ""}
         for line in output:
             key, _, value = line.partition("=")
             if key == "hub" and value:
@@ -89,8 +90,6 @@ class FetchState(FactBase[dict]):
                 out["modelscope"] = value.rsplit("modelscope-", 1)[-1].removesuffix(".dist-info")
             elif key == "active":
                 out["active"] = value
-            elif key == "check" and value:
-                out["check"] = json.loads(value)
         return out
 
 
@@ -145,7 +144,8 @@ def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
     return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
 
 
-def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
+def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) -> WeightsResult:
+    """+ check: the recorded verification preflight read (``Snapshot.weights_check``; None: none yet)."""
     user = settings.service_user
     fact = host.get_fact(FetchState, plan=plan)
     hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
@@ -164,12 +164,12 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
     else:
         host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
     files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
-              user="root", group="root", mode="755")
+              user="root", group="root", mode="755", create_remote_dir=False)  # fetch_dir: ensured above
     for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir):
         files.directory(name=f"Ensure {d} exists for the fetch state", path=d, user=user, group=user, mode="750")
     files.put(name=f"Ensure the fetch config {plan.config_path}",
               src=StringIO(json.dumps(plan.config, indent=1, sort_keys=True) + "\n"),
-              dest=plan.config_path, user="root", group=user, mode="640")
+              dest=plan.config_path, user="root", group=user, mode="640", create_remote_dir=False)  # state_dir: above
     managed_files(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} is current (HF token; content not shown)",
                   files=[fetch_env_file(settings, plan)])
     parent = str(Path(plan.serve_path).parent)
@@ -182,7 +182,7 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
         read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
     )
     systemd.daemon_reload(name="Reload systemd for the download unit", _if=unit.did_change)
-    check = fact["check"] or {}
+    check = check or {}
     running = fact["active"] in ("active", "activating")
     if check.get("complete") and not running:
         return WeightsResult(server.shell(
@@ -205,12 +205,16 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
 
 
 @deploy("Weights")
-def apply(settings: Settings, src: ModelSource) -> WeightsResult:
-    """Place the weights; return whether they changed in this run and whether the service may be (re)started on them."""
+def apply(settings: Settings, src: ModelSource, state: HostState) -> WeightsResult:
+    """Place the weights; return whether they changed in this run and whether the service may be (re)started on them.
+
+    + src: `source` (what to place and where)
+    + state: preflight's ``HostState``; its snapshot holds the download's recorded verification
+    """
     if src.fetch is not None:
         if not src.fetch.downloads:
             return WeightsResult()  # a directory already on the host, served in place
-        return _apply_fetch(settings, src.fetch)
+        return _apply_fetch(settings, src.fetch, state.snapshot.weights_check)
     if src.local_dir is None:
         return WeightsResult()
     return WeightsResult(mirror_dir(

@@ -1,0 +1,69 @@
+"""No fact is read twice in a run (issue 12): deploy.py planned for one fake host, every fact read counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.unit.fakerun import REPO, fake_run
+from vllm_fleet.planner.plan import make_plan
+from vllm_fleet.preflight.parse import Gpu, GpuInfo, Snapshot
+from vllm_fleet.pyenv.facts import StackState
+
+TINY = "tests/fixtures/tiny-minimax-m2"
+
+
+def _snapshot() -> Snapshot:
+    gpus = [Gpu(i, f"GPU-{i}", "NVIDIA A800-SXM4-80GB", 81920, 0, "8.0") for i in range(4)]
+    return Snapshot(os_id="debian", os_version="12", os_pretty_name=None, systemd_version="252", systemd_running=True,
+                    python_version="3.11.2", gpu=GpuInfo("570.124.06", "12.8", gpus), listeners=[], disks={},
+                    mem_total_bytes=None, nproc=None)
+
+
+def _answer(cls, args, kwargs):
+    """A bare host: nothing of ours on it yet."""
+    name = cls.__name__
+    if name == "HostSnapshot":
+        return _snapshot()
+    if name == "VenvState":
+        return StackState()
+    if name in ("FileStates",):
+        return {p: None for p in kwargs["paths"]}
+    if name == "PathStates":
+        from vllm_fleet.hostops.facts import MISSING, PathState
+        return {p: PathState(MISSING) for p in kwargs["paths"]}
+    if name == "SystemAccount":
+        from vllm_fleet.hostops.facts import Account
+        return Account(None, None)
+    if name == "Command":
+        return ""
+    if name == "Home":
+        return "/root"
+    if name == "FetchState":
+        return {"hub": None, "modelscope": None, "active": ""}
+    return None  # pyinfra's stock facts: the path is absent
+
+
+@pytest.fixture
+def no_host_checks(monkeypatch):
+    """The fake snapshot has no disks: preflight's disk and stack checks are not what this test is about."""
+    from vllm_fleet.preflight import checks
+
+    monkeypatch.setattr(checks, "check", lambda *a, **k: [])
+    monkeypatch.setattr(checks, "check_disk", lambda *a, **k: [])
+    monkeypatch.setattr(checks, "check_stack", lambda *a, **k: [])
+
+
+SOURCES = [{"kind": "hf", "repo": "test/tiny-minimax-m2", "endpoint": "http://127.0.0.1:9"}]
+
+
+@pytest.mark.parametrize("extra", [{}, {"vllm_weights_sources": SOURCES}], ids=["mirrored-model-dir", "download"])
+def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, extra):
+    monkeypatch.chdir(REPO)
+    run = fake_run({"vllm_model": TINY, "vllm_port": 8101, "vllm_gpus": [0, 1, 2, 3], **extra}, _answer)
+    run.run_file("deploy.py")
+    assert run.count("HostSnapshot") == 1 and run.count("VenvState") == 1
+    # the service step's three managed_files share one read; a download's files are the weights step's one
+    assert run.count("FileStates") == (2 if extra else 1), run.keys()
+    assert run.twice() == [], run.twice()
