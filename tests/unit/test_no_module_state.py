@@ -37,4 +37,9 @@ def test_no_module_level_mutable_state(path: Path):
             bad += [ast.unparse(t) for t in node.targets]
         elif isinstance(node, ast.AnnAssign) and _mutable(node.value):
             bad.append(ast.unparse(node.target))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for d in node.decorator_list:
+                fn = d.func if isinstance(d, ast.Call) else d
+                if (fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")) in ("lru_cache", "cache"):
+                    bad.append(f"{node.name} (a process-wide cache)")
     assert not bad, f"vllm_fleet/{path.relative_to(PACKAGE)} keeps module-level mutable state: {bad}"

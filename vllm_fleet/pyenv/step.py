@@ -19,7 +19,6 @@ temporary directory, install, verify, marker, rename.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shlex
@@ -35,7 +34,7 @@ from vllm_fleet.hostops.abort import abort
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.handoff import HostState, Venv
 from vllm_fleet.preflight import checks as preflight
-from vllm_fleet.pyenv import stack
+from vllm_fleet.pyenv import stack, wheeldigest
 from vllm_fleet.errors import FleetError, PreflightError
 from vllm_fleet.planner.modelinfo import load_profile
 from vllm_fleet.settings import Settings
@@ -97,23 +96,9 @@ def apply(settings: Settings, state: HostState) -> Venv:
     return _operations(settings, spec, facts)
 
 
-@functools.lru_cache(maxsize=8)
-def _manifest(directory: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, dict[str, object]]:
-    """sha256 and size of every wheel in `directory` (cached per content stamp: hashed once per run)."""
-    out: dict[str, dict[str, object]] = {}
-    for name, size, _mtime in stamp:
-        h = hashlib.sha256()
-        with open(Path(directory) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[name] = {"sha256": h.hexdigest(), "size": size}
-    return out
-
-
 def local_manifest(directory: str) -> dict[str, dict[str, object]]:
-    """The manifest of a wheelhouse on the control machine."""
-    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.whl")))
-    return _manifest(directory, stamp)
+    """The manifest of a wheelhouse on the control machine (digests cached across runs: `pyenv/wheeldigest.py`)."""
+    return wheeldigest.local_manifest(directory)
 
 
 def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
