@@ -58,12 +58,20 @@ def no_host_checks(monkeypatch):
 SOURCES = [{"kind": "hf", "repo": "test/tiny-minimax-m2", "endpoint": "http://127.0.0.1:9"}]
 
 
-@pytest.mark.parametrize("extra", [{}, {"vllm_weights_sources": SOURCES}], ids=["mirrored-model-dir", "download"])
-def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, extra):
+@pytest.mark.parametrize("extra", [{}, {"vllm_weights_sources": SOURCES}, {"vllm_wheelhouse": "WHEELHOUSE"}],
+                         ids=["mirrored-model-dir", "download", "wheelhouse"])
+def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, tmp_path, extra):
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("VLLM_FLEET_CACHE", str(tmp_path / "cache"))
+    if extra.get("vllm_wheelhouse"):
+        house = tmp_path / "wheelhouse"
+        house.mkdir()
+        for name in ("uv-0.9.0-py3-none-any.whl", "vllm-0.25.0-py3-none-any.whl", "torch-2.13.0-py3-none-any.whl"):
+            (house / name).write_bytes(name.encode())
+        extra = {"vllm_wheelhouse": str(house), "vllm_torch_backend": "cpu", "vllm_torch_version": "2.13.0"}
     run = fake_run({"vllm_model": TINY, "vllm_port": 8101, "vllm_gpus": [0, 1, 2, 3], **extra}, _answer)
     run.run_file("deploy.py")
     assert run.count("HostSnapshot") == 1 and run.count("VenvState") == 1
     # the service step's three managed_files share one read; a download's files are the weights step's one
-    assert run.count("FileStates") == (2 if extra else 1), run.keys()
+    assert run.count("FileStates") == (2 if "vllm_weights_sources" in extra else 1), run.keys()
     assert run.twice() == [], run.twice()

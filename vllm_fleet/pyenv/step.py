@@ -110,14 +110,15 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
         return
     dest = HostLayout.of(settings).wheelhouse_dir
     files.directory(name=f"Ensure {dest} exists (root:root 755)", path=dest, user="root", group="root", mode="755")
+    # the puts below skip their parent check (create_remote_dir=False): {dest} is read once, here
     for name, entry in sorted(want.items()):
         if have.get(name) != entry:
             files.put(name=f"Ensure wheel {name} is in {dest}", src=str(Path(settings.wheelhouse) / name),
-                      dest=f"{dest}/{name}", user="root", group="root", mode="644")
+                      dest=f"{dest}/{name}", user="root", group="root", mode="644", create_remote_dir=False)
     for name in sorted(set(have) - set(want)):
         files.file(name=f"Ensure wheel {name} is no longer in {dest}", path=f"{dest}/{name}", present=False)
     files.put(name=f"Ensure the manifest of {dest} lists {len(want)} wheels", src=StringIO(json.dumps(want, indent=1, sort_keys=True)),
-              dest=f"{dest}/MANIFEST.json", user="root", group="root", mode="644")
+              dest=f"{dest}/MANIFEST.json", user="root", group="root", mode="644", create_remote_dir=False)
 
 
 def _show(settings: Settings, spec: BuildSpec, reuse: bool) -> None:
