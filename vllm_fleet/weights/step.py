@@ -19,22 +19,22 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import server, systemd
 
 from vllm_fleet.handoff import HostState, ModelSource, WeightsResult
-from vllm_fleet.hostops.operations import managed_files, mirror_dir, secret_file
+from vllm_fleet.hostops.facts import FileStates
+from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, managed_files, mirror_dir, secret_file
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import Settings
 
 PROGRAM_SRC = Path(__file__).with_name("hostprog.py")  # installed on the host as HostLayout.fetch_program
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
+TEMPLATE = wplan.UNIT_TEMPLATE
 POLL_S = 2.0
 PROGRESS_EVERY_S = 5.0
 
@@ -144,6 +144,17 @@ def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
     return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
 
 
+def fetch_files(settings: Settings, plan: wplan.FetchPlan) -> tuple[ManagedFile, ManagedFile, ManagedFile, ManagedFile]:
+    """(program, config, env file, unit): the download's files as `_apply_fetch` installs them, built without a host."""
+    return (
+        ManagedFile(plan.program, PROGRAM_SRC, "root", "root", "755"),
+        ManagedFile(plan.config_path, json.dumps(plan.config, indent=1, sort_keys=True) + "\n", "root",
+                    settings.service_user, "640"),
+        fetch_env_file(settings, plan),
+        ManagedFile(plan.unit_path, wplan.render_fetch_unit(settings, plan), "root", "root", "644"),
+    )
+
+
 def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) -> WeightsResult:
     """+ check: the recorded verification preflight read (``Snapshot.weights_check``; None: none yet)."""
     user = settings.service_user
@@ -153,7 +164,9 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
         hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
     q = shlex.quote
     reqs = " ".join(q(r) for r in plan.requirements)
-    files.directory(name=f"Ensure {plan.fetch_dir} exists", path=plan.fetch_dir, user="root", group="root", mode="755")
+    directories(name=f"Ensure {plan.fetch_dir} and the fetch state directories exist",
+                dirs=[Dir(plan.fetch_dir, "root", "root", "755"),
+                      *(Dir(d, user, user, "750") for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir))])
     if not hub_ok:
         server.shell(
             name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
@@ -163,24 +176,14 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
         )
     else:
         host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
-    files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
-              user="root", group="root", mode="755", create_remote_dir=False)  # fetch_dir: ensured above
-    for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir):
-        files.directory(name=f"Ensure {d} exists for the fetch state", path=d, user=user, group=user, mode="750")
-    files.put(name=f"Ensure the fetch config {plan.config_path}",
-              src=StringIO(json.dumps(plan.config, indent=1, sort_keys=True) + "\n"),
-              dest=plan.config_path, user="root", group=user, mode="640", create_remote_dir=False)  # state_dir: above
+    program, config, env, unit_file = fetch_files(settings, plan)
+    # One FileStates fact for the four files, handed to each managed_files (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in (program, config, env, unit_file)))
+    managed_files(name=f"Ensure the fetch program {plan.program}", files=[program], states=states)
+    managed_files(name=f"Ensure the fetch config {plan.config_path}", files=[config], states=states)
     managed_files(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} is current (HF token; content not shown)",
-                  files=[fetch_env_file(settings, plan)])
-    parent = str(Path(plan.serve_path).parent)
-    unit = files.template(
-        name=f"Ensure the weights download unit {plan.unit}.service",
-        src=str(TEMPLATE), dest=plan.unit_path, user="root", group="root", mode="644",
-        unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
-        config=plan.config_path, run_as=user, python=f"{plan.venv}/bin/python", program=plan.program,
-        environment=wplan.unit_environment(settings, plan), env_file=plan.env_path,
-        read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
-    )
+                  files=[env], states=states)
+    unit = managed_files(name=f"Ensure the weights download unit {plan.unit}.service", files=[unit_file], states=states)
     systemd.daemon_reload(name="Reload systemd for the download unit", _if=unit.did_change)
     check = check or {}
     running = fact["active"] in ("active", "activating")
