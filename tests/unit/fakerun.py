@@ -43,6 +43,15 @@ class FakeRun:
         with self.context():
             runpy.run_path(str(REPO / path), run_name="__pyinfra_deploy__")
 
+    def execute(self) -> list:
+        """Generate every planned operation's commands again, as pyinfra does when it executes them (it runs each
+        operation's function a second time: once while planning to see a change, once to execute); returns them."""
+        out = []
+        with self.context():
+            for op_hash in self.state.get_op_order():
+                out += list(self.state.get_op_data_for_host(self.host, op_hash).command_generator())
+        return out
+
     @contextmanager
     def context(self) -> Iterator[None]:
         with ctx_state.use(self.state), ctx_inventory.use(self.state.inventory), \

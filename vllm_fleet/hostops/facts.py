@@ -188,12 +188,14 @@ class FileStates(FactBase[dict]):
         return parse_file_states(output)
 
 
-def read_once(host, fact: type[FactBase], **kwargs):
-    """``host.get_fact(fact, **kwargs)``, read once per run: the value is kept on the run's State (pyinfra 3.10 reads a
-    fact again on every call), keyed by (host, fact class, arguments).
+def read_once(host, fact: type[FactBase], *args, **kwargs):
+    """``host.get_fact(fact, *args, **kwargs)``, read once per run: the value is kept on the run's State (pyinfra 3.10
+    reads a fact again on every call), keyed by (host, fact class, arguments).
 
-    For facts several steps need with the same arguments where handing the value on would couple the steps (the
-    login user's home for secret uploads). Prefer reading a fact in the step and passing the value on.
+    For the facts of our operations (pyinfra runs an operation's function twice in a run: to plan, unless ``-y``,
+    and to execute) and for facts several steps need with the same arguments where handing the value on would
+    couple the steps (the login user's home for secret uploads). In a step, prefer reading a fact once and
+    passing the value on.
 
     .. code:: python
 
@@ -205,7 +207,7 @@ def read_once(host, fact: type[FactBase], **kwargs):
         memo = {}
         if run is not None:
             setattr(run, MEMO_ATTRIBUTE, memo)
-    key = (host.name, fact, repr(sorted(kwargs.items())))
+    key = (host.name, fact, repr(args), repr(sorted(kwargs.items())))
     if key not in memo:
-        memo[key] = host.get_fact(fact, **kwargs)
+        memo[key] = host.get_fact(fact, *args, **kwargs)
     return memo[key]

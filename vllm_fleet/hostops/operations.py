@@ -1,5 +1,9 @@
 """Operations that read their whole target in one fact (see vllm_fleet/hostops/facts.py).
 
+pyinfra 3.10 runs an operation's function twice in a run (while planning, to see whether it changes
+anything, unless ``-y``; and again to execute it) and caches no fact: the facts here are read through
+`read_once`, so each is read once per run, as it was before the run (what ``--dry`` showed).
+
 Each compares the host's state with the wanted state and yields only the
 commands that close the gap, or `host.noop`: a converged host costs one
 command per operation, not one per path.
@@ -51,7 +55,7 @@ def directories(dirs: Sequence[Dir]):
 
         directories(name="Ensure the service's directories", dirs=[Dir("/opt/x", "root", "root", "755")])
     """
-    states = host.get_fact(PathStates, paths=[d.path for d in dirs])
+    states = read_once(host, PathStates, paths=[d.path for d in dirs])
     changed = False
     for d in dirs:
         st = states.get(d.path)
@@ -86,7 +90,7 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
 
         system_account(name="Ensure the vllm user", account="vllm", home="/var/lib/vllm-fleet")
     """
-    acct = host.get_fact(SystemAccount, account=account)
+    acct = read_once(host, SystemAccount, account=account)
     n = shlex.quote(account)
     if acct.group is None:
         yield f"groupadd --system {n}"
@@ -133,7 +137,7 @@ def mirror_dir(src: str, dest: str, user: str, group: str, mode: str = "640", di
     """
     root = Path(src)
     local = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-    tree = host.get_fact(TreeDigests, path=dest)
+    tree = read_once(host, TreeDigests, path=dest)
     remote = tree or {}
     q = shlex.quote
     changed = False
@@ -210,7 +214,7 @@ def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState |
         managed_files(name="Ensure the env file", files=env, states=states)
     """
     if states is None:
-        states = host.get_fact(FileStates, paths=sorted({f.path for f in files}))
+        states = read_once(host, FileStates, paths=sorted({f.path for f in files}))
     else:
         unread = sorted(f.path for f in files if f.path not in states)
         if unread:

@@ -32,7 +32,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
-from vllm_fleet.hostops.facts import FileStates
+from vllm_fleet.hostops.facts import FileStates, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
@@ -237,9 +237,9 @@ def remove(settings: Settings) -> None:
 @operation()
 def unit_stopped(unit: str):
     """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
-    out = host.get_fact(Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
-                                 f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
-                        _sudo=host.data.get("_sudo", False)) or ""
+    out = read_once(host, Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
+                                   f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+                    _sudo=host.data.get("_sudo", False)) or ""
     seen = dict(line.partition("=")[::2] for line in out.splitlines())
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
