@@ -12,8 +12,8 @@ from vllm_fleet.preflight.parse import Gpu, GpuInfo, Snapshot
 from vllm_fleet.pyenv.facts import StackState
 
 TINY = "tests/fixtures/tiny-minimax-m2"
-# pyinfra's own facts, read by its stock operations (files.put/directory in the pyenv step: the venv program, the
-# pushed wheelhouse) again when they execute; ours (vllm_fleet's, Command, Home) are read once per run.
+# pyinfra's own facts, read by its stock operations (files.directory/put/file in the pyenv step: the pushed
+# wheelhouse, large files streamed from disk) again when they execute; ours (vllm_fleet's, Command, Home) are read once per run.
 STOCK = {"Directory", "File", "Sha1File", "Sha256File", "Link", "TmpDir"}
 
 
@@ -81,5 +81,8 @@ def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, tmp_pat
     assert again <= STOCK, again - STOCK
     assert run.count("HostSnapshot") == 1 and run.count("VenvState") == 1
     # the service step's three managed_files share one read; a download's files are the weights step's one
-    assert run.count("FileStates") == (2 if "vllm_weights_sources" in extra else 1), run.keys()
+    service = [kw for n, _, kw in run.reads if n == "FileStates" and "/etc/systemd/system/vllm.service'" in kw]
+    assert len(service) == 1 and "vllm-fleet-gate" in service[0] and "vllm.env'" in service[0], run.keys()
+    fetch = [kw for n, _, kw in run.reads if n == "FileStates" and "vllm-fetch.service" in kw]
+    assert len(fetch) == (1 if "vllm_weights_sources" in extra else 0), run.keys()  # the download's four files: one read
     assert [k for k in run.twice() if k[0] not in STOCK] == []

@@ -31,6 +31,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, server
 
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.hostops.operations import ManagedFile, managed_files
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.handoff import HostState, Venv
 from vllm_fleet.preflight import checks as preflight
@@ -141,9 +142,10 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
     if settings.wheelhouse:
         _push_wheelhouse(settings, facts)
     if facts.program_sha256 != hashlib.sha256(PROGRAM_SOURCE.read_bytes()).hexdigest():
-        # {bin_dir} is the account step's (root:root 755); files.put reads it (and creates it if absent) once.
-        files.put(name=f"Ensure the venv program is installed at {program}", src=str(PROGRAM_SOURCE), dest=program,
-                  user="root", group="root", mode="755")
+        # {bin_dir} is the account step's (root:root 755); one FileStates read (pyinfra's files.put reads 2-3 facts,
+        # again when it executes)
+        managed_files(name=f"Ensure the venv program is installed at {program}",
+                      files=[ManagedFile(program, PROGRAM_SOURCE, "root", "root", "755")])
     if facts.uv is None:
         uv_dir = lay.uv_dir
         source = PackageSource(no_index=True, find_links=(lay.wheelhouse_dir,)) if settings.wheelhouse else \
