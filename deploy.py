@@ -24,8 +24,9 @@ from vllm_fleet.settings import load_settings
 
 try:
     settings = load_settings(host.data.dict(), host=host.name)
-except FleetError as exc:
-    abort(exc)
+    model = weights.source(settings)
+except (FleetError, ValueError) as exc:
+    abort(exc if isinstance(exc, FleetError) else FleetError(str(exc)))
 
 # What spans hosts (which hosts serve which model, in what role): computed once per run from
 # every host of the inventory. Steps that span hosts take `topology` or `member`; none does yet.
@@ -33,9 +34,9 @@ topology = fleet.topology()
 member = topology.member(host.name)
 fleet.report(topology)
 
-model = weights.source(settings)
-state = preflight.run(settings, model_path=model.serve_path or None)
+# Each step hands the next its typed value (vllm_fleet/handoff.py): nothing is probed, nothing recomputed.
+state = preflight.run(settings, model)
 service_user.apply(settings)
 venv = python_env.apply(settings, state)
-weights_changed = weights.apply(settings, model)
-service.apply(settings, state, venv, weights_changed)
+fetched = weights.apply(settings, model, state)
+service.apply(settings, state, venv, fetched)

@@ -19,6 +19,6 @@ try:
 except (FleetError, ValueError) as exc:
     abort(FleetError(str(exc)))
 
-state = preflight.run(settings, model_path=model.serve_path or None)
+state = preflight.run(settings, model)
 service_user.apply(settings)
-weights.apply(settings, model)
+weights.apply(settings, model, state)

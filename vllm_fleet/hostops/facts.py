@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pyinfra.api import FactBase
 
+MEMO_ATTRIBUTE = "_vllm_fleet_fact_memo"
+
 MISSING = "missing"
 
 
@@ -184,3 +186,28 @@ class FileStates(FactBase[dict]):
 
     def process(self, output: list[str]) -> dict[str, FileState | None]:
         return parse_file_states(output)
+
+
+def read_once(host, fact: type[FactBase], *args, **kwargs):
+    """``host.get_fact(fact, *args, **kwargs)``, read once per run: the value is kept on the run's State (pyinfra 3.10
+    reads a fact again on every call), keyed by (host, fact class, arguments).
+
+    For the facts of our operations (pyinfra runs an operation's function twice in a run: to plan, unless ``-y``,
+    and to execute) and for facts several steps need with the same arguments where handing the value on would
+    couple the steps (the login user's home for secret uploads). In a step, prefer reading a fact once and
+    passing the value on.
+
+    .. code:: python
+
+        read_once(host, Home, _sudo=False)
+    """
+    run = host.state
+    memo = vars(run).get(MEMO_ATTRIBUTE) if run is not None else None
+    if memo is None:
+        memo = {}
+        if run is not None:
+            setattr(run, MEMO_ATTRIBUTE, memo)
+    key = (host.name, fact, repr(args), repr(sorted(kwargs.items())))
+    if key not in memo:
+        memo[key] = host.get_fact(fact, *args, **kwargs)
+    return memo[key]

@@ -1,5 +1,9 @@
 """Operations that read their whole target in one fact (see vllm_fleet/hostops/facts.py).
 
+pyinfra 3.10 runs an operation's function twice in a run (while planning, to see whether it changes
+anything, unless ``-y``; and again to execute it) and caches no fact: the facts here are read through
+`read_once`, so each is read once per run, as it was before the run (what ``--dry`` showed).
+
 Each compares the host's state with the wanted state and yields only the
 commands that close the gap, or `host.noop`: a converged host costs one
 command per operation, not one per path.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -21,10 +25,12 @@ from pyinfra.facts.server import Home
 from vllm_fleet.layout import SECRET_MODE
 from vllm_fleet.hostops.facts import (
     MISSING,
+    FileState,
     FileStates,
     PathStates,
     SystemAccount,
     TreeDigests,
+    read_once,
 )
 
 
@@ -49,7 +55,7 @@ def directories(dirs: Sequence[Dir]):
 
         directories(name="Ensure the service's directories", dirs=[Dir("/opt/x", "root", "root", "755")])
     """
-    states = host.get_fact(PathStates, paths=[d.path for d in dirs])
+    states = read_once(host, PathStates, paths=[d.path for d in dirs])
     changed = False
     for d in dirs:
         st = states.get(d.path)
@@ -84,7 +90,7 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
 
         system_account(name="Ensure the vllm user", account="vllm", home="/var/lib/vllm-fleet")
     """
-    acct = host.get_fact(SystemAccount, account=account)
+    acct = read_once(host, SystemAccount, account=account)
     n = shlex.quote(account)
     if acct.group is None:
         yield f"groupadd --system {n}"
@@ -131,7 +137,7 @@ def mirror_dir(src: str, dest: str, user: str, group: str, mode: str = "640", di
     """
     root = Path(src)
     local = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-    tree = host.get_fact(TreeDigests, path=dest)
+    tree = read_once(host, TreeDigests, path=dest)
     remote = tree or {}
     q = shlex.quote
     changed = False
@@ -191,20 +197,28 @@ def secret_file(path: str, service_user: str, text: str) -> ManagedFile:
 
 
 @operation()
-def managed_files(files: Sequence[ManagedFile], read_with: Sequence[str] = ()):
+def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState | None] | None = None):
     """
     Ensure several files hold the given content, owner and mode, reading them all in one fact.
 
     + files: the wanted files
-    + read_with: more paths to read in the same fact, so that other ``managed_files``
-      calls of the same deploy find it cached (one round trip for all of them)
+    + states: the ``FileStates`` fact already read by the caller for these paths (and maybe more), so that
+      several ``managed_files`` of one step cost one round trip (pyinfra does not cache facts); None: read here
 
     .. code:: python
 
         managed_files(name="Ensure the unit and env file", files=[ManagedFile("/etc/x.conf", "a=1\\n", "root", "root", "644")])
+
+        states = host.get_fact(FileStates, paths=[f.path for f in unit + env])
+        managed_files(name="Ensure the unit", files=unit, states=states)
+        managed_files(name="Ensure the env file", files=env, states=states)
     """
-    paths = sorted({f.path for f in files} | set(read_with))
-    states = host.get_fact(FileStates, paths=paths)
+    if states is None:
+        states = read_once(host, FileStates, paths=sorted({f.path for f in files}))
+    else:
+        unread = sorted(f.path for f in files if f.path not in states)
+        if unread:
+            raise ValueError(f"managed_files: states were read without {', '.join(unread)}")
     q = shlex.quote
     changed = False
     for f in files:
@@ -213,7 +227,7 @@ def managed_files(files: Sequence[ManagedFile], read_with: Sequence[str] = ()):
         if have is None or have.sha256 != hashlib.sha256(data).hexdigest():
             temp = host.get_temp_filename(f.path)
             if f.secret:
-                private = f"{host.get_fact(Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
+                private = f"{read_once(host, Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
                 yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
                 yield StringCommand("chmod", "700", private, _sudo=False)
                 temp = f"{private}/{hashlib.sha256(data).hexdigest()[:16]}"

@@ -6,8 +6,6 @@ the run before any host is changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyinfra import host, logger
 from pyinfra.facts.server import Command
 
@@ -20,22 +18,18 @@ from vllm_fleet.planner.hardware import Hardware
 from vllm_fleet.preflight.parse import Snapshot
 from vllm_fleet.planner.plan import Plan, make_plan
 from vllm_fleet.settings import Settings
+from vllm_fleet.handoff import HostState, ModelSource
+from vllm_fleet.weights.source import FetchPlan
 
 
-@dataclass(frozen=True)
-class HostState:
-    """What preflight learnt and decided for one host, for the later steps."""
-
-    snapshot: Snapshot
-    plan: Plan
-
-
-def run(settings: Settings, model_path: str | None = None) -> HostState:
+def run(settings: Settings, model: ModelSource) -> HostState:
     """Gather the host's snapshot, plan on its selected GPUs, check both; return them.
 
-    + model_path: what `vllm serve` is given on the host (None: the profile's repo id).
+    + model: vllm_fleet/weights/step.py `source` (its serve path is what `vllm serve` is given on
+      the host, "" for the profile's repo id; its fetch plan says which weights to verify).
     """
-    fetch = _fetch_plan(settings)
+    fetch = model.fetch
+    model_path = model.serve_path or None
     snap = host.get_fact(HostSnapshot, paths=[HostLayout.of(settings).base_dir, HostLayout.of(settings).data_dir],
                          weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None)
     problems = preflight.check(settings, snap, ours=_ours(settings))
@@ -55,19 +49,7 @@ def run(settings: Settings, model_path: str | None = None) -> HostState:
     return HostState(snap, plan)
 
 
-def _fetch_plan(settings: Settings):
-    """The weights download's FetchPlan (None without vllm_weights_sources), as vllm_fleet/weights/step.py decides it."""
-    if not settings.weights_sources:
-        return None
-    from vllm_fleet.weights.step import source  # noqa: PLC0415 - vllm_fleet.weights.step is the one place that resolves the revision
-
-    try:
-        return source(settings).fetch
-    except ValueError:
-        return None  # a bad serve path: deploy.py reports it before preflight runs
-
-
-def _weights_present(settings: Settings, snap: Snapshot, fetch, weights_bytes: int) -> int:
+def _weights_present(settings: Settings, snap: Snapshot, fetch: FetchPlan | None, weights_bytes: int) -> int:
     """Weights bytes already verified on the host (read in the snapshot's round trip); logged when not zero."""
     if fetch is None:
         return 0

@@ -19,11 +19,9 @@ temporary directory, install, verify, marker, rename.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shlex
-from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
@@ -33,31 +31,16 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, server
 
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.hostops.operations import ManagedFile, managed_files
 from vllm_fleet.layout import HostLayout
-from vllm_fleet.preflight.step import HostState
+from vllm_fleet.handoff import HostState, Venv
 from vllm_fleet.preflight import checks as preflight
-from vllm_fleet.pyenv import stack
+from vllm_fleet.pyenv import stack, wheeldigest
 from vllm_fleet.errors import FleetError, PreflightError
 from vllm_fleet.planner.modelinfo import load_profile
 from vllm_fleet.settings import Settings
 from vllm_fleet.pyenv.stack import BuildSpec, PackageSource
 from vllm_fleet.pyenv.facts import PROGRAM_SOURCE, StackState, VenvState
-
-
-@dataclass(frozen=True)
-class Venv:
-    """The venv the service runs from (contract with vllm_fleet/service/step.py).
-
-    + path: the venv directory on the host; `{path}/bin/vllm` is what ExecStart runs.
-    + changed: the operation whose change means "the venv's content changed" (None: nothing to build).
-    + previous_path: the newest other usable venv, the rollback target (None: there is none).
-    + spec: what was asked for (version, backend, install arguments).
-    """
-
-    path: str
-    changed: OperationMeta | None
-    previous_path: str | None
-    spec: BuildSpec
 
 
 def build_spec(settings: Settings, state: HostState, facts: StackState) -> BuildSpec:
@@ -114,23 +97,9 @@ def apply(settings: Settings, state: HostState) -> Venv:
     return _operations(settings, spec, facts)
 
 
-@functools.lru_cache(maxsize=8)
-def _manifest(directory: str, stamp: tuple[tuple[str, int, int], ...]) -> dict[str, dict[str, object]]:
-    """sha256 and size of every wheel in `directory` (cached per content stamp: hashed once per run)."""
-    out: dict[str, dict[str, object]] = {}
-    for name, size, _mtime in stamp:
-        h = hashlib.sha256()
-        with open(Path(directory) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[name] = {"sha256": h.hexdigest(), "size": size}
-    return out
-
-
 def local_manifest(directory: str) -> dict[str, dict[str, object]]:
-    """The manifest of a wheelhouse on the control machine."""
-    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).glob("*.whl")))
-    return _manifest(directory, stamp)
+    """The manifest of a wheelhouse on the control machine (digests cached across runs: `pyenv/wheeldigest.py`)."""
+    return wheeldigest.local_manifest(directory)
 
 
 def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
@@ -142,14 +111,15 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
         return
     dest = HostLayout.of(settings).wheelhouse_dir
     files.directory(name=f"Ensure {dest} exists (root:root 755)", path=dest, user="root", group="root", mode="755")
+    # the puts below skip their parent check (create_remote_dir=False): {dest} is read once, here
     for name, entry in sorted(want.items()):
         if have.get(name) != entry:
             files.put(name=f"Ensure wheel {name} is in {dest}", src=str(Path(settings.wheelhouse) / name),
-                      dest=f"{dest}/{name}", user="root", group="root", mode="644")
+                      dest=f"{dest}/{name}", user="root", group="root", mode="644", create_remote_dir=False)
     for name in sorted(set(have) - set(want)):
         files.file(name=f"Ensure wheel {name} is no longer in {dest}", path=f"{dest}/{name}", present=False)
     files.put(name=f"Ensure the manifest of {dest} lists {len(want)} wheels", src=StringIO(json.dumps(want, indent=1, sort_keys=True)),
-              dest=f"{dest}/MANIFEST.json", user="root", group="root", mode="644")
+              dest=f"{dest}/MANIFEST.json", user="root", group="root", mode="644", create_remote_dir=False)
 
 
 def _show(settings: Settings, spec: BuildSpec, reuse: bool) -> None:
@@ -172,9 +142,10 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
     if settings.wheelhouse:
         _push_wheelhouse(settings, facts)
     if facts.program_sha256 != hashlib.sha256(PROGRAM_SOURCE.read_bytes()).hexdigest():
-        files.directory(name=f"Ensure {lay.bin_dir} exists (root:root 755)", path=lay.bin_dir, user="root", group="root", mode="755")
-        files.put(name=f"Ensure the venv program is installed at {program}", src=str(PROGRAM_SOURCE), dest=program,
-                  user="root", group="root", mode="755")
+        # {bin_dir} is the account step's (root:root 755); one FileStates read (pyinfra's files.put reads 2-3 facts,
+        # again when it executes)
+        managed_files(name=f"Ensure the venv program is installed at {program}",
+                      files=[ManagedFile(program, PROGRAM_SOURCE, "root", "root", "755")])
     if facts.uv is None:
         uv_dir = lay.uv_dir
         source = PackageSource(no_index=True, find_links=(lay.wheelhouse_dir,)) if settings.wheelhouse else \

@@ -16,7 +16,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
    The gate runs on the host, detached from SSH; this side follows its
    progress, and on failure runs the doctor on the journal it returns and
    fails the host. Hosts are gated one at a time (``_serial``) and a failed
-   gate halts the rolling deploy: later hosts are not restarted;
+   gate halts the rolling deploy: later hosts are not restarted (`service/rolling.py`: the record lives on the run's State);
 4. the unit enabled at boot.
 """
 
@@ -29,24 +29,24 @@ from pyinfra import host, logger
 from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
-from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
+from vllm_fleet.hostops.facts import FileStates, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
-from vllm_fleet.preflight.step import HostState
+from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
+from vllm_fleet.service.rolling import RollingHalt
 from vllm_fleet.service.render import Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
-_HALTED: list[str] = []  # hosts whose gate failed in this run: later hosts are not restarted
 
 
-def venv_path(settings: Settings, venv, driver_cuda: str | None = None) -> str:
+def venv_path(settings: Settings, venv: Venv | None, driver_cuda: str | None = None) -> str:
     """The venv the unit runs (python_env's Venv.path; without one, the path python_env would build,
     `stack.default_venv`, for the host driver's CUDA)."""
     return venv.path if venv is not None else stack.default_venv(settings, driver_cuda)
@@ -57,7 +57,7 @@ def systemd_version_of(state: HostState) -> int | None:
     return int(v) if v.isdigit() else None
 
 
-def service_files(settings: Settings, state: HostState, venv=None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
+def service_files(settings: Settings, state: HostState, venv: Venv | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
                                                                              list[ManagedFile]]:
     """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host."""
     lay = HostLayout.of(settings)
@@ -111,14 +111,16 @@ def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
 
 def _run_gate(state, host, command: str) -> None:
     """Execute the host's gate, streaming its progress; on failure print the doctor's diagnosis and fail."""
-    if _HALTED:
-        raise OperationError(f"not restarted: the rolling deploy halted after {', '.join(_HALTED)} failed its health gate")
+    halt = RollingHalt.of(state)  # this run's record of failed gates (the hosts before this one, gated serially)
+    blocked = halt.blocked()
+    if blocked:
+        raise OperationError(blocked)
     op_data = state.get_op_data_for_host(host, host.executing_op_hash)
     args = {k: op_data.global_arguments[k] for k in CONNECTOR_ARGUMENT_KEYS if k in op_data.global_arguments}
     ok, output = host.run_shell_command(StringCommand(command), print_output=True, **args)
     if ok:
         return
-    _HALTED.append(host.name)
+    halt.record_failure(host.name)
     lines = [line.line for line in output]
     verdict = next((l for l in lines if l.startswith("gate verdict:")), lines[-1] if lines else "gate verdict: none (no output)")
     journal = _between(lines, gate_program.JOURNAL_BEGIN, gate_program.JOURNAL_END)
@@ -143,36 +145,37 @@ def _between(lines: list[str], begin: str, end: str) -> str:
     return "\n".join(lines[start:stop])
 
 
-def _changed(*metas: OperationMeta | None):
-    """An `_if` callable: any of the operations changed something (None entries ignored)."""
-    real = [m for m in metas if m is not None]
-    return lambda: any(m.did_change() for m in real)
+def _changed(*values: Changed | None):
+    """An `_if` callable: any of the values changed something (None entries ignored)."""
+    return any_changed(*values)
 
 
 @deploy("vLLM service and health gate")
-def apply(settings: Settings, state: HostState, venv, weights_changed: OperationMeta | None) -> None:
+def apply(settings: Settings, state: HostState, venv: Venv | None, weights: WeightsResult) -> None:
     """Install the unit and env file, restart + gate when they, the venv or the weights changed, enable it.
 
-    + venv: vllm_fleet.pyenv.step.Venv (``.path``, ``.changed``), or None to serve the venv python_env would build (``stack.default_venv``)
-    + weights_changed: the weights role's sync operation (or None)
+    + venv: what vllm_fleet/pyenv/step.py built (``.path``, ``.changed``), or None to serve the venv python_env
+      would build (``stack.default_venv``)
+    + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
     """
     lay = HostLayout.of(settings)
     rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
     gate_bin, gate_json = lay.gate_program, lay.gate_config
-    every = [f.path for f in gate_files + service_files_ + secrets]  # one FileStates fact for all three
+    # One FileStates fact for all three, read here and handed to each (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets))
     managed_files(name="Ensure the health-gate program and its config are current",
-                  files=gate_files, read_with=every)
-    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, read_with=every)
+                  files=gate_files, states=states)
+    unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, states=states)
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
-                        files=secrets, read_with=every)
+                        files=secrets, states=states)
 
     pending, enabled = _pending(settings, rendered)
-    changed = _changed(unit, env, getattr(venv, "changed", None), weights_changed)
+    changed = _changed(unit, env, venv.changed if venv is not None else None, weights.changed)
     marker = lay.weights_pending
-    if not getattr(weights_changed, "ready", True):
+    if not weights.ready:
         # vllm_weights_wait=False and the download is not complete: never (re)start vLLM on partial weights.
         logger.warning(f"{host.print_prefix}service: {settings.service_name}.service is not (re)started: "
-                       f"{weights_changed.reason}; rerun the deploy once the download is complete")
+                       f"{weights.reason}; rerun the deploy once the download is complete")
         files.file(name=f"Hold back the restart of {settings.service_name}.service until the weights are complete "
                         f"({marker})", path=marker, present=True, user="root", group="root", mode="644")
     else:
@@ -234,9 +237,9 @@ def remove(settings: Settings) -> None:
 @operation()
 def unit_stopped(unit: str):
     """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
-    out = host.get_fact(Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
-                                 f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
-                        _sudo=host.data.get("_sudo", False)) or ""
+    out = read_once(host, Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
+                                   f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+                    _sudo=host.data.get("_sudo", False)) or ""
     seen = dict(line.partition("=")[::2] for line in out.splitlines())
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))

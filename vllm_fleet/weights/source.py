@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+
+import jinja2
 
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.settings import Settings
@@ -158,3 +160,20 @@ def pip_args(settings: Settings) -> list[str]:
     for u in settings.find_links:
         args += ["--find-links", u]
     return args
+
+
+UNIT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
+
+
+def render_fetch_unit(settings: Settings, plan: FetchPlan) -> str:
+    """The download unit's text, rendered exactly as pyinfra's ``files.template`` renders the template
+    (StrictUndefined, trailing newline kept, no block trimming)."""
+    parent = str(PurePosixPath(plan.serve_path).parent)
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                                  autoescape=False).from_string(UNIT_TEMPLATE.read_text())
+    return template.render(
+        unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
+        config=plan.config_path, run_as=settings.service_user, python=f"{plan.venv}/bin/python", program=plan.program,
+        environment=unit_environment(settings, plan), env_file=plan.env_path,
+        read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
+    )

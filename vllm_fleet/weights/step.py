@@ -19,38 +19,28 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, deploy, operation
-from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import server, systemd
 
-from vllm_fleet.hostops.operations import managed_files, mirror_dir, secret_file
+from vllm_fleet.handoff import HostState, ModelSource, WeightsResult
+from vllm_fleet.hostops.facts import FileStates
+from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, managed_files, mirror_dir, secret_file
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import Settings
 
 PROGRAM_SRC = Path(__file__).with_name("hostprog.py")  # installed on the host as HostLayout.fetch_program
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
+TEMPLATE = wplan.UNIT_TEMPLATE
 POLL_S = 2.0
 PROGRESS_EVERY_S = 5.0
 
 
 class WeightsDownloadError(FleetError):
     """The download unit failed, or the deploy's wait ran out."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from and the path (or repo id) `vllm serve` gets."""
-
-    local_dir: Path | None
-    serve_path: str
-    fetch: wplan.FetchPlan | None = None
 
 
 def source(settings: Settings) -> ModelSource:
@@ -70,45 +60,28 @@ def source(settings: Settings) -> ModelSource:
     return ModelSource(None, "")  # the planner uses the profile's repo id
 
 
-@dataclass(frozen=True)
-class WeightsResult:
-    """What vllm_fleet/service/step.py gets from `apply`: did the weights change in this run, and may the service start on them.
-
-    ``did_change()`` is the weights operation's (the `_if` contract of an OperationMeta);
-    ``ready`` is False when the download is not known to be complete when the service step
-    runs (``vllm_weights_wait = False`` and the weights were not complete while planning):
-    the service is then not (re)started, and ``reason`` says why.
-    """
-
-    meta: OperationMeta | None
-    ready: bool = True
-    reason: str = ""
-
-    def did_change(self) -> bool:
-        return self.meta is not None and self.meta.did_change()
-
-
 class FetchState(FactBase[dict]):
     """
-    The fetch venv's huggingface_hub, the unit's state and the recorded verification, in one command.
+    The fetch venv's huggingface_hub (and modelscope) and the download unit's state, in one command.
+
+    The recorded verification (``fetch_weights.py check``) is not read here: preflight's snapshot read it
+    in its round trip (``Snapshot.weights_check``) and `apply` gets it in the ``HostState``.
 
     + plan: the weights' FetchPlan
 
     .. code:: python
 
-        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "active": "inactive", "check": {"complete": True, ...}}
+        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "modelscope": None, "active": "inactive"}
     """
 
     def command(self, plan: wplan.FetchPlan) -> str:
         q = shlex.quote
         return (f"echo hub=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/huggingface_hub-*.dist-info 2>/dev/null | head -1); "
                 f"echo ms=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/modelscope-*.dist-info 2>/dev/null | head -1); "
-                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null); "
-                f"if test -f {q(plan.program)} -a -f {q(plan.config_path)}; then echo check=$(python3 {q(plan.program)} check {q(plan.config_path)}); "
-                f"else echo check=; fi")
+                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null)")
 
     def process(self, output: list[str]) -> dict:
-        out: dict = {"hub": None, "modelscope": None, "active": "", "check": None}
+        out: dict = {"hub": None, "modelscope": None, "active": ""}
         for line in output:
             key, _, value = line.partition("=")
             if key == "hub" and value:
@@ -117,8 +90,6 @@ class FetchState(FactBase[dict]):
                 out["modelscope"] = value.rsplit("modelscope-", 1)[-1].removesuffix(".dist-info")
             elif key == "active":
                 out["active"] = value
-            elif key == "check" and value:
-                out["check"] = json.loads(value)
         return out
 
 
@@ -173,7 +144,19 @@ def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
     return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
 
 
-def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
+def fetch_files(settings: Settings, plan: wplan.FetchPlan) -> tuple[ManagedFile, ManagedFile, ManagedFile, ManagedFile]:
+    """(program, config, env file, unit): the download's files as `_apply_fetch` installs them, built without a host."""
+    return (
+        ManagedFile(plan.program, PROGRAM_SRC, "root", "root", "755"),
+        ManagedFile(plan.config_path, json.dumps(plan.config, indent=1, sort_keys=True) + "\n", "root",
+                    settings.service_user, "640"),
+        fetch_env_file(settings, plan),
+        ManagedFile(plan.unit_path, wplan.render_fetch_unit(settings, plan), "root", "root", "644"),
+    )
+
+
+def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) -> WeightsResult:
+    """+ check: the recorded verification preflight read (``Snapshot.weights_check``; None: none yet)."""
     user = settings.service_user
     fact = host.get_fact(FetchState, plan=plan)
     hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
@@ -181,7 +164,9 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
         hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
     q = shlex.quote
     reqs = " ".join(q(r) for r in plan.requirements)
-    files.directory(name=f"Ensure {plan.fetch_dir} exists", path=plan.fetch_dir, user="root", group="root", mode="755")
+    directories(name=f"Ensure {plan.fetch_dir} and the fetch state directories exist",
+                dirs=[Dir(plan.fetch_dir, "root", "root", "755"),
+                      *(Dir(d, user, user, "750") for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir))])
     if not hub_ok:
         server.shell(
             name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
@@ -191,26 +176,16 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
         )
     else:
         host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
-    files.put(name=f"Ensure the fetch program {plan.program}", src=str(PROGRAM_SRC), dest=plan.program,
-              user="root", group="root", mode="755")
-    for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir):
-        files.directory(name=f"Ensure {d} exists for the fetch state", path=d, user=user, group=user, mode="750")
-    files.put(name=f"Ensure the fetch config {plan.config_path}",
-              src=StringIO(json.dumps(plan.config, indent=1, sort_keys=True) + "\n"),
-              dest=plan.config_path, user="root", group=user, mode="640")
+    program, config, env, unit_file = fetch_files(settings, plan)
+    # One FileStates fact for the four files, handed to each managed_files (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in (program, config, env, unit_file)))
+    managed_files(name=f"Ensure the fetch program {plan.program}", files=[program], states=states)
+    managed_files(name=f"Ensure the fetch config {plan.config_path}", files=[config], states=states)
     managed_files(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} is current (HF token; content not shown)",
-                  files=[fetch_env_file(settings, plan)])
-    parent = str(Path(plan.serve_path).parent)
-    unit = files.template(
-        name=f"Ensure the weights download unit {plan.unit}.service",
-        src=str(TEMPLATE), dest=plan.unit_path, user="root", group="root", mode="644",
-        unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
-        config=plan.config_path, run_as=user, python=f"{plan.venv}/bin/python", program=plan.program,
-        environment=wplan.unit_environment(settings, plan), env_file=plan.env_path,
-        read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
-    )
+                  files=[env], states=states)
+    unit = managed_files(name=f"Ensure the weights download unit {plan.unit}.service", files=[unit_file], states=states)
     systemd.daemon_reload(name="Reload systemd for the download unit", _if=unit.did_change)
-    check = fact["check"] or {}
+    check = check or {}
     running = fact["active"] in ("active", "activating")
     if check.get("complete") and not running:
         return WeightsResult(server.shell(
@@ -233,19 +208,22 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan) -> WeightsResult:
 
 
 @deploy("Weights")
-def apply(settings: Settings, src: ModelSource) -> WeightsResult | OperationMeta | None:
-    """Place the weights; return what says "the weights changed" (``did_change()``), and for a download
-    a `WeightsResult` whose ``ready`` says whether the service may be (re)started on them."""
+def apply(settings: Settings, src: ModelSource, state: HostState) -> WeightsResult:
+    """Place the weights; return whether they changed in this run and whether the service may be (re)started on them.
+
+    + src: `source` (what to place and where)
+    + state: preflight's ``HostState``; its snapshot holds the download's recorded verification
+    """
     if src.fetch is not None:
         if not src.fetch.downloads:
-            return None  # a directory already on the host, served in place
-        return _apply_fetch(settings, src.fetch)
+            return WeightsResult()  # a directory already on the host, served in place
+        return _apply_fetch(settings, src.fetch, state.snapshot.weights_check)
     if src.local_dir is None:
-        return None
-    return mirror_dir(
+        return WeightsResult()
+    return WeightsResult(mirror_dir(
         name=f"Ensure the host holds exactly the model files of {Path(src.local_dir).name}",
         src=str(src.local_dir),
         dest=src.serve_path,
         user=settings.service_user,
         group=settings.service_user,
-    )
+    ))

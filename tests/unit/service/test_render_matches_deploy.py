@@ -9,7 +9,7 @@ import pytest
 from vllm_fleet.cli.main import main
 from vllm_fleet.planner.plan import make_plan
 from vllm_fleet.preflight.parse import Gpu, GpuInfo, Snapshot
-from vllm_fleet.preflight.step import HostState
+from vllm_fleet.handoff import HostState
 from vllm_fleet.pyenv import stack
 from vllm_fleet.pyenv.facts import StackState
 from vllm_fleet.pyenv.step import build_spec
