@@ -81,7 +81,7 @@ def variant_options(profile: str) -> dict[str, dict[str, Any]]:
         "fp8kv": {"kv_cache_dtype": "fp8"},
         "eager+fixed-kv+block+len": {"enforce_eager": True, "kv_cache_memory_bytes": 8 * 2**30,
                                      "block_size": 16, "max_model_len": 8192, "gpu_memory_utilization": 0.85},
-        "batch-limits+port": {"max_num_seqs": 64, "max_num_batched_tokens": 4096, "port": 9000, "host": "0.0.0.0",
+        "batch-limits+port": {"max_num_seqs": 64, "max_num_batched_tokens": 4096, "port": 9000, "bind_host": "0.0.0.0",
                               "served_model_name": "custom-name"},
         # vllm_nvlink_multicast / vllm_flashinfer_sampler = False: the env variables they add must be ones vLLM reads.
         "multicast-off+pytorch-sampler": {"nvlink_multicast": False, "flashinfer_sampler": False},
