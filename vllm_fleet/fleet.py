@@ -197,12 +197,11 @@ def member(name: str, data: Mapping[str, Any], settings: Settings) -> Member:
 
 
 def served_name(settings: Settings) -> str:
-    """The name clients send as "model": vllm_served_model_name, else the profile's name (as the plan decides)."""
-    if settings.served_model_name:
-        return settings.served_model_name
+    """The name clients send as "model", decided as the plan decides it (planner.plan.served_model_name)."""
     from vllm_fleet.planner.modelinfo import load_profile
+    from vllm_fleet.planner.plan import served_model_name
 
-    return load_profile(settings.model).name
+    return served_model_name(load_profile(settings.model), settings.served_model_name)
 
 
 def advertised_address(name: str, data: Mapping[str, Any], settings: Settings) -> tuple[str | None, str]:

@@ -398,6 +398,11 @@ def _layout(profile: Profile, hw: Hardware, options: PlanOptions) -> Layout:
     return Layout(tp, pp, dp, ep)
 
 
+def served_model_name(profile: Profile, setting: str | None) -> str:
+    """The id clients send as `model`: vllm_served_model_name when set, else the profile's name."""
+    return setting or profile.name
+
+
 def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions | None = None) -> Plan:
     """Plan `model` on `hardware`: layout, memory per GPU, max length, flags, findings."""
     options = options or PlanOptions()
@@ -540,7 +545,7 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
         kv_cache_bytes_per_token_per_gpu=layout_kv.bytes_per_token(), kv_capacity_tokens=capacity,
         memory_per_gpu=memory, weights_bytes=profile.weights_bytes, flags=tuple(flags), env=env,
         env_reasons=env_reasons, warnings=tuple(warnings), errors=tuple(errors),
-        model_path=_model_path(profile, options), served_model_name=options.served_model_name or profile.name,
+        model_path=_model_path(profile, options), served_model_name=served_model_name(profile, options.served_model_name),
         reasoning_parser=_reasoning_parser(profile, options),
     )
 
@@ -572,7 +577,7 @@ def _flags(profile: Profile, layout: Layout, options: PlanOptions, max_len: int,
     f = serve_options.flag
     flags = [
         Flag(_model_path(profile, options), None, "the model: a local snapshot directory or the HF repo id vLLM resolves"),
-        Flag(f("served_model_name"), options.served_model_name or profile.name, "the id clients send in `model`"),
+        Flag(f("served_model_name"), served_model_name(profile, options.served_model_name), "the id clients send in `model`"),
         Flag(f("bind_host"), options.bind_host, "listen address"),
         Flag(f("port"), str(options.port), "listen port"),
         Flag(f("tensor_parallel_size"), str(layout.tensor_parallel_size), "GPUs each model replica is split over"),
