@@ -4,7 +4,8 @@
 # WORKDIR gets vllm-0.25.0 (the real wheel from PyPI), the 24 wheels that wheels.txt (beside this
 # script: tests/gpu/wheels.txt; the WHEELS_TXT environment variable names another list) marks
 # [R]/[RT], and bundle.tar (vllm's files as tar.xz + its FA2 kernel library as .xz) split into
-# parts of at most 61 MiB, because a device call carries at most 64 MiB.
+# parts of at most 58 MiB, because a device call carries at most 64 MiB; and debs/: Debian 12's systemd 252
+# and what it needs (~6 MB), for the systemd mode (tests/gpu/systemd/sysd.sh runs it on the GPU machine).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WHEELS_TXT=$(realpath "${WHEELS_TXT:-$HERE/wheels.txt}")
@@ -23,5 +24,8 @@ xz -9 -T1 bundle/_vllm_fa2_C.abi3.so &
 wait
 (cd bundle && sha256sum vllm-nofa2.tar.xz _vllm_fa2_C.abi3.so.xz > SHA256SUMS && tar -cf ../bundle.tar vllm-nofa2.tar.xz _vllm_fa2_C.abi3.so.xz SHA256SUMS)
 sha256sum bundle.tar | cut -d' ' -f1 > bundle.sha256
-split -b 61M -d -a 1 bundle.tar part.
-ls -la part.* whl | head -40
+split -b 58M -d -a 1 bundle.tar part.
+SYSTEMD_DEBS="systemd libsystemd-shared libapparmor1 libkmod2 libip4tc2 libcryptsetup12 libseccomp2 \
+  libdevmapper1.02.1 libargon2-1 libjson-c5 dbus dbus-bin dbus-daemon dbus-system-bus-common libdbus-1-3 libexpat1"
+mkdir -p debs && (cd debs && apt-get download $SYSTEMD_DEBS)
+ls -la part.* whl debs | head -60
