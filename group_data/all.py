@@ -90,5 +90,6 @@ vllm_purge_weights = False               # uninstall.py: also delete weights and
 # --- service (vllm_fleet/service/settings.py) ---
 vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
+vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}

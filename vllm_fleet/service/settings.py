@@ -22,6 +22,7 @@ class ServiceSection(BaseModel):
 
     restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
     health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    gate_stability_s: int = Field(5, ge=0, le=600, description="after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 

@@ -90,6 +90,7 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
         "served_model_name": served_name(state.plan),
         "check_think": uses_append_think(state.plan),
         "timeout_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
+        "stability_s": settings.gate_stability_s,
         "require_key": settings.api_key is not None,
     }
 
