@@ -165,10 +165,11 @@ class HostLayout:
         """The git checkout a source-channel venv is installed from (editable), one per venv."""
         return f"{self.src_dir}/{venv_name}"
 
-    def venv_state_paths(self) -> dict[str, str]:
-        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py)."""
+    def venv_state_paths(self) -> dict[str, object]:
+        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py); ``units``: the live unit and the
+        gate's last known good copy, whose venvs are never pruned."""
         return {"venvs_dir": self.venvs_dir, "uv": self.uv, "program": self.venv_program,
-                "wheelhouse_dir": self.wheelhouse_dir}
+                "wheelhouse_dir": self.wheelhouse_dir, "units": [self.unit_path, self.prev(self.unit_path)]}
 
     # -- the weights download ---------------------------------------------------------------
     @property
