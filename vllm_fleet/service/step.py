@@ -7,7 +7,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
    config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
-   (``/etc/vllm-fleet/<service>.env``, root:<user> 0640, a secret
+   (``/etc/vllm-fleet/<service>.env``, root:root 0600, a secret
    ``vllm_fleet.hostops.operations.ManagedFile``: compared by sha256, never shown, not even with
    --diff), all read in one ``FileStates`` fact;
 3. the restart + health gate, only when the unit, env file, venv or weights
@@ -70,7 +70,7 @@ def service_files(settings: Settings, state: HostState, venv: Venv | None = None
                     "root", settings.service_user, "640"),
     ]
     unit = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
-    return rendered, gate_files, unit, [secret_file(rendered.env_path, settings.service_user, rendered.env)]
+    return rendered, gate_files, unit, [secret_file(rendered.env_path, rendered.env)]
 
 
 def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dict:
