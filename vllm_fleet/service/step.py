@@ -23,10 +23,11 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
@@ -99,12 +100,13 @@ def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
     """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
     from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
     starts at boot."""
-    lay = HostLayout.of(settings)
-    prev, env_prev, unit = lay.prev(rendered.unit_path), lay.prev(rendered.env_path), lay.unit_name
+    lay, q = HostLayout.of(settings), shlex.quote  # every path and name quoted: this fact runs under --dry too
+    prev, env_prev, unit = q(lay.prev(rendered.unit_path)), q(lay.prev(rendered.env_path)), q(lay.unit_name)
+    unit_path, env_path = q(rendered.unit_path), q(rendered.env_path)
     script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
-              f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
-              f"test -e {lay.weights_pending} && {{ echo pending; exit 0; }}; "
-              f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
+              f"test -e {unit_path} || {{ echo fresh; exit 0; }}; "
+              f"test -e {q(lay.weights_pending)} && {{ echo pending; exit 0; }}; "
+              f"cmp -s {unit_path} {prev} && cmp -s {env_path} {env_prev} "
               f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
     words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
     return words[-1:] == ["pending"], words[:1] == ["enabled"]
@@ -183,7 +185,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         python.call(
             name=f"Restart {settings.service_name} and pass the health gate (rollback on failure)",
             function=_run_gate,
-            command=f"/usr/bin/python3 {gate_bin} apply {gate_json} && rm -f {marker}",
+            command=f"/usr/bin/python3 {shlex.quote(gate_bin)} apply {shlex.quote(gate_json)} && rm -f {shlex.quote(marker)}",
             _if=lambda: pending or changed(),
             _serial=True,
         )
@@ -196,7 +198,7 @@ def unit_enabled(service: str, enabled: bool):
     if enabled:
         host.noop(f"{service} is enabled")
     else:
-        yield StringCommand("systemctl", "enable", service)
+        yield StringCommand("systemctl", "enable", QuoteString(service))
 
 
 def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
@@ -208,7 +210,7 @@ def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
 
 def _other_services(lay: HostLayout) -> list[str]:
     """Other services deployed on this host (their gate configs in config_dir); no operation of uninstall changes them."""
-    out = host.get_fact(Command, f"ls -1 {lay.config_dir}/*.gate.json 2>/dev/null; true",
+    out = host.get_fact(Command, f"ls -1 {shlex.quote(lay.config_dir)}/*.gate.json 2>/dev/null; true",
                         _sudo=host.data.get("_sudo", False)) or ""
     return [n for n in lay.deployed_services(out.split()) if n != lay.service]
 
@@ -238,15 +240,16 @@ def remove(settings: Settings) -> None:
 @operation()
 def unit_stopped(unit: str):
     """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
-    out = read_once(host, Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
-                                   f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+    q = shlex.quote(unit)
+    out = read_once(host, Command, f"echo active=$(systemctl is-active {q} 2>/dev/null); "
+                                   f"echo enabled=$(systemctl is-enabled {q} 2>/dev/null)",
                     _sudo=host.data.get("_sudo", False)) or ""
     seen = dict(line.partition("=")[::2] for line in out.splitlines())
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
     if running:
-        yield StringCommand("systemctl", "stop", unit)
+        yield StringCommand("systemctl", "stop", QuoteString(unit))
     if enabled:
-        yield StringCommand("systemctl", "disable", unit)
+        yield StringCommand("systemctl", "disable", QuoteString(unit))
     if not running and not enabled:
         host.noop(f"{unit} is stopped and disabled")
