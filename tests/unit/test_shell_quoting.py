@@ -135,7 +135,7 @@ def _cases(payload: str) -> dict[str, dict]:
 CASES = {f"{name} [{kind}]": data for kind, payload in PAYLOADS.items() for name, data in _cases(payload).items()}
 
 
-def _commands(data: dict, playbook: str) -> tuple[list[str], list[str], list[str], str | None]:
+def _commands(data: dict, playbook: str, names: list[str] | None = None) -> tuple[list[str], list[str], list[str], str | None]:
     """(fact commands, operation commands, upload targets, error) of ``playbook`` planned for a bare fake host with
     ``data``: the error is the clear message that ended the planning (then the facts read before it ran, and no
     operation). An upload is no shell command (pyinfra quotes its target where it copies it with sudo)."""
@@ -155,6 +155,8 @@ def _commands(data: dict, playbook: str) -> tuple[list[str], list[str], list[str
         return facts, [], [], str(exc)
     ops: list[str] = []
     uploads: list[str] = []
+    if names is not None:
+        names += [n for op_hash in run.state.get_op_order() for n in run.state.get_op_meta(op_hash).names]
     for c in run.execute():
         if isinstance(c, StringCommand):
             ops.append(c.get_raw_value())
@@ -194,14 +196,22 @@ def test_a_hostile_setting_is_refused_or_reaches_every_shell_quoted(bare_host, c
                 assert not unquoted_fragments(cmd), f"{case}: {playbook} {kind} command leaves {unquoted_fragments(cmd)} to the shell:\n{cmd}"
 
 
-def test_secrets_reach_no_command(bare_host):
+def test_secrets_reach_no_command_no_operation_name_and_no_log(bare_host, caplog, capsys):
+    """The API key and the HF token (of the service and of the download unit) are in no fact or operation command,
+    no upload path, no operation name and nothing logged while planning (what pyinfra prints at any verbosity)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
     data = {**BASE, "vllm_api_key": SecretStr(SECRET), "vllm_hf_token": SecretStr("hf_" + SECRET),
             "vllm_weights_sources": [{"kind": "hf", "repo": "test/tiny-minimax-m2", "endpoint": "http://127.0.0.1:9"}]}
     load_settings(data, host="fake")
-    facts, ops, uploads, error = _commands(data, "deploy.py")
-    assert error is None and ops and facts and uploads
-    for cmd in facts + ops + uploads:
-        assert SECRET not in cmd
+    names: list[str] = []
+    facts, ops, uploads, error = _commands(data, "deploy.py", names=names)
+    assert error is None and ops and facts and uploads and names
+    assert any("secrets file" in n for n in names) and any("EnvironmentFile" in n for n in names)
+    out = capsys.readouterr()
+    for text in facts + ops + uploads + names + [caplog.text, out.out, out.err]:
+        assert SECRET not in text
 
 
 def test_the_cases_cover_every_string_setting():
