@@ -379,9 +379,10 @@ def journal(cfg: Config, since: float) -> str:
     return proc.stdout
 
 
-def _copy(src: str, dst: str) -> None:
+def _copy(src: str, dst: str, secret: bool = False) -> None:
     """Copy with mode and owner, atomically replacing ``dst``: the copy is written to a temp file in the same
-    directory created 0600 (a secret is never readable by others, not even while copied), then renamed."""
+    directory created 0600 (a secret is never readable by others, not even while copied), then renamed.
+    ``secret``: the copy is root:root 0600 whatever ``src`` is (an env file kept by an older toolkit at 0640)."""
     tmp = dst + ".tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
@@ -391,8 +392,8 @@ def _copy(src: str, dst: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     st = os.stat(src)
-    os.chown(tmp, st.st_uid, st.st_gid)
-    os.chmod(tmp, st.st_mode & 0o7777)
+    os.chown(tmp, *((0, 0) if secret else (st.st_uid, st.st_gid)))
+    os.chmod(tmp, 0o600 if secret else st.st_mode & 0o7777)
     os.replace(tmp, dst)
 
 
@@ -400,7 +401,7 @@ def keep_as_good(cfg: Config) -> None:
     """The live unit and env file become the last known good (*.prev)."""
     for path in (cfg.unit_path, cfg.env_path):
         if os.path.exists(path):
-            _copy(path, cfg.prev(path))
+            _copy(path, cfg.prev(path), secret=path == cfg.env_path)
 
 
 def _start_previous(cfg: Config, say: Callable[[str], None]) -> None:
@@ -424,7 +425,7 @@ def _roll_back(cfg: Config, say: Callable[[str], None]) -> str:
         return "no previous version to roll back to: the service is stopped"
     for path in (cfg.unit_path, cfg.env_path):
         if os.path.exists(cfg.prev(path)):
-            _copy(cfg.prev(path), path)
+            _copy(cfg.prev(path), path, secret=path == cfg.env_path)
     say("rolling back: previous unit and env file restored, restarting")
     _start_previous(cfg, say)
     try:
@@ -439,7 +440,7 @@ def _last_resort(cfg: Config) -> str:
     try:
         for path in (cfg.unit_path, cfg.env_path):
             if os.path.exists(cfg.prev(path)):
-                _copy(cfg.prev(path), path)
+                _copy(cfg.prev(path), path, secret=path == cfg.env_path)
         systemctl("daemon-reload")
         systemctl("reset-failed", cfg.unit)
         systemctl("start", cfg.unit)

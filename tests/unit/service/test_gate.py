@@ -367,7 +367,7 @@ def test_a_rollback_that_raises_falls_back_to_starting_the_previous_version(tmp_
     monkeypatch.setattr(gate, "gate", lambda c, s: (_ for _ in ()).throw(gate.GateFailed("boom")))
     copies = []
 
-    def copy(src, dst):
+    def copy(src, dst, secret=False):
         copies.append(dst)
         if len(copies) == 1:
             raise OSError(28, "No space left on device")
@@ -423,3 +423,13 @@ def test_copies_of_the_env_file_are_never_readable_by_others_while_written(tmp_p
     gate._copy(str(src), str(dst))
     assert seen == [0o600]
     assert dst.read_text() == src.read_text() and os.stat(dst).st_mode & 0o777 == 0o600
+
+
+def test_env_file_copies_are_root_only_even_from_an_older_0640_file(tmp_path, monkeypatch):
+    src, dst = tmp_path / "vllm.env.prev", tmp_path / "vllm.env"
+    src.write_text(f'VLLM_API_KEY="{KEY}"\n')
+    os.chmod(src, 0o640)  # kept by a toolkit that wrote env files root:<user> 0640
+    owners = []
+    monkeypatch.setattr(gate.os, "chown", lambda path, uid, gid: owners.append((uid, gid)))
+    gate._copy(str(src), str(dst), secret=True)
+    assert os.stat(dst).st_mode & 0o777 == 0o600 and owners == [(0, 0)]
