@@ -49,7 +49,7 @@ vllm_nvlink_multicast = True             # NVLink multicast as NCCL, PyTorch, NV
 vllm_flashinfer_sampler = True           # top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (a venv without FlashInfer)
 vllm_bind_host = "127.0.0.1"             # address vLLM listens on; anything but loopback requires vllm_api_key
 vllm_port = 8100                         # TCP port vLLM listens on (preflight fails if another process owns it)
-vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs
+vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's root-only (0600) EnvironmentFile, never in argv or logs
 vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)
 
 # --- preflight (vllm_fleet/preflight/settings.py) ---
@@ -90,5 +90,6 @@ vllm_purge_weights = False               # uninstall.py: also delete weights and
 # --- service (vllm_fleet/service/settings.py) ---
 vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
+vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}

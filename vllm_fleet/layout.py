@@ -11,8 +11,8 @@ FILES
     /etc/systemd/system/SERVICE.service    the vLLM unit                              (service)
     /etc/systemd/system/SERVICE-fetch.service  the weights download unit          (weights)
     /etc/vllm-fleet/                        root:USER 0750                             (account)
-        SERVICE.env                         the service's secrets (API key, HF token), root:USER 0640
-        SERVICE-fetch.env                   the download unit's HF token, root:USER 0640
+        SERVICE.env                         the service's secrets (API key, HF token), root:root 0600
+        SERVICE-fetch.env                   the download unit's HF token, root:root 0600
         SERVICE.gate.json                   the health gate's config (no secret)
         SERVICE.service.prev, SERVICE.env.prev   last known good unit/env file (the gate's rollback)
     BASE/                                   root:root 0755                             (account)
@@ -32,6 +32,10 @@ FILES
         cache/                              XDG_CACHE_HOME; vllm/ (VLLM_CACHE_ROOT), huggingface/ (HF_HOME),
                                             triton/, torchinductor/, modelscope/, modelscope-home/
 
+Every file the deploy writes is replaced atomically: uploaded to ``.NAME.vllm-fleet-new`` in the
+same directory (created 0600 root before the upload), owned and moded, then renamed over NAME
+(`staged_path`); the gate copies through ``NAME.tmp``. An interrupted write leaves only those.
+
 What uninstall removes is `HostLayout.uninstall_targets` (one list, with the
 reason each path kept is kept).
 """
@@ -42,12 +46,26 @@ from dataclasses import dataclass
 
 CONFIG_DIR = "/etc/vllm-fleet"
 UNIT_DIR = "/etc/systemd/system"
-#: Owner group and mode of every secret file (EnvironmentFiles): root:<service user> 0640. systemd reads an
-#: EnvironmentFile as root; the group lets the service user's own tools read its key (docs/service.md).
-SECRET_MODE = "640"
+#: Owner, group and mode of every secret file (EnvironmentFiles): root:root 0600. systemd reads an
+#: EnvironmentFile as root and hands the values to the service's environment; nobody else reads the file.
+SECRET_USER = "root"
+SECRET_GROUP = "root"
+SECRET_MODE = "600"
 GATE_PROGRAM = "vllm-fleet-gate"
 VENV_PROGRAM = "vllm-fleet-venv"
 FETCH_PROGRAM = "fetch_weights.py"
+
+
+def staged_path(path: str) -> str:
+    """Where a new version of ``path`` is written before it is renamed over it: same directory (so the rename is
+    atomic), a hidden name no unit or program reads."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.vllm-fleet-new"
+
+
+def write_leftovers(path: str) -> list[str]:
+    """What an interrupted write of ``path`` can leave: the deploy's staged upload and the gate's copy (``.tmp``)."""
+    return [staged_path(path), f"{path}.tmp"]
 
 
 @dataclass(frozen=True)
@@ -165,10 +183,11 @@ class HostLayout:
         """The git checkout a source-channel venv is installed from (editable), one per venv."""
         return f"{self.src_dir}/{venv_name}"
 
-    def venv_state_paths(self) -> dict[str, str]:
-        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py)."""
+    def venv_state_paths(self) -> dict[str, object]:
+        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py); ``units``: the live unit and the
+        gate's last known good copy, whose venvs are never pruned."""
         return {"venvs_dir": self.venvs_dir, "uv": self.uv, "program": self.venv_program,
-                "wheelhouse_dir": self.wheelhouse_dir}
+                "wheelhouse_dir": self.wheelhouse_dir, "units": [self.unit_path, self.prev(self.unit_path)]}
 
     # -- the weights download ---------------------------------------------------------------
     @property
@@ -297,6 +316,8 @@ class HostLayout:
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),
             Target(self.fetch_env_file, "file", True, "the download unit's HF token"),
+            *(Target(p, "file", True, "an interrupted write of a secrets file")
+              for secret in (self.env_file, self.prev(self.env_file), self.fetch_env_file) for p in write_leftovers(secret)),
             Target(self.gate_config, "file", True, "the gate's config"),
             Target(self.gate_state, "file", True, "the gate's last verdict"),
             Target(self.gate_log, "file", True, "the gate's log"),

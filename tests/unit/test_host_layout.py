@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from vllm_fleet.layout import CONFIG_DIR, UNIT_DIR, HostLayout
+from vllm_fleet.layout import write_leftovers, CONFIG_DIR, UNIT_DIR, HostLayout
 from vllm_fleet.settings import Settings
 
 # Paths that are the same for every service on a host sharing base_dir/data_dir (programs, tools, roots).
@@ -111,6 +111,8 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
     always = {LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config, LAY.gate_state,
               LAY.gate_log, LAY.weights_pending, LAY.prev(LAY.unit_path), LAY.prev(LAY.env_file), LAY.fetch_dir,
               LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program}
+    # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
+    always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file) for p in write_leftovers(f)}
     assert removed() == always
     assert removed(purge_venvs=True) == always | {LAY.venvs_dir, LAY.src_dir, LAY.uv_cache}
     assert removed(purge_weights=True) == always | {LAY.models_dir, LAY.cache_dir}

@@ -173,7 +173,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("port", "--port", int, 8100,
            "TCP port vLLM listens on (preflight fails if another process owns it)", ge=1, le=65535),
     Option("api_key", "--api-key", SecretStr | None, None,
-           "API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs",
+           "API key clients must send; lives only in the service's root-only (0600) EnvironmentFile, never in argv or logs",
            secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),
     Option("hf_token", "--hf-token", SecretStr | None, None,
            "Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)",

@@ -6,6 +6,8 @@ the run before any host is changed.
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra import host, logger
 from pyinfra.facts.server import Command
 
@@ -66,11 +68,12 @@ def _weights_present(settings: Settings, snap: Snapshot, fetch: FetchPlan | None
 
 def _ours(settings: Settings) -> preflight.Ours:
     """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
-    unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, settings.port
+    q = shlex.quote  # every value from a setting is quoted: this runs under --dry too
+    unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, int(settings.port)
     out = host.get_fact(Command, (
-        f"pid=$(systemctl show -p MainPID --value {unit} 2>/dev/null); "
+        f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
         f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then cg=$(sed -n "s/^0:://p" /proc/$pid/cgroup); '
-        f'cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null; u=$(id -u {user}); '
+        f'cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null; u=$(id -u {q(user)}); '
         f'ss -Htlne "sport = :{port}" | grep -q " uid:$u " && echo port; fi; true'
     )) or ""
     words = out.split()

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vllm_fleet.errors import SettingConflict
+from vllm_fleet.errors import SettingConflict, url_credentials
 
 _PY_RE = re.compile(r"^3\.(\d{1,2})$")
 
@@ -50,8 +50,8 @@ class PyenvSection(BaseModel):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
             raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
-        if v is not None and re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", v):
-            raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host (uv and pip read it) and use the URL without them")
+        if v is not None and url_credentials(v):
+            raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv, pip and git read it) and use the URL without them")
         return v
 
     @field_validator("torch_backend")
@@ -89,8 +89,8 @@ class PyenvSection(BaseModel):
         for u in v:
             if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
                 raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
-            if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", u):
-                raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host and use the URL without them")
+            if url_credentials(u):
+                raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv and pip read it) and use the URL without them")
         return v
 
     @model_validator(mode="after")

@@ -108,6 +108,22 @@ def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
     return env
 
 
+def secret_checks(settings: Settings) -> list[str]:
+    """ExecStartPre= commands that refuse to start vLLM when a secret the deploy sets is missing or empty in the
+    EnvironmentFile (a truncated or emptied file must not start an unauthenticated server).
+
+    systemd has loaded the EnvironmentFile into the environment of every Exec command: the shell tests the
+    variable (``$$`` is systemd's escape of ``$``), so the value is in no argv; nothing from a setting is in the
+    script, only the variable names of the options table's secret rows.
+    """
+    names = [row.env for row in serve_options.rows(secret=True) if row.env and getattr(settings, row.key) is not None]
+    if not names:
+        return []
+    tests = " && ".join(f'test -n "$${{{name}}}"' for name in names)
+    return [f"/bin/sh -c '{tests} || {{ echo \"vllm-fleet: {' or '.join(names)} is missing or empty in the "
+            f"EnvironmentFile although the deploy sets it: refusing to start\" >&2; exit 1; }}'"]
+
+
 def exec_argv(plan: Plan, venv_path: str) -> list[str]:
     """The plan's argv with the venv's vllm as the program."""
     argv = plan.argv
@@ -148,6 +164,7 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         exec_start=" ".join(systemd_word(w) for w in exec_argv(plan, venv_path)),
         environment=[systemd_assignment(k, v) for k, v in service_environment(settings, plan).items()],
         env_file=env_path,
+        secret_checks=secret_checks(settings),
         restart_sec=settings.restart_sec,
         restart_steps=5 if restart_steps else 0,
         restart_max_delay_s=300,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vllm_fleet.errors import url_credentials
 from vllm_fleet.planner import options as vllm_options
 
 # Secret variables: the secret rows' own (VLLM_API_KEY, HF_TOKEN) and the hubs' other token variables.
@@ -22,6 +23,7 @@ class ServiceSection(BaseModel):
 
     restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
     health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    gate_stability_s: int = Field(5, ge=0, le=600, description="after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 
@@ -35,6 +37,9 @@ class ServiceSection(BaseModel):
                 raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
             if flag in owned:
                 raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
+            if url_credentials(a):
+                raise ValueError("passes a URL with credentials in argv, where every user of the host can read it|"
+                                 "use the URL without them (vLLM and its hubs read tokens from the environment: vllm_hf_token)")
         return v
 
     @field_validator("extra_env")
@@ -45,4 +50,7 @@ class ServiceSection(BaseModel):
                 raise ValueError(f"sets {k}, a secret, in plain service environment|set vllm_api_key / vllm_hf_token instead")
             if k == "CUDA_VISIBLE_DEVICES":
                 raise ValueError("sets CUDA_VISIBLE_DEVICES|set vllm_gpus instead (the toolkit derives it)")
+            if url_credentials(v[k]):
+                raise ValueError(f"sets {k} to a URL with credentials, which would stand in the world-readable unit|"
+                                 "use the URL without them; a hub token goes in vllm_hf_token (the root-only EnvironmentFile)")
         return v

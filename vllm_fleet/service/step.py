@@ -7,7 +7,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
    config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
-   (``/etc/vllm-fleet/<service>.env``, root:<user> 0640, a secret
+   (``/etc/vllm-fleet/<service>.env``, root:root 0600, a secret
    ``vllm_fleet.hostops.operations.ManagedFile``: compared by sha256, never shown, not even with
    --diff), all read in one ``FileStates`` fact;
 3. the restart + health gate, only when the unit, env file, venv or weights
@@ -23,10 +23,11 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
@@ -70,7 +71,7 @@ def service_files(settings: Settings, state: HostState, venv: Venv | None = None
                     "root", settings.service_user, "640"),
     ]
     unit = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
-    return rendered, gate_files, unit, [secret_file(rendered.env_path, settings.service_user, rendered.env)]
+    return rendered, gate_files, unit, [secret_file(rendered.env_path, rendered.env)]
 
 
 def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dict:
@@ -90,6 +91,7 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
         "served_model_name": served_name(state.plan),
         "check_think": uses_append_think(state.plan),
         "timeout_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
+        "stability_s": settings.gate_stability_s,
         "require_key": settings.api_key is not None,
     }
 
@@ -98,12 +100,13 @@ def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
     """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
     from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
     starts at boot."""
-    lay = HostLayout.of(settings)
-    prev, env_prev, unit = lay.prev(rendered.unit_path), lay.prev(rendered.env_path), lay.unit_name
+    lay, q = HostLayout.of(settings), shlex.quote  # every path and name quoted: this fact runs under --dry too
+    prev, env_prev, unit = q(lay.prev(rendered.unit_path)), q(lay.prev(rendered.env_path)), q(lay.unit_name)
+    unit_path, env_path = q(rendered.unit_path), q(rendered.env_path)
     script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
-              f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
-              f"test -e {lay.weights_pending} && {{ echo pending; exit 0; }}; "
-              f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
+              f"test -e {unit_path} || {{ echo fresh; exit 0; }}; "
+              f"test -e {q(lay.weights_pending)} && {{ echo pending; exit 0; }}; "
+              f"cmp -s {unit_path} {prev} && cmp -s {env_path} {env_prev} "
               f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
     words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
     return words[-1:] == ["pending"], words[:1] == ["enabled"]
@@ -182,7 +185,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         python.call(
             name=f"Restart {settings.service_name} and pass the health gate (rollback on failure)",
             function=_run_gate,
-            command=f"/usr/bin/python3 {gate_bin} apply {gate_json} && rm -f {marker}",
+            command=f"/usr/bin/python3 {shlex.quote(gate_bin)} apply {shlex.quote(gate_json)} && rm -f {shlex.quote(marker)}",
             _if=lambda: pending or changed(),
             _serial=True,
         )
@@ -195,7 +198,7 @@ def unit_enabled(service: str, enabled: bool):
     if enabled:
         host.noop(f"{service} is enabled")
     else:
-        yield StringCommand("systemctl", "enable", service)
+        yield StringCommand("systemctl", "enable", QuoteString(service))
 
 
 def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
@@ -207,7 +210,7 @@ def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
 
 def _other_services(lay: HostLayout) -> list[str]:
     """Other services deployed on this host (their gate configs in config_dir); no operation of uninstall changes them."""
-    out = host.get_fact(Command, f"ls -1 {lay.config_dir}/*.gate.json 2>/dev/null; true",
+    out = host.get_fact(Command, f"ls -1 {shlex.quote(lay.config_dir)}/*.gate.json 2>/dev/null; true",
                         _sudo=host.data.get("_sudo", False)) or ""
     return [n for n in lay.deployed_services(out.split()) if n != lay.service]
 
@@ -237,15 +240,16 @@ def remove(settings: Settings) -> None:
 @operation()
 def unit_stopped(unit: str):
     """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
-    out = read_once(host, Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
-                                   f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+    q = shlex.quote(unit)
+    out = read_once(host, Command, f"echo active=$(systemctl is-active {q} 2>/dev/null); "
+                                   f"echo enabled=$(systemctl is-enabled {q} 2>/dev/null)",
                     _sudo=host.data.get("_sudo", False)) or ""
     seen = dict(line.partition("=")[::2] for line in out.splitlines())
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
     if running:
-        yield StringCommand("systemctl", "stop", unit)
+        yield StringCommand("systemctl", "stop", QuoteString(unit))
     if enabled:
-        yield StringCommand("systemctl", "disable", unit)
+        yield StringCommand("systemctl", "disable", QuoteString(unit))
     if not running and not enabled:
         host.noop(f"{unit} is stopped and disabled")

@@ -141,7 +141,7 @@ def follow_download(plan: wplan.FetchPlan, timeout_s: int):
 def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
     """The download unit's EnvironmentFile, a secret file like the service's (`secret_file`)."""
     token = settings.hf_token.get_secret_value() if settings.hf_token else ""
-    return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
+    return secret_file(plan.env_path, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
 
 
 def fetch_files(settings: Settings, plan: wplan.FetchPlan) -> tuple[ManagedFile, ManagedFile, ManagedFile, ManagedFile]:

@@ -207,3 +207,44 @@ def test_extra_env_sets_other_variables_and_wins_over_the_plans():
     env = _environment(files.unit)
     assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "1" and env["NCCL_NVLS_ENABLE"] == "0"
     assert "TORCH_SYMM_MEM_DISABLE_MULTICAST" not in env
+
+
+# ------------------------------------------------ a missing or empty secret refuses the start (issue 13, item 4) --
+
+
+def _exec_start_pre(unit: str) -> list[str]:
+    """The ExecStartPre= words as systemd splits them (single quotes here; `$$` is `$`)."""
+    (line,) = _directives(unit)["ExecStartPre"]
+    import shlex as _shlex
+
+    return [w.replace("$$", "$") for w in _shlex.split(line)]
+
+
+@pytest.mark.parametrize("env,ok", [
+    ({"VLLM_API_KEY": KEY}, True),
+    ({"VLLM_API_KEY": ""}, False),  # an emptied env file
+    ({}, False),  # a truncated one
+])
+def test_the_unit_refuses_to_start_without_the_key_the_deploy_sets(env, ok):
+    import subprocess
+
+    _, _, files = _render()
+    argv = _exec_start_pre(files.unit)
+    assert argv[:2] == ["/bin/sh", "-c"] and KEY not in files.unit
+    proc = subprocess.run(argv, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True)
+    assert (proc.returncode == 0) is ok
+    if not ok:
+        assert "vllm-fleet: VLLM_API_KEY is missing or empty in the EnvironmentFile" in proc.stderr
+
+
+def test_every_secret_the_deploy_sets_is_checked_and_none_without_secrets():
+    import subprocess
+
+    _, _, files = _render(hf_token="hf_unit_test_token_value")
+    argv = _exec_start_pre(files.unit)
+    both = {"PATH": "/usr/bin:/bin", "VLLM_API_KEY": KEY, "HF_TOKEN": "hf_unit_test_token_value"}
+    assert subprocess.run(argv, env=both).returncode == 0
+    assert subprocess.run(argv, env={**both, "HF_TOKEN": ""}, capture_output=True).returncode == 1
+    settings = Settings(model=TINY, bind_host="127.0.0.1")
+    plan = make_plan(settings.model, "4xA800-80G", settings.plan_options("/var/lib/vllm-fleet/models/tiny-minimax-m2"))
+    assert "ExecStartPre" not in render(settings, plan, VENV).unit  # no key set: nothing to refuse

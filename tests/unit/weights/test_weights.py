@@ -308,8 +308,8 @@ def test_the_fetch_env_file_is_a_secret_file_like_the_services():
     f = fetch_env_file(s, plan)
     lay = HostLayout.of(s)
     assert f.secret and f.path == plan.env_path == lay.fetch_env_file == "/etc/vllm-fleet/vllm-fetch.env"
-    assert (f.user, f.group, f.mode) == ("root", "vllm", "640") == (lambda g: (g.user, g.group, g.mode))(
-        secret_file(lay.env_file, s.service_user, ""))
+    assert (f.user, f.group, f.mode) == ("root", "root", "600") == (lambda g: (g.user, g.group, g.mode))(
+        secret_file(lay.env_file, ""))
     assert f.data() == b"HF_TOKEN=hf_secret_token_value\n" and "hf_secret" not in repr(f)
     assert (plan.venv, plan.program, plan.config_path, plan.unit_path) == (
         lay.fetch_venv, lay.fetch_program, lay.fetch_config("MiniMaxAI/MiniMax-M2"), lay.fetch_unit_path)
