@@ -245,7 +245,12 @@ def url_port(url: str) -> int:
 
 def listening_inodes(port: int, proc: str = "/proc") -> set[str]:
     """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), from /proc/net/tcp and tcp6."""
-    inodes: set[str] = set()
+    return set(listening_sockets(port, proc))
+
+
+def listening_sockets(port: int, proc: str = "/proc") -> dict[str, int]:
+    """{socket inode: owner uid} of the sockets listening on TCP ``port`` (IPv4 and IPv6)."""
+    inodes: dict[str, int] = {}
     for name in ("tcp", "tcp6"):
         try:
             with open(os.path.join(proc, "net", name), encoding="ascii") as handle:
@@ -255,14 +260,23 @@ def listening_inodes(port: int, proc: str = "/proc") -> set[str]:
         for row in rows:
             cells = row.split()
             if len(cells) > 9 and cells[3] == LISTEN and int(cells[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cells[9])
+                inodes[cells[9]] = int(cells[7])
     return inodes
 
 
 def socket_owners(inodes: set[str], proc: str = "/proc") -> set[int]:
     """PIDs holding a file descriptor of one of the socket ``inodes``."""
+    return _socket_owners(inodes, proc)[0]
+
+
+def _socket_owners(inodes: set[str], proc: str = "/proc") -> tuple[set[int], bool]:
+    """(PIDs holding one of the socket ``inodes``, whether some process's descriptors could not be read).
+
+    Reading another user's /proc/PID/fd links needs CAP_SYS_PTRACE: root on a host has it, root inside a
+    container started with Docker's default capabilities does not (EACCES)."""
     wanted = {f"socket:[{i}]" for i in inodes}
     owners: set[int] = set()
+    unreadable = False
     for entry in os.listdir(proc):
         if not entry.isdigit():
             continue
@@ -276,9 +290,24 @@ def socket_owners(inodes: set[str], proc: str = "/proc") -> set[int]:
                 if os.readlink(os.path.join(fd_dir, fd)) in wanted:
                     owners.add(int(entry))
                     break
+            except PermissionError:
+                unreadable = True
+                break
             except OSError:
                 continue
-    return owners
+    return owners, unreadable
+
+
+def process_uid(pid: int, proc: str = "/proc") -> Optional[int]:
+    """The real uid of ``pid`` (/proc/PID/status is readable without CAP_SYS_PTRACE); None when it is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "status"), encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def parent_pid(pid: int, proc: str = "/proc") -> Optional[int]:
@@ -306,7 +335,16 @@ def check_owner(cfg: Config, main_pid: str, proc: str = "/proc") -> str:
     port = url_port(cfg.url)
     if not main_pid.isdigit() or main_pid == "0":
         raise GateFailed(f"{cfg.unit} has no main process (MainPID={main_pid or 'none'}) while port {port} answers")
-    owners = socket_owners(listening_inodes(port, proc), proc)
+    sockets = listening_sockets(port, proc)
+    owners, unreadable = _socket_owners(set(sockets), proc)
+    if not owners and sockets and unreadable:
+        # No CAP_SYS_PTRACE here (a container): the socket's owner uid is what can be read; it must be the main process's.
+        uid = process_uid(int(main_pid), proc)
+        others = sorted({u for u in sockets.values() if u != uid})
+        if uid is None or others:
+            raise GateFailed(f"port {port} is held by uid {', '.join(map(str, others or sorted(set(sockets.values()))))}, "
+                             f"not by {cfg.unit}'s main process {main_pid} (uid {uid}): another server holds the port")
+        return f"port {port} is held by uid {uid}, the uid of {cfg.unit}'s MainPID {main_pid} (descriptors not readable here)"
     if not owners:
         raise GateFailed(f"no process of this host listens on port {port}, yet {cfg.url} answered: "
                          "the answer did not come from this unit")

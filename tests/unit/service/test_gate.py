@@ -433,3 +433,17 @@ def test_env_file_copies_are_root_only_even_from_an_older_0640_file(tmp_path, mo
     monkeypatch.setattr(gate.os, "chown", lambda path, uid, gid: owners.append((uid, gid)))
     gate._copy(str(src), str(dst), secret=True)
     assert os.stat(dst).st_mode & 0o777 == 0o600 and owners == [(0, 0)]
+
+
+def test_without_cap_sys_ptrace_the_owner_check_compares_the_socket_uid(tmp_path, api, child, monkeypatch):
+    """Root in a container with Docker's default capabilities cannot read another user's /proc/PID/fd (EACCES):
+    the check falls back to the listening socket's uid, which must be the main process's (measured on the e2e hosts)."""
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(gate.os, "readlink", denied)
+    cfg = _cfg(tmp_path, api.url)
+    assert "the uid of vllm.service's MainPID" in gate.check_owner(cfg, str(child.pid))
+    monkeypatch.setattr(gate, "process_uid", lambda pid, proc="/proc": os.getuid() + 1)
+    with pytest.raises(gate.GateFailed, match=f"held by uid {os.getuid()}, not by vllm.service's main process"):
+        gate.check_owner(cfg, str(child.pid))
