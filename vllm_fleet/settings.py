@@ -38,6 +38,7 @@ from pydantic import (
 from vllm_fleet.account.settings import AccountSection
 from vllm_fleet.errors import Problem, SettingConflict, SettingsError
 from vllm_fleet.planner import options as vllm_options
+from vllm_fleet.planner import serveargs
 from vllm_fleet.preflight.settings import PreflightSection
 from vllm_fleet.pyenv.settings import PyenvSection
 from vllm_fleet.service.settings import SECRET_ENV as _SECRET_ENV
@@ -173,6 +174,13 @@ class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, Pre
                 raise _Cross("advertise_address", self.advertise_address,
                              f"is not the address vLLM listens on (vllm_bind_host = {self.bind_host})",
                              f"advertise {self.bind_host}, set vllm_bind_host = \"0.0.0.0\", or unset vllm_advertise_address")
+        # The service's extra args against the vLLM version: the pinned release's parser knows every option.
+        if self.channel == "release" and self.version == serveargs.vllm_version():
+            try:
+                vllm_options.check_extra_args(self.extra_args, known_only=True)
+            except ValueError as exc:
+                problem, _, remedy = str(exc).partition("|")
+                raise _Cross("extra_args", serveargs.masked(self.extra_args, vllm_options.secret_flags()), problem, remedy) from None
         # The core section's GPUs against the serve options' layout sizes.
         if self.gpus is not None:
             used = self.pipeline_parallel_size * self.data_parallel_size * (self.tensor_parallel_size or 1)
@@ -299,13 +307,9 @@ def _shown(name: str, value: object) -> object:
     if name in {r.key for r in vllm_options.rows(secret=True)}:
         return "***"
     if name == "extra_args" and isinstance(value, list):
-        out, hide, secrets = [], False, vllm_options.secret_flags()
-        for a in value:
-            flag = vllm_options.flag_name(str(a))
-            secret = flag in secrets
-            out.append("***" if hide else f"{str(a).split('=', 1)[0]}=***" if secret and "=" in str(a) else a)
-            hide = secret and "=" not in str(a)
-        return out
+        if not all(isinstance(a, str) for a in value):
+            return ["***" if isinstance(a, str) else a for a in value]
+        return serveargs.masked(value, vllm_options.secret_flags())
     if name == "extra_env" and isinstance(value, dict):
         return {k: "***" if k in _SECRET_ENV else v for k, v in value.items()}
     return value

@@ -10,7 +10,8 @@ comment and the CLI help. From `OPTIONS` come:
 - `Settings.plan_options()` / `options_from` (field names are the setting keys);
 - the `vllm-fleet plan` and `vllm-fleet render` options (`add_arguments`);
 - the flags extra args may not set (`owned_flags`) and the secret ones (`secret_flags`),
-  in every spelling vLLM's parser accepts (`flag_name`);
+  refused in every spelling vLLM's parser accepts (`check_extra_args`, through
+  vllm_fleet/planner/serveargs.py: prefixes, underscores, ``=``, dotted keys, ``--config``);
 - the argv of the ``free`` options (`free_flags`): rendered as given when set.
 
 ``owner="plan"``: the planner decides or renders the value itself (planner/plan.py `_flags`,
@@ -34,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
 
+from vllm_fleet.planner import serveargs
 from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
 
 KV_CACHE_DTYPES = (*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES)
@@ -182,7 +184,8 @@ OPTIONS: tuple[Option, ...] = (
 
 # Flags no row sets but something else owns: refused in extra args, with where to set them instead.
 TRUST_REMOTE_CODE = "--trust-remote-code"  # the profile's trust_remote_code (planner/plan.py renders it)
-OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)"}
+OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)",
+                     "--model": "vllm_model"}  # vLLM moves a --model word in front of the plan's model
 
 
 def rows(*, secret: bool | None = None, owner: str | None = None, cli: bool | None = None) -> tuple[Option, ...]:
@@ -284,9 +287,10 @@ def _base_type(annotation: Any) -> Any:
 # ------------------------------------------------------------------------- extra args --
 
 def flag_name(word: str) -> str | None:
-    """The flag a `vllm serve` word sets, as the table spells it; None for a value.
+    """The flag a `vllm serve` word names, with vLLM's exact-spelling rules only; None for a value.
 
     vLLM's parser reads ``--flag=value`` as ``--flag value`` and ``--flag_name`` as ``--flag-name``.
+    Prefixes, dotted keys and ``--config`` need the parser: `check_extra_args` (vllm_fleet/planner/serveargs.py).
     """
     if not word.startswith("-") or word == "-" or word[1:2].isdigit() or word[1:2] == ".":
         return None
@@ -295,31 +299,102 @@ def flag_name(word: str) -> str | None:
 
 
 def secret_flags() -> tuple[str, ...]:
-    """The flags whose value is a secret (refused in extra args: argv is readable by every user)."""
-    return tuple(f for r in rows(secret=True) for f in r.flags)
+    """The flags whose value is a secret (refused in extra args: argv is readable by every user),
+    in every spelling the pinned vLLM's parser has for them."""
+    out: list[str] = []
+    for r in rows(secret=True):
+        for f in r.flags:
+            out += [s for s in (f, *serveargs.spellings(f)) if s not in out]
+    return tuple(out)
 
 
 def owned_flags() -> dict[str, str]:
     """Flags extra args may not set -> the setting (or place) that sets them instead.
 
-    Every spelling of every row's flag (secrets excepted: `secret_flags`), a boolean's
-    ``--no-`` twin, and the flags set from elsewhere (OTHER_OWNED_FLAGS).
+    Every spelling of every row's flag (secrets excepted: `secret_flags`) that the table or the
+    pinned vLLM's parser has (``-tp``, a boolean's ``--no-`` twin), and the flags set from
+    elsewhere (OTHER_OWNED_FLAGS).
     """
-    out = {f: "vllm_" + r.key for r in rows(secret=False) for f in r.flags}
-    for r in rows(secret=False):  # vLLM's boolean flags have a --no- twin (BooleanOptionalAction)
+    out: dict[str, str] = {}
+    for r in rows(secret=False):
+        for f in r.flags:
+            for s in (f, *serveargs.spellings(f)):
+                out.setdefault(s, "vllm_" + r.key)
         if _base_type(r.type) is bool and r.flag is not None and r.flag.startswith("--"):
-            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)
-    out.update(OTHER_OWNED_FLAGS)
+            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)  # vLLM's BooleanOptionalAction twin
+    for f, where in OTHER_OWNED_FLAGS.items():
+        for s in (f, *serveargs.spellings(f)):
+            out.setdefault(s, where)
     return out
 
 
+def _owner(use: serveargs.Use, table: dict[str, str]) -> str | None:
+    return next((table[f] for f in (use.written, *use.flags) if f in table), None)
+
+
+def check_extra_args(words: Iterable[str], *, known_only: bool = False) -> None:
+    """Refuse extra `vllm serve` words that set what they may not, however vLLM would spell it.
+
+    The words are read as the pinned vLLM's parser reads them (serveargs.parse: underscores,
+    ``=``, dotted keys, unique prefixes). Refused: a secret flag (argv is readable by every user
+    of the host), a flag the plan owns (its setting is named), ``--config`` (options from a file
+    the plan cannot check), ``--help``, and words vLLM's parser refuses (an ambiguous prefix, a
+    missing value). ``known_only``: also refuse words that are no option of the pinned vLLM (for
+    a deploy of that version, where vLLM would stop with "unrecognized arguments").
+
+    Raises ValueError("problem|remedy").
+    """
+    words = list(words)
+    for w in words:
+        if not isinstance(w, str):
+            raise ValueError(f"holds {w!r}, not a string|write every argument as a string, e.g. [\"--seed\", \"1\"]")
+    secrets, owned = set(secret_flags()), owned_flags()
+    uses = [serveargs.Use(flags, "", w.split("=", 1)[0]) for w in serveargs.rewrite(words)
+            if (flags := serveargs.resolve(w)) is not None]
+    try:
+        parsed = serveargs.parse(words)
+    except serveargs.ServeArgsError as exc:
+        parsed = exc
+    for use in [*uses, *(parsed.uses if isinstance(parsed, serveargs.Parsed) else ())]:
+        if secrets & {use.written, *use.flags}:
+            raise ValueError(f"passes {use.flag} in argv, where every user of the host can read it|"
+                             "set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
+        if (where := _owner(use, owned)) is not None:
+            raise ValueError(f"sets {use.flag} (written {use.written}), which the plan owns|set {where} instead")
+        if serveargs.CONFIG_FLAG in use.flags:
+            raise ValueError(f"passes {serveargs.CONFIG_FLAG}: vLLM would read more options from a YAML file the plan "
+                             "cannot check (plan-owned and secret flags included)|put those options in vllm_extra_args "
+                             "(or their vllm_ settings) instead of a config file")
+        if "--help" in use.flags:
+            raise ValueError(f"passes {use.written}: vLLM prints its help and exits, the service would never serve|"
+                             "remove it from vllm_extra_args")
+    if isinstance(parsed, serveargs.ServeArgsError):
+        raise ValueError(f"is not what vLLM {serveargs.vllm_version()}'s parser accepts ({parsed})|"
+                         "spell each option in full, with its value (`vllm serve --help=all` lists them)")
+    if known_only and parsed.unknown:
+        word = parsed.unknown[0]
+        kind = "an option" if word.startswith("-") else "a positional word (the model is the plan's)"
+        raise ValueError(f"holds {word.split('=', 1)[0]!r}, {kind} vLLM {serveargs.vllm_version()}'s `vllm serve` does not "
+                         "have: vLLM would stop with \"unrecognized arguments\"|check the spelling (`vllm serve --help=all`), "
+                         "or remove it from vllm_extra_args")
+
+
 def secret_in(args: Iterable[str]) -> str | None:
-    """The first secret flag among ``args`` (as the table spells it), or None."""
-    secrets = secret_flags()
-    for word in args:
-        name = flag_name(word)
-        if name in secrets:
-            return name
+    """The first secret flag ``args`` set (as vLLM's help spells it), or None; words vLLM would refuse count
+    as secret when one of their words could be the prefix of a secret flag."""
+    secrets = set(secret_flags())
+    words = list(args)
+    try:
+        uses = serveargs.parse(words).uses
+    except serveargs.ServeArgsError:
+        for w in words:
+            name = flag_name(w)
+            if name and name.startswith("--") and any(s.startswith(name) for s in secrets):
+                return next(s for s in secrets if s.startswith(name))
+        return None
+    for use in uses:
+        if secrets & {use.written, *use.flags}:
+            return use.flag
     return None
 
 

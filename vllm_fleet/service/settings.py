@@ -28,13 +28,7 @@ class ServiceSection(BaseModel):
     @field_validator("extra_args")
     @classmethod
     def _extra_args(cls, v: list[str]) -> list[str]:
-        secrets, owned = vllm_options.secret_flags(), vllm_options.owned_flags()
-        for a in v:
-            flag = vllm_options.flag_name(a)
-            if flag in secrets:
-                raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
-            if flag in owned:
-                raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
+        vllm_options.check_extra_args(v)
         return v
 
     @field_validator("extra_env")

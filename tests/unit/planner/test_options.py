@@ -120,8 +120,8 @@ def test_the_no_twin_of_a_boolean_flag_is_owned_too(words):
 
 
 def test_other_flags_pass_in_extra_args():
-    s = load_settings({"vllm_extra_args": ["--enable-prefix-caching", "--swap-space", "4", "-O3"]})
-    assert s.extra_args == ["--enable-prefix-caching", "--swap-space", "4", "-O3"]
+    s = load_settings({"vllm_extra_args": ["--enable-prefix-caching", "--max-num-partial-prefills", "4", "-O3"]})
+    assert s.extra_args == ["--enable-prefix-caching", "--max-num-partial-prefills", "4", "-O3"]
     with pytest.raises(SettingsError, match="models/"):
         load_settings({"vllm_extra_args": ["--trust-remote-code"]})
 
