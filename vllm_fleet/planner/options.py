@@ -40,6 +40,28 @@ from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
 
 KV_CACHE_DTYPES = (*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES)
 MIN_MAX_MODEL_LEN = 16
+MAX_MAX_MODEL_LEN = 2**24
+"""16 Mi tokens: above the context of every released model (10 M is the largest)."""
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""What vLLM 0.25's attention backends take (get_supported_kernel_block_sizes): flash_attn, triton and flex
+attention multiples of 16, the MLA backends 32, 64, 128 or 256; powers of two, as the planner's block math assumes."""
+MAX_GPUS_PER_REPLICA = 64
+"""TP and PP: the largest NVLink domain (a GB200 NVL72 rack) has 72 GPUs; TP must divide the heads (powers of two)."""
+MAX_KV_CACHE_BYTES = 2**40
+"""1 TiB: more than any GPU's memory (the largest have 288 GB); the plan also checks it against the real GPUs."""
+MIN_PORT = 1024
+
+_GPUS_WHY = (f"at most {MAX_GPUS_PER_REPLICA}: the largest NVLink domain (a GB200 NVL72 rack) has 72 GPUs, "
+             "and the size must divide the model's attention heads")
+_DP_WHY = "at most 1024 replicas: more GPUs than any one endpoint spans"
+_LEN_WHY = f"{MIN_MAX_MODEL_LEN} to {MAX_MAX_MODEL_LEN} tokens (more than any released model's context), or \"auto\""
+_KV_WHY = ("at most 1 TiB, more than any GPU's memory (the largest have 288 GB); the plan also refuses more than "
+           "the selected GPUs hold beside the weights")
+_BLOCK_WHY = "16, 32, 64, 128 or 256: the block sizes vLLM 0.25's attention backends take (get_supported_kernel_block_sizes)"
+_SEQS_WHY = "at most 65536: vLLM sizes per-sequence state for it up front; no GPU batches more"
+_TOKENS_WHY = "at most 4194304 (4 Mi): vLLM sizes the activations of one step for it; no GPU holds more"
+_PORT_WHY = ("1024 to 65535: the service runs as an unprivileged user without CAP_NET_BIND_SERVICE, which cannot bind "
+             "ports below 1024 (vLLM's own port check refuses them too)")
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,8 @@ class Option:
     """Offered by `vllm-fleet plan` and `vllm-fleet render`."""
     cli_type: Callable[[str], Any] | None = None
     """How the CLI parses the word (default: the type's base: int, float, str)."""
+    bounds: str = ""
+    """Why the bounds are what they are (shown in the remedy when a value is outside them, and in docs/settings.md)."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -85,9 +109,10 @@ class Option:
         return "--" + self.key.replace("_", "-")
 
     def field(self) -> Any:
-        """The pydantic Field of this row."""
+        """The pydantic Field of this row (its ``bounds`` text in json_schema_extra)."""
         bounds = {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
-        return Field(self.default, description=self.description, **bounds)
+        extra = {"bounds": self.bounds} if self.bounds else None
+        return Field(self.default, description=self.description, json_schema_extra=extra, **bounds)
 
 
 # ------------------------------------------------------------------------------ checks --
@@ -95,12 +120,16 @@ class Option:
 def _check_max_model_len(v: int | str) -> int | str:
     if isinstance(v, int) and v < MIN_MAX_MODEL_LEN:
         raise ValueError('is too small to serve anything|use "auto" or a length such as 131072')
+    if isinstance(v, int) and v > MAX_MAX_MODEL_LEN:
+        raise ValueError(f'is above {MAX_MAX_MODEL_LEN} tokens, more than the context of any released model|'
+                         'use "auto" (the largest that fits) or the model\'s own maximum')
     return v
 
 
 def _check_block_size(v: int | None) -> int | None:
-    if v is not None and (v < 1 or v & (v - 1)):
-        raise ValueError("is not a power of two|use 16, 32 or 64, or leave it unset")
+    if v is not None and v not in BLOCK_SIZES:
+        raise ValueError(f"is not a KV block size vLLM's attention backends take ({', '.join(map(str, BLOCK_SIZES))}: "
+                         "multiples of 16, powers of two, 256 at most)|use 16, 32 or 64, or leave it unset")
     return v
 
 
@@ -115,6 +144,8 @@ def _check_bind_host(v: str) -> str:
 def _check_api_key(v: SecretStr | None) -> SecretStr | None:
     if v is not None and len(v.get_secret_value()) < 8:
         raise ValueError("is shorter than 8 characters|use a long random key, e.g. `openssl rand -hex 24`")
+    if v is not None and len(v.get_secret_value()) > 512:
+        raise ValueError("is longer than 512 characters|use a random key of 24-64 characters, e.g. `openssl rand -hex 24`")
     return v
 
 
@@ -129,33 +160,35 @@ OPTIONS: tuple[Option, ...] = (
     Option("served_model_name", "--served-model-name", str | None, None,
            'name clients send as "model"; None = the profile name'),
     Option("tensor_parallel_size", "--tensor-parallel-size", int | None, None,
-           "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1),
+           "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1,
+           le=MAX_GPUS_PER_REPLICA, bounds=_GPUS_WHY),
     Option("pipeline_parallel_size", "--pipeline-parallel-size", int, 1,
-           "PP size (layers split across GPUs / nodes)", aliases=("-pp",), ge=1),
+           "PP size (layers split across GPUs / nodes)", aliases=("-pp",), ge=1, le=MAX_GPUS_PER_REPLICA, bounds=_GPUS_WHY),
     Option("data_parallel_size", "--data-parallel-size", int, 1,
-           "DP size (replicas; with expert parallel for MoE: DP+EP)", aliases=("-dp",), ge=1),
+           "DP size (replicas; with expert parallel for MoE: DP+EP)", aliases=("-dp",), ge=1, le=1024, bounds=_DP_WHY),
     Option("enable_expert_parallel", "--enable-expert-parallel", bool | None, None,
            "expert parallel for MoE; None = the planner's layout rules decide"),
     Option("max_model_len", "--max-model-len", int | Literal["auto"], "auto",
            'context length to serve; "auto" = the largest that fits in the KV cache',
-           check=_check_max_model_len, cli_type=_int_or_word),
+           check=_check_max_model_len, cli_type=_int_or_word, bounds=_LEN_WHY),
     Option("gpu_memory_utilization", "--gpu-memory-utilization", float, 0.9,
            "fraction of each GPU's memory vLLM may use (lower it if others share the GPU)", gt=0.0, le=1.0),
     Option("kv_cache_memory_bytes", "--kv-cache-memory-bytes", int | None, None,
            "fixed KV cache bytes per GPU (vLLM semantics; overrides gpu_memory_utilization for KV)",
-           owner="free", gt=0, reason="fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"),
+           owner="free", gt=0, le=MAX_KV_CACHE_BYTES, bounds=_KV_WHY,
+           reason="fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"),
     Option("kv_cache_dtype", "--kv-cache-dtype", Literal[KV_CACHE_DTYPES], "auto",
            "KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)",
            owner="free", reason="KV cache element type"),
     Option("block_size", "--block-size", int | None, None,
            "KV cache block size in tokens (a power of two); None = vLLM's default",
-           owner="free", check=_check_block_size, reason="tokens per KV block (pinned so the plan is exact)"),
+           owner="free", check=_check_block_size, bounds=_BLOCK_WHY, reason="tokens per KV block (pinned so the plan is exact)"),
     Option("max_num_seqs", "--max-num-seqs", int | None, None,
            "most sequences per batch; None = vLLM's default for the GPU",
-           owner="free", ge=1, reason="most sequences per batch (sizes activations)"),
+           owner="free", ge=1, le=65536, bounds=_SEQS_WHY, reason="most sequences per batch (sizes activations)"),
     Option("max_num_batched_tokens", "--max-num-batched-tokens", int | None, None,
            "most tokens per batch; None = vLLM's default for the GPU",
-           owner="free", ge=1, reason="most tokens per batch (sizes activations)"),
+           owner="free", ge=1, le=2**22, bounds=_TOKENS_WHY, reason="most tokens per batch (sizes activations)"),
     Option("enforce_eager", "--enforce-eager", bool, False,
            "True = no CUDA graphs / torch.compile (faster start, slower serving)",
            owner="free", reason="no CUDA graphs / torch.compile"),
@@ -173,7 +206,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("bind_host", "--host", str, "127.0.0.1",
            "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host),
     Option("port", "--port", int, 8100,
-           "TCP port vLLM listens on (preflight fails if another process owns it)", ge=1, le=65535),
+           "TCP port vLLM listens on (preflight fails if another process owns it)", ge=MIN_PORT, le=65535, bounds=_PORT_WHY),
     Option("api_key", "--api-key", SecretStr | None, None,
            "API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs",
            secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),

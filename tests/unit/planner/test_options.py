@@ -139,9 +139,9 @@ def test_max_model_len_has_one_bound_in_settings_and_plan(value, ok):
 
 
 def test_block_size_check_holds_in_both():
-    with pytest.raises(SettingsError, match="power of two"):
+    with pytest.raises(SettingsError, match="attention backends take"):
         load_settings({"vllm_block_size": 24})
-    with pytest.raises(PlanError, match="power of two"):
+    with pytest.raises(PlanError, match="attention backends take"):
         options_from(block_size=24)
 
 
