@@ -51,6 +51,16 @@ VENV_PROGRAM = "vllm-fleet-venv"
 FETCH_PROGRAM = "fetch_weights.py"
 
 
+# -- what marks the toolkit's own units and account on a host ----------------------------------
+#: In the first lines of every unit the toolkit renders (vllm.service.j2, vllm-fetch.service.j2): a unit file
+#: of the service's name without it is someone else's (preflight's ownership check).
+UNIT_MARK = "rendered by vllm-fleet"
+#: The GECOS comment of the service user the toolkit creates (useradd --comment).
+ACCOUNT_COMMENT = "vllm-fleet service user"
+#: Where systemd finds system units, searched for a unit of the service's name.
+UNIT_SEARCH_PATH = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                    "/lib/systemd/system", "/usr/lib/systemd/system")
+
 # -- which host directories the toolkit may own -----------------------------------------------
 #: The operating system's trees: never a toolkit directory, nor anything under them. The account step
 #: chowns and chmods base_dir and data_dir, so one of these would change a system directory (/tmp's

@@ -20,6 +20,7 @@ class ServiceSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    adopt_existing_unit: bool = Field(False, description="True = take over an existing unit of vllm_service_name that vllm-fleet did not render (the deploy replaces or shadows it); False = preflight refuses it")
     restart_sec: int = Field(10, ge=1, le=3600, json_schema_extra={"bounds": "1 to 3600 s"}, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
     health_timeout_s: int | None = Field(None, ge=10, le=86400, json_schema_extra={"bounds": "10 s to a day (86400 s): a service that is not healthy after a day has hung"}, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
