@@ -372,7 +372,9 @@ def _model_problems(settings: Settings) -> list[Problem]:
 
     try:
         profile = load_profile(settings.model)
-    except (FleetError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever stops reading the model (~nouser, a name too long) is this setting's
+        if not isinstance(exc, FleetError):
+            exc = FleetError(f"cannot be read as a profile or a model directory ({type(exc).__name__}: {exc})")
         return [Problem(PREFIX + "model", settings.model, (str(exc) or type(exc).__name__).split("\n")[0],
                         "use a profile name from models/*.yaml (listed by `vllm-fleet plan --help`) or a directory holding config.json")]
     out = []

@@ -77,8 +77,12 @@ class PyenvSection(BaseModel):
             return v
         from pathlib import Path
 
-        p = Path(v).expanduser()
-        if not p.is_dir() or not any(p.glob("*.whl")):
+        try:
+            p = Path(v).expanduser()
+            wheels = p.is_dir() and any(p.glob("*.whl"))
+        except (OSError, RuntimeError, ValueError):  # ~nouser, a name too long, a NUL byte
+            wheels = False
+        if not wheels:
             raise ValueError("is not a directory of wheels on the control machine|build one (e.g. `pip download -d DIR vllm==X`, "
                              "or `python tests/e2e/wheelhouse.py` for the test hosts) and point vllm_wheelhouse at it")
         return str(p.resolve())
