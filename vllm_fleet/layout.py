@@ -100,6 +100,23 @@ def toolkit_dir_problem(path: str) -> str | None:
     return None
 
 
+#: Trees the units hide from vLLM and the download worker (ProtectHome=yes, PrivateTmp=yes) or that hold no files.
+HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/proc", "/sys", "/dev")
+
+
+def served_dir_problem(path: str) -> str | None:
+    """Why the service could not read a model directory ``path`` on the host (a local weights source), or None.
+
+    The text is ``problem|remedy``.
+    """
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    for tree in HIDDEN_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            return (f"is under {tree}, which the service units hide from vLLM (ProtectHome=yes, PrivateTmp=yes)|"
+                    "move the model to a directory such as /srv/models/NAME or under vllm_data_dir, and point path at it")
+    return None
+
+
 @dataclass(frozen=True)
 class Target:
     """One path uninstall deals with: removed (a file or a directory), or kept and why."""

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_fleet.layout import served_dir_problem
+
 
 class WeightsSource(BaseModel):
     """One place the weights can come from (an entry of vllm_weights_sources)."""
@@ -26,8 +28,11 @@ class WeightsSource(BaseModel):
     @model_validator(mode="after")
     def _fields(self) -> "WeightsSource":
         if self.kind == "local":
-            if not self.path or not self.path.startswith("/"):
-                raise ValueError("a local source needs path: an absolute directory on the host holding config.json")
+            if not self.path or not self.path.startswith("/") or ".." in self.path.split("/"):
+                raise ValueError("a local source needs path: an absolute directory on the host holding config.json (no ..)")
+            hidden = served_dir_problem(self.path)
+            if hidden is not None:
+                raise ValueError(f"path {self.path} " + hidden)
         elif not self.repo or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo):
             raise ValueError(f"a {self.kind} source needs repo: an id like MiniMaxAI/MiniMax-M2")
         if self.endpoint is not None and not re.match(r"^https?://[^@\s]+$", self.endpoint):
