@@ -22,7 +22,7 @@ from vllm_fleet.settings import PREFIX, SECTIONS, Settings
 _DIRS = (f"not absolute, with `..`; `/`; the system trees {', '.join(f'`{t}`' for t in SYSTEM_TREES)} and anything under "
          f"them (`/home`, `/root`: hidden by ProtectHome); the shared parents {', '.join(f'`{p}`' for p in SHARED_PARENTS)} "
          "themselves and any top-level directory (a toolkit directory goes below one: `/opt/vllm-fleet`, `/data/vllm`)")
-_URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL; a URL holding a password (use /root/.netrc)"
+_URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL; a URL holding a password (put credentials in root's .netrc on the host)"
 
 #: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header).
 REFUSED: dict[str, str] = {

