@@ -58,6 +58,7 @@ vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id ->
 
 # --- account (vllm_fleet/account/settings.py) ---
 vllm_service_user = "vllm"               # unprivileged system user running vLLM
+vllm_adopt_existing_user = False         # True = take over an existing account of that name vllm-fleet did not create (preflight refuses it otherwise)
 
 # --- pyenv (vllm_fleet/pyenv/settings.py) ---
 vllm_python_version = "3.12"             # Python of the service venv (uv provides it if the OS lacks it)
@@ -88,6 +89,7 @@ vllm_hf_xet = False                      # huggingface_hub Xet storage; off beca
 vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
 # --- service (vllm_fleet/service/settings.py) ---
+vllm_adopt_existing_unit = False         # True = take over an existing unit of vllm_service_name vllm-fleet did not render (preflight refuses it otherwise)
 vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
 vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged

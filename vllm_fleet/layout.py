@@ -42,6 +42,7 @@ reason each path kept is kept).
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 
 CONFIG_DIR = "/etc/vllm-fleet"
@@ -66,6 +67,72 @@ def staged_path(path: str) -> str:
 def write_leftovers(path: str) -> list[str]:
     """What an interrupted write of ``path`` can leave: the deploy's staged upload and the gate's copy (``.tmp``)."""
     return [staged_path(path), f"{path}.tmp"]
+
+
+# -- what marks the toolkit's own units and account on a host ----------------------------------
+#: In the first lines of every unit the toolkit renders (vllm.service.j2, vllm-fetch.service.j2): a unit file
+#: of the service's name without it is someone else's (preflight's ownership check).
+UNIT_MARK = "rendered by vllm-fleet"
+#: The GECOS comment of the service user the toolkit creates (useradd --comment).
+ACCOUNT_COMMENT = "vllm-fleet service user"
+#: Where systemd finds system units, searched for a unit of the service's name.
+UNIT_SEARCH_PATH = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                    "/lib/systemd/system", "/usr/lib/systemd/system")
+
+# -- which host directories the toolkit may own -----------------------------------------------
+#: The operating system's trees: never a toolkit directory, nor anything under them. The account step
+#: chowns and chmods base_dir and data_dir, so one of these would change a system directory (/tmp's
+#: sticky bit included). /home and /root: the units run with ProtectHome=yes, which hides them.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found", "/proc",
+                "/run", "/sbin", "/snap", "/sys", "/tmp", "/usr", "/var/tmp", "/var/log", "/var/run", "/var/lock",
+                "/var/spool", "/var/mail", "/var/backups", "/var/crash", "/var/cache/apt", "/var/lib/apt",
+                "/var/lib/dpkg", "/var/lib/systemd", "/var/lib/dbus", "/var/lib/polkit-1", "/var/lib/private",
+                "/var/lib/sudo", "/var/lib/ucf", "/var/lib/pam", "/var/lib/docker", "/var/lib/containerd",
+                "/var/lib/nvidia", "/home", "/root")
+#: Shared parents: a toolkit directory goes below one (/opt/vllm-fleet), never is one.
+SHARED_PARENTS = ("/opt", "/srv", "/var", "/var/lib", "/var/opt", "/var/cache", "/var/local", "/mnt", "/media", "/data")
+
+
+def toolkit_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a directory the toolkit owns on the host (base_dir, data_dir), or None.
+
+    Allowed: an absolute, normalized path of at least two components outside the system trees
+    (SYSTEM_TREES, and /home, hidden from the units by ProtectHome), not a shared parent itself
+    (SHARED_PARENTS): /opt/vllm-fleet, /var/lib/vllm-fleet, /srv/vllm, /data/vllm, /mnt/nvme0/vllm.
+    The text is ``problem|remedy``.
+    """
+    fix = "use a directory of its own such as /opt/vllm-fleet (base_dir) or /var/lib/vllm-fleet, /data/vllm (data_dir)"
+    if not path.startswith("/") or ".." in path.split("/"):
+        return f"must be an absolute path without ..|{fix}"
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    if norm in ("/", "/."):
+        return f"is the root directory, which the toolkit would chown|{fix}"
+    for tree in SYSTEM_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            if tree in ("/home", "/root"):
+                return (f"is under {tree}, which the service units hide (ProtectHome=yes): vLLM could not read it|"
+                        f"{fix}, outside /home and /root")
+            return f"is {'' if norm == tree else 'under '}{tree}, a system directory the toolkit would chown and chmod|{fix}"
+    if norm in SHARED_PARENTS or norm.count("/") < 2:
+        return f"is {norm}, a directory other software shares; the toolkit would chown and chmod it|{fix}, below it"
+    return None
+
+
+#: Trees the units hide from vLLM and the download worker (ProtectHome=yes, PrivateTmp=yes) or that hold no files.
+HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/proc", "/sys", "/dev")
+
+
+def served_dir_problem(path: str) -> str | None:
+    """Why the service could not read a model directory ``path`` on the host (a local weights source), or None.
+
+    The text is ``problem|remedy``.
+    """
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    for tree in HIDDEN_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            return (f"is under {tree}, which the service units hide from vLLM (ProtectHome=yes, PrivateTmp=yes)|"
+                    "move the model to a directory such as /srv/models/NAME or under vllm_data_dir, and point path at it")
+    return None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.server import Home
 
-from vllm_fleet.layout import SECRET_GROUP, SECRET_MODE, SECRET_USER, staged_path
+from vllm_fleet.layout import ACCOUNT_COMMENT, SECRET_GROUP, SECRET_MODE, SECRET_USER, staged_path
 from vllm_fleet.hostops.facts import (
     MISSING,
     FileState,
@@ -76,7 +76,7 @@ def directories(dirs: Sequence[Dir]):
 
 
 @operation()
-def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
+def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin", comment: str = ACCOUNT_COMMENT):
     """
     Ensure a system user and its group of the same name exist, with that group and shell.
 
@@ -85,6 +85,7 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
       account keeps its home: several deployments (data dirs) may share the
       account, and the service gets HOME from its unit, not from passwd.
     + shell: login shell
+    + comment: GECOS comment given at creation: the toolkit's mark (preflight tells its own account by it)
 
     .. code:: python
 
@@ -95,7 +96,8 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
     if acct.group is None:
         yield f"groupadd --system {n}"
     if acct.user is None:
-        yield f"useradd --system --gid {n} --home-dir {shlex.quote(home)} --no-create-home --shell {shlex.quote(shell)} {n}"
+        yield (f"useradd --system --gid {n} --home-dir {shlex.quote(home)} --no-create-home --shell {shlex.quote(shell)} "
+               f"--comment {shlex.quote(comment)} {n}")
         return
     _, _, _, gid, _, _, cur_shell = (list(acct.user) + [""] * 7)[:7]
     fixes = []

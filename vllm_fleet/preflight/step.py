@@ -32,9 +32,14 @@ def run(settings: Settings, model: ModelSource) -> HostState:
     """
     fetch = model.fetch
     model_path = model.serve_path or None
-    snap = host.get_fact(HostSnapshot, paths=[HostLayout.of(settings).base_dir, HostLayout.of(settings).data_dir],
-                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None)
+    lay = HostLayout.of(settings)
+    units = (settings.service_name, lay.fetch_unit)
+    snap = host.get_fact(HostSnapshot, paths=[lay.base_dir, lay.data_dir],
+                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None,
+                         units=units, user=settings.service_user)
     problems = preflight.check(settings, snap, ours=_ours(settings))
+    owned, notes = preflight.check_ownership(settings, snap, units)
+    problems += owned
     plan = None
     if not problems:
         try:
@@ -47,6 +52,8 @@ def run(settings: Settings, model: ModelSource) -> HostState:
         problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes, present_bytes=present)
     if problems:
         abort(PreflightError(host.name, problems))
+    for note in notes:
+        logger.warning(f"{host.print_prefix}preflight: {note}")
     _show(settings, plan)
     return HostState(snap, plan)
 

@@ -29,7 +29,7 @@ class PyenvSection(BaseModel):
     index_url: str | None = Field(None, description="Python package index (a mirror); None = PyPI")
     extra_index_urls: list[str] = Field(default_factory=list, description="extra package indexes")
     find_links: list[str] = Field(default_factory=list, description="local wheel directories or URLs to find packages in")
-    keep_venvs: int = Field(2, ge=1, le=10, description="venvs kept for rollback (older ones are pruned)")
+    keep_venvs: int = Field(2, ge=1, le=10, json_schema_extra={"bounds": "1 to 10 venvs (each about 9 GB)"}, description="venvs kept for rollback (older ones are pruned)")
     torch_version: str | None = Field(None, description="torch version to pin (None = what the vLLM release requires)")
     torch_index_url: str | None = Field(None, description="index of torch builds for the backend, e.g. a mirror of download.pytorch.org/whl/cu128 (None = uv --torch-backend)")
     nightly_index_url: str = Field("https://wheels.vllm.ai/nightly", description="extra index for channel=nightly")
@@ -77,8 +77,12 @@ class PyenvSection(BaseModel):
             return v
         from pathlib import Path
 
-        p = Path(v).expanduser()
-        if not p.is_dir() or not any(p.glob("*.whl")):
+        try:
+            p = Path(v).expanduser()
+            wheels = p.is_dir() and any(p.glob("*.whl"))
+        except (OSError, RuntimeError, ValueError):  # ~nouser, a name too long, a NUL byte
+            wheels = False
+        if not wheels:
             raise ValueError("is not a directory of wheels on the control machine|build one (e.g. `pip download -d DIR vllm==X`, "
                              "or `python tests/e2e/wheelhouse.py` for the test hosts) and point vllm_wheelhouse at it")
         return str(p.resolve())

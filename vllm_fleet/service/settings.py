@@ -21,22 +21,18 @@ class ServiceSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
-    health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
-    gate_stability_s: int = Field(5, ge=0, le=600, description="after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged")
+    adopt_existing_unit: bool = Field(False, description="True = take over an existing unit of vllm_service_name that vllm-fleet did not render (the deploy replaces or shadows it); False = preflight refuses it")
+    restart_sec: int = Field(10, ge=1, le=3600, json_schema_extra={"bounds": "1 to 3600 s"}, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
+    health_timeout_s: int | None = Field(None, ge=10, le=86400, json_schema_extra={"bounds": "10 s to a day (86400 s): a service that is not healthy after a day has hung"}, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    gate_stability_s: int = Field(5, ge=0, le=600, json_schema_extra={"bounds": "0 to 600 s"}, description="after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 
     @field_validator("extra_args")
     @classmethod
     def _extra_args(cls, v: list[str]) -> list[str]:
-        secrets, owned = vllm_options.secret_flags(), vllm_options.owned_flags()
+        vllm_options.check_extra_args(v)
         for a in v:
-            flag = vllm_options.flag_name(a)
-            if flag in secrets:
-                raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
-            if flag in owned:
-                raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
             if url_credentials(a):
                 raise ValueError("passes a URL with credentials in argv, where every user of the host can read it|"
                                  "use the URL without them (vLLM and its hubs read tokens from the environment: vllm_hf_token)")

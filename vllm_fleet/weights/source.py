@@ -85,6 +85,41 @@ def resolved_sources(settings: Settings, profile_revision: str | None = None) ->
     return tuple(out)
 
 
+def source_warnings(settings: Settings, profile) -> list[str]:
+    """What the weights' sources leave to chance, as ``problem; remedy: ...`` lines (warnings, not errors).
+
+    + profile: the model's profile (vllm_fleet.planner.modelinfo.Profile), None for a local directory
+
+    - a hub source with no revision (its own or the profile's): the download takes the repo's newest
+      commit of that moment, so two hosts, or two runs, may serve different weights;
+    - a profile served by repo id (no vllm_weights_sources) without a pinned revision: vLLM fetches the
+      newest commit itself;
+    - a source repo that differs from the profile's (hf_repo, modelscope_repo): the plan's sizes and
+      architecture come from the profile, the files from elsewhere.
+    """
+    revision = getattr(profile, "revision", None)
+    out = []
+    if not settings.weights_sources:
+        if profile is not None and getattr(profile, "local_path", None) is None and profile.hf_repo and not revision:
+            out.append(f"vLLM fetches {profile.hf_repo} itself at its newest revision (the profile pins none), so hosts "
+                       "may serve different weights; remedy: set vllm_weights_sources = [{kind: hf, repo: "
+                       f"{profile.hf_repo}, revision: <commit sha>}}]")
+        return out
+    for i, s in enumerate(settings.weights_sources):
+        if s.kind == "local":
+            continue
+        where = f"vllm_weights_sources[{i}] ({s.kind} {s.repo})"
+        if s.revision is None and not revision:
+            out.append(f"{where} has no revision and the profile pins none: the download takes the repo's newest commit, "
+                       "so hosts may serve different weights; remedy: set its revision to a commit sha (or a tag)")
+        expected = getattr(profile, "modelscope_repo" if s.kind == "modelscope" else "hf_repo", None) if profile else None
+        if expected and s.repo != expected:
+            out.append(f"{where} differs from the profile's {'modelscope_repo' if s.kind == 'modelscope' else 'hf_repo'} "
+                       f"{expected}: the plan's sizes and architecture come from the profile, the files from {s.repo}; "
+                       f"remedy: set repo: {expected}, or use a profile (vllm_model) that describes {s.repo}")
+    return out
+
+
 def identity(dest: str, sources: tuple[WeightsSource, ...]) -> str:
     """What the download is, independent of where it is fetched from: dest + (kind, repo, revision) per source.
 

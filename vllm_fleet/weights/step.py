@@ -44,14 +44,18 @@ class WeightsDownloadError(FleetError):
 
 
 def source(settings: Settings) -> ModelSource:
-    """Decide, without touching the host, what `vllm serve` will be given."""
-    if settings.weights_sources:
-        from vllm_fleet.planner.modelinfo import load_profile
+    """Decide, without touching the host, what `vllm serve` will be given; warn about what it leaves to chance
+    (an unpinned revision, a source repo other than the profile's: `wplan.source_warnings`)."""
+    from vllm_fleet.planner.modelinfo import load_profile
 
-        try:
-            revision = load_profile(settings.model).revision
-        except Exception:  # noqa: BLE001 - a local config dir has no profile revision
-            revision = None
+    try:
+        profile = load_profile(settings.model)
+    except Exception:  # noqa: BLE001 - settings validated the model; a local config dir has no profile revision
+        profile = None
+    for line in wplan.source_warnings(settings, profile):
+        logger.warning(f"{host.print_prefix}weights warning: {line}")
+    if settings.weights_sources:
+        revision = profile.revision if profile is not None else None
         plan = wplan.fetch_plan(settings, revision)
         return ModelSource(None, wplan.check_serve_path(plan.serve_path), plan)
     local = Path(settings.model)

@@ -28,8 +28,8 @@ def settings(**data):
 
 
 def test_serve_path_is_the_snapshot_dir_never_a_cache_root():
-    plan = weights.fetch_plan(settings(weights_sources=[HF], data_dir="/data"))
-    assert plan.serve_path == "/data/models/MiniMaxAI/MiniMax-M2"
+    plan = weights.fetch_plan(settings(weights_sources=[HF], data_dir="/data/vllm"))
+    assert plan.serve_path == "/data/vllm/models/MiniMaxAI/MiniMax-M2"
     with pytest.raises(ValueError, match="cache root"):
         weights.check_serve_path("/root/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2")
 
@@ -232,11 +232,11 @@ MS = {"kind": "modelscope", "repo": "MiniMax/MiniMax-M2"}
 
 
 def test_modelscope_source_adds_its_client_and_keeps_its_cache_off_home():
-    s = settings(weights_sources=[HF, MS], data_dir="/data")
+    s = settings(weights_sources=[HF, MS], data_dir="/data/vllm")
     plan = weights.fetch_plan(s)
     assert plan.requirements == (weights.HF_HUB_REQUIREMENT, *weights.MODELSCOPE_REQUIREMENTS)
     env = weights.unit_environment(s, plan)
-    assert "MODELSCOPE_CACHE=/data/cache/modelscope" in env and "HOME=/data/cache/modelscope-home" in env
+    assert "MODELSCOPE_CACHE=/data/vllm/cache/modelscope" in env and "HOME=/data/vllm/cache/modelscope-home" in env
     hf_only = weights.fetch_plan(settings(weights_sources=[HF]))
     assert hf_only.requirements == (weights.HF_HUB_REQUIREMENT,)
     assert not any(e.startswith(("MODELSCOPE_", "HOME=")) for e in weights.unit_environment(settings(weights_sources=[HF]), hf_only))
