@@ -372,8 +372,8 @@ def test_state_names_the_venvs_the_live_and_the_last_good_unit_run(tmp_path):
     for name in ("vllm-0.23.0-cpu", "vllm-0.24.0-cpu", "vllm-0.25.0-cpu"):
         (base / "venvs" / name).mkdir(parents=True)
     repo = Path(__file__).resolve().parents[3]
-    settings = load_settings({"vllm_model": str(repo / "tests/fixtures/tiny-minimax-m2"), "vllm_base_dir": str(base),
-                              "vllm_data_dir": str(tmp_path / "data"), "vllm_api_key": "sk-unit-test-key-0001"})
+    # the settings only render the units (the venv path is given): default dirs, as tmp dirs are refused as toolkit dirs
+    settings = load_settings({"vllm_model": str(repo / "tests/fixtures/tiny-minimax-m2"), "vllm_api_key": "sk-unit-test-key-0001"})
     plan = make_plan(settings.model, "4xA800-80G", settings.plan_options(lay.model("tiny-minimax-m2")))
     (tmp_path / "units").mkdir()
     (tmp_path / "etc").mkdir()
