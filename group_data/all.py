@@ -88,7 +88,13 @@ vllm_hf_xet = False                      # huggingface_hub Xet storage; off beca
 vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
 # --- service (vllm_fleet/service/settings.py) ---
-vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
+vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts vLLM (Restart=always: also after exit 0); backs off on systemd >= 254
+vllm_restart_max_delay_s = 300           # RestartMaxDelaySec: the backoff's longest wait (systemd >= 254; older ones wait vllm_restart_sec every time)
+vllm_watchdog = True                     # <service>-watchdog.service: a 1-token completion every interval; restarts a hung engine (/health stays 200)
+vllm_watchdog_interval_s = 30            # seconds between watchdog probes
+vllm_watchdog_deadline_s = 30            # a probe without an answer within this many seconds is a miss
+vllm_watchdog_misses = 3                 # consecutive misses before the watchdog restarts the service
+vllm_reap_gpu_leftovers = True           # before each start: end GPU processes this service left behind; refuse while another program holds its GPUs
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}

@@ -1,4 +1,4 @@
-"""The service's settings section (pure: pydantic only): the unit's restarts, the health gate, and what the
+"""The service's settings section (pure: pydantic only): the unit's restarts, the watchdog, the health gate, and what the
 service gets beyond the plan (extra `vllm serve` arguments, extra environment).
 
 The `vllm serve` options themselves (port, bind host, secrets, layout, ...) are rows of
@@ -16,11 +16,17 @@ SECRET_ENV = (*(r.env for r in vllm_options.rows(secret=True) if r.env), "HUGGIN
 
 
 class ServiceSection(BaseModel):
-    """RestartSec, the health gate's wait, extra args and extra environment."""
+    """Restarts and their backoff, the watchdog, GPU leftovers, the health gate's wait, extra args and extra environment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
+    restart_max_delay_s: int = Field(300, ge=1, le=3600, description="longest restart delay of the backoff (RestartMaxDelaySec, systemd >= 254; older systemd waits restart_sec every time)")
+    watchdog: bool = Field(True, description="run the completion watchdog (<service>-watchdog.service): restarts a hung engine")
+    watchdog_interval_s: int = Field(30, ge=5, le=3600, description="seconds between two watchdog probes (a 1-token completion)")
+    watchdog_deadline_s: int = Field(30, ge=1, le=600, description="a probe that gets no answer within this many seconds is a miss")
+    watchdog_misses: int = Field(3, ge=1, le=100, description="consecutive missed probes after which the watchdog restarts the service")
+    reap_gpu_leftovers: bool = Field(True, description="before each start, end GPU processes left by this service (same user or its cgroup) and refuse to start while another program holds its GPUs")
     health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
