@@ -50,7 +50,9 @@ from typing import Callable, List, Optional
 PROG = "vllm-fleet-watchdog"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 APPS_QUERY = ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory", "--format=csv,noheader,nounits"]
-GPUS_QUERY = ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader,nounits"]
+# The same query as the deploy's GPU facts (index and uuid are its first two columns).
+GPUS_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total,memory.used,compute_cap,driver_version",
+              "--format=csv,noheader,nounits"]
 RESTART_LINE = "{prog}: restarting {unit}: {misses} consecutive completion probes missed their {deadline:.0f} s deadline"
 
 
@@ -316,7 +318,7 @@ def gpu_holders(gpus: Optional[List[int]], run: Callable[[List[str]], str]) -> L
     names = {}
     for line in run(GPUS_QUERY).splitlines():
         cells = [c.strip() for c in line.split(",")]
-        if len(cells) == 2 and cells[0].isdigit():
+        if len(cells) >= 2 and cells[0].isdigit():
             names[cells[1]] = int(cells[0])
     holders = []
     for line in run(APPS_QUERY).splitlines():
