@@ -671,3 +671,17 @@ def test_the_wheel_builds_installs_from_a_wheelhouse_and_serves(tmp_path):
         assert "vLLM server version 0.26.0, serving model" in double.output
     finally:
         assert double.terminate() < 1.0
+
+
+def test_memory_hog_grows_the_engines_memory_while_serving(tmp_path):
+    double = start(tmp_path, VLLM_DOUBLE_FAULT="memory_hog", VLLM_DOUBLE_HOG_MIB="256")
+    double.wait_for("Application startup complete.")
+    try:
+        pid = engine_pid(double)
+        time.sleep(1.0)
+        with open(f"/proc/{pid}/status") as status:
+            rss_kib = int(next(l for l in status if l.startswith("VmRSS:")).split()[1])
+        assert rss_kib >= 200 * 1024, rss_kib  # 256 MiB touched (4 x 64), besides the interpreter
+        assert timed_request(double.port, "/health") == 200
+    finally:
+        double.terminate()

@@ -32,7 +32,7 @@ from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
-from pyinfra.operations import files, python, systemd
+from pyinfra.operations import files, python, server, systemd
 
 from vllm_fleet.hostops.facts import FileStates, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
@@ -234,10 +234,13 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         )
     unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
     watchdog = f"{lay.watchdog_unit}.service"
-    seen = host.get_fact(CompanionUnits, units=[watchdog])
+    seen = host.get_fact(CompanionUnits, units=[watchdog]) or {}
     if settings.watchdog:
-        watchdog_running(name=f"Ensure {watchdog} is enabled and running (restarted when its files changed)",
-                         unit=watchdog, seen=seen.get(watchdog, ("", "")), changed=_changed(programs, units))
+        server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
+                     commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],
+                     _if=_changed(programs, units))
+        watchdog_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
+                         seen=seen.get(watchdog, ("", "")))
     else:
         unit_stopped(name=f"Ensure {watchdog} is stopped and disabled (vllm_watchdog = False)", unit=watchdog)
         files.file(name=f"Ensure {lay.watchdog_unit_path} is absent (vllm_watchdog = False)", path=lay.watchdog_unit_path,
@@ -245,15 +248,10 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
 
 
 @operation()
-def watchdog_running(unit: str, seen: tuple[str, str], changed):
-    """Ensure the watchdog unit is enabled and active; reload systemd and restart it when ``changed()`` (its
-    program, config or unit file changed in this run). ``seen``: (ActiveState, UnitFileState) before the run."""
+def watchdog_running(unit: str, seen: tuple[str, str]):
+    """Ensure the watchdog unit is enabled and active. ``seen``: (ActiveState, UnitFileState) before the run (a
+    run that changed its files restarted it just before: then these commands change nothing)."""
     active, enabled = seen
-    if changed():
-        yield StringCommand("systemctl", "daemon-reload")
-        yield StringCommand("systemctl", "enable", unit)
-        yield StringCommand("systemctl", "restart", unit)
-        return
     if enabled != "enabled":
         yield StringCommand("systemctl", "enable", unit)
     if active != "active":

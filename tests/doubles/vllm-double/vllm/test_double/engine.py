@@ -103,6 +103,18 @@ def _crash(engine: ProcLog) -> None:
     os._exit(1)
 
 
+def _hog(env: Mapping[str, str]) -> None:
+    """memory_hog: touch 64 MiB of host memory every 0.1 s, up to VLLM_DOUBLE_HOG_MIB (default: no limit),
+    so that a cgroup memory limit brings the kernel's OOM killer (what a worker OOM-kill looks like)."""
+    limit = env_float(env, "VLLM_DOUBLE_HOG_MIB", 0.0)
+    held = []
+    while not limit or len(held) * 64 < limit:
+        held.append(bytearray(64 << 20))  # zero-filled: the pages are touched
+        time.sleep(0.1)
+    while True:
+        time.sleep(3600)
+
+
 def _serve(conn: socket.socket, env: Mapping[str, str]) -> None:
     """Answer each forwarded request; when the API server is gone (EOF), stay alive like vLLM's engine does."""
     reader = conn.makefile("rb")
@@ -141,6 +153,8 @@ def main(argv: List[str]) -> int:
         timer = threading.Timer(env_float(env, "VLLM_DOUBLE_CRASH_SECONDS", 5.0), _crash, args=(engine,))
         timer.daemon = True
         timer.start()
+    if fault == "memory_hog":
+        threading.Thread(target=_hog, args=(env,), daemon=True).start()
     _serve(conn, env)
     return 0
 
