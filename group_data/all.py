@@ -90,7 +90,13 @@ vllm_purge_weights = False               # uninstall.py: also delete weights and
 
 # --- service (vllm_fleet/service/settings.py) ---
 vllm_adopt_existing_unit = False         # True = take over an existing unit of vllm_service_name vllm-fleet did not render (preflight refuses it otherwise)
-vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
+vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts vLLM (Restart=always: also after exit 0); backs off on systemd >= 254
+vllm_restart_max_delay_s = 300           # RestartMaxDelaySec: the backoff's longest wait (systemd >= 254; older ones wait vllm_restart_sec every time)
+vllm_watchdog = True                     # <service>-watchdog.service: a 1-token completion every interval; restarts a hung engine (/health stays 200)
+vllm_watchdog_interval_s = 30            # seconds between watchdog probes
+vllm_watchdog_deadline_s = 30            # a probe without an answer within this many seconds is a miss
+vllm_watchdog_misses = 3                 # consecutive misses before the watchdog restarts the service
+vllm_reap_gpu_leftovers = True           # before each start: end GPU processes this service left behind; refuse while another program holds its GPUs
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
 vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]

@@ -10,14 +10,18 @@ FILES
 
     /etc/systemd/system/SERVICE.service    the vLLM unit                              (service)
     /etc/systemd/system/SERVICE-fetch.service  the weights download unit          (weights)
+    /etc/systemd/system/SERVICE-watchdog.service  the completion watchdog         (service)
+    /etc/systemd/system/SERVICE-devices.service   loads nvidia-uvm, makes the device nodes before SERVICE starts (service)
     /etc/vllm-fleet/                        root:USER 0750                             (account)
         SERVICE.env                         the service's secrets (API key, HF token), root:root 0600
         SERVICE-fetch.env                   the download unit's HF token, root:root 0600
         SERVICE.gate.json                   the health gate's config (no secret)
+        SERVICE.watchdog.json               the watchdog's and GPU reaper's config (no secret)
         SERVICE.service.prev, SERVICE.env.prev   last known good unit/env file (the gate's rollback)
     BASE/                                   root:root 0755                             (account)
         bin/vllm-fleet-gate                 the health gate (vllm_fleet/service/hostprog.py)
         bin/vllm-fleet-venv                 the venv builder (vllm_fleet/pyenv/hostprog.py)
+        bin/vllm-fleet-watchdog             watchdog + GPU reaper (vllm_fleet/service/hostprog_watchdog.py)
         state/SERVICE.gate.json, .gate.log  the gate's last verdict and its log
         state/SERVICE.weights-pending       marker: restart held back for incomplete weights
         venvs/vllm-VERSION-BACKEND          one venv per vLLM version + torch backend (kept for rollback)
@@ -29,8 +33,9 @@ FILES
     DATA/                                   USER:USER 0750, the service's home           (account)
         models/ORG/NAME                     the weights vLLM serves
         weights-state/ORG--NAME/            fetch.json (config), state.json, status.json, fetch.lock
-        cache/                              XDG_CACHE_HOME; vllm/ (VLLM_CACHE_ROOT), huggingface/ (HF_HOME),
-                                            triton/, torchinductor/, modelscope/, modelscope-home/
+        cache/                              XDG_CACHE_HOME and the service's HOME (writable); vllm/ (VLLM_CACHE_ROOT),
+                                            huggingface/ (HF_HOME), triton/, torchinductor/, nv/ (CUDA_CACHE_PATH),
+                                            .cache/flashinfer (FLASHINFER_WORKSPACE_BASE), modelscope/, modelscope-home/
 
 Every file the deploy writes is replaced atomically: uploaded to ``.NAME.vllm-fleet-new`` in the
 same directory (created 0600 root before the upload), owned and moded, then renamed over NAME
@@ -54,6 +59,7 @@ SECRET_GROUP = "root"
 SECRET_MODE = "600"
 GATE_PROGRAM = "vllm-fleet-gate"
 VENV_PROGRAM = "vllm-fleet-venv"
+WATCHDOG_PROGRAM = "vllm-fleet-watchdog"
 FETCH_PROGRAM = "fetch_weights.py"
 
 
@@ -183,6 +189,34 @@ class HostLayout:
     def gate_config(self) -> str:
         return f"{self.config_dir}/{self.service}.gate.json"
 
+    @property
+    def watchdog_config(self) -> str:
+        """The watchdog's and GPU reaper's JSON config (no secret: they read the key from env_file)."""
+        return f"{self.config_dir}/{self.service}.watchdog.json"
+
+    @property
+    def watchdog_unit(self) -> str:
+        """The watchdog unit's name, without .service."""
+        return f"{self.service}-watchdog"
+
+    @property
+    def watchdog_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.watchdog_unit}.service"
+
+    @property
+    def devices_unit(self) -> str:
+        """The oneshot unit that ensures the NVIDIA device nodes, without .service."""
+        return f"{self.service}-devices"
+
+    @property
+    def devices_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.devices_unit}.service"
+
+    @property
+    def gate_unit(self) -> str:
+        """The transient unit the gate worker runs as (vllm_fleet/service/hostprog.py `apply`), with .service."""
+        return f"vllm-fleet-gate-{self.service}.service"
+
     # -- base_dir: programs, state, venvs, tools ------------------------------------------
     @property
     def bin_dir(self) -> str:
@@ -195,6 +229,10 @@ class HostLayout:
     @property
     def venv_program(self) -> str:
         return f"{self.bin_dir}/{VENV_PROGRAM}"
+
+    @property
+    def watchdog_program(self) -> str:
+        return f"{self.bin_dir}/{WATCHDOG_PROGRAM}"
 
     @property
     def state_dir(self) -> str:
@@ -314,6 +352,17 @@ class HostLayout:
         return f"{self.data_dir}/cache"
 
     @property
+    def runtime_home(self) -> str:
+        """The service's HOME: the writable cache dir, so ~/.cache, ~/.nv and JIT caches can be written
+        (data_dir itself is read-only to the service)."""
+        return self.cache_dir
+
+    @property
+    def cuda_cache(self) -> str:
+        """CUDA_CACHE_PATH: the driver's JIT (PTX) compute cache."""
+        return f"{self.cache_dir}/nv/ComputeCache"
+
+    @property
     def vllm_cache(self) -> str:
         return f"{self.cache_dir}/vllm"
 
@@ -379,6 +428,8 @@ class HostLayout:
         t = [
             Target(self.unit_path, "file", True, "the service unit"),
             Target(self.fetch_unit_path, "file", True, "the weights download unit"),
+            Target(self.watchdog_unit_path, "file", True, "the watchdog unit"),
+            Target(self.devices_unit_path, "file", True, "the NVIDIA device-node unit"),
             Target(self.env_file, "file", True, "the service's secrets"),
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),
@@ -386,11 +437,13 @@ class HostLayout:
             *(Target(p, "file", True, "an interrupted write of a secrets file")
               for secret in (self.env_file, self.prev(self.env_file), self.fetch_env_file) for p in write_leftovers(secret)),
             Target(self.gate_config, "file", True, "the gate's config"),
+            Target(self.watchdog_config, "file", True, "the watchdog's config"),
             Target(self.gate_state, "file", True, "the gate's last verdict"),
             Target(self.gate_log, "file", True, "the gate's log"),
             Target(self.weights_pending, "file", True, "the held-back-restart marker"),
             tool(self.gate_program, "file", "the gate program"),
             tool(self.venv_program, "file", "the venv program"),
+            tool(self.watchdog_program, "file", "the watchdog program"),
             tool(self.fetch_dir, "directory", "the download worker and its venv"),
             tool(self.uv_dir, "directory", "the bootstrap venv holding uv"),
             tool(self.wheelhouse_dir, "directory", "the pushed wheelhouse"),

@@ -5,7 +5,9 @@ Operations, in order (names are what pyinfra prints):
 Every path comes from vllm_fleet/layout.py (``HostLayout``).
 
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
-   config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
+   config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it), the watchdog + GPU reaper
+   (``{base_dir}/bin/vllm-fleet-watchdog``) and its config (``<service>.watchdog.json``);
+   the companion units (``<service>-devices.service``, ``<service>-watchdog.service``);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
    (``/etc/vllm-fleet/<service>.env``, root:root 0600, a secret
    ``vllm_fleet.hostops.operations.ManagedFile``: compared by sha256, never shown, not even with
@@ -17,7 +19,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
    progress, and on failure runs the doctor on the journal it returns and
    fails the host. Hosts are gated one at a time (``_serial``) and a failed
    gate halts the rolling deploy: later hosts are not restarted (`service/rolling.py`: the record lives on the run's State);
-4. the unit enabled at boot.
+4. the unit enabled at boot; the watchdog unit enabled and running (restarted when its files changed).
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
-from pyinfra.operations import files, python, systemd
+from pyinfra.operations import files, python, server, systemd
 
 from vllm_fleet.hostops.facts import FileStates, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
+from vllm_fleet.service import hostprog_watchdog as watchdog_program
+from vllm_fleet.service.devices import HostDevices
+from vllm_fleet.service.facts import CompanionUnits, NvidiaDevices
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
 from vllm_fleet.service.rolling import RollingHalt
-from vllm_fleet.service.render import Rendered, render, served_name, start_timeout_s, uses_append_think
+from vllm_fleet.service.render import REAP_GRACE_S, Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
+WATCHDOG_SOURCE = Path(watchdog_program.__file__)
 
 
 def venv_path(settings: Settings, venv: Venv | None, driver_cuda: str | None = None) -> str:
@@ -58,17 +64,22 @@ def systemd_version_of(state: HostState) -> int | None:
     return int(v) if v.isdigit() else None
 
 
-def service_files(settings: Settings, state: HostState, venv: Venv | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
-                                                                             list[ManagedFile]]:
-    """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host."""
+def service_files(settings: Settings, state: HostState, venv: Venv | None = None,
+                  devices: HostDevices | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
+                                                               list[ManagedFile]]:
+    """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host.
+    The gate files include the watchdog program and its config; the companion units are `companion_files`."""
     lay = HostLayout.of(settings)
     gpu = state.snapshot.gpu
     rendered = render(settings, state.plan, venv_path(settings, venv, gpu.cuda_version if gpu else None),
-                      systemd_version=systemd_version_of(state))
+                      systemd_version=systemd_version_of(state), devices=devices)
     gate_files = [
         ManagedFile(lay.gate_program, GATE_SOURCE, "root", "root", "755"),
         ManagedFile(lay.gate_config, json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n",
                     "root", settings.service_user, "640"),
+        ManagedFile(lay.watchdog_program, WATCHDOG_SOURCE, "root", "root", "755"),
+        ManagedFile(lay.watchdog_config, json.dumps(watchdog_config(settings, state), indent=1, sort_keys=True) + "\n",
+                    "root", "root", "644"),
     ]
     unit = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
     return rendered, gate_files, unit, [secret_file(rendered.env_path, rendered.env)]
@@ -94,6 +105,38 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
         "stability_s": settings.gate_stability_s,
         "require_key": settings.api_key is not None,
     }
+
+
+def companion_files(rendered: Rendered) -> list[ManagedFile]:
+    """The device-node unit and the watchdog unit (root:root 0644, no secret)."""
+    return [ManagedFile(path, text, "root", "root", "644") for path, text in rendered.units]
+
+
+def watchdog_config(settings: Settings, state: HostState) -> dict:
+    """What the watchdog and the GPU reaper need (no secret: they read the key from the env file themselves)."""
+    lay = HostLayout.of(settings)
+    url = gate_url(settings)
+    return {
+        "service": settings.service_name,
+        "url": url,
+        "served_model_name": served_name(state.plan),
+        "env_path": lay.env_file,
+        "user": settings.service_user,
+        "gate_unit": lay.gate_unit,
+        "interval_s": settings.watchdog_interval_s,
+        "deadline_s": settings.watchdog_deadline_s,
+        "misses": settings.watchdog_misses,
+        "start_grace_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
+        "gpus": list(settings.gpus) if settings.gpus is not None else None,
+        "reap_grace_s": REAP_GRACE_S,
+    }
+
+
+def gate_url(settings: Settings) -> str:
+    """http://ADDR:PORT the host's programs reach vLLM at (loopback when it binds every address)."""
+    bind = settings.bind_host
+    addr = "127.0.0.1" if bind == "0.0.0.0" else "[::1]" if bind == "::" else f"[{bind}]" if ":" in bind else bind
+    return f"http://{addr}:{settings.port}"
 
 
 def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
@@ -162,12 +205,15 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
     """
     lay = HostLayout.of(settings)
-    rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
+    devices = host.get_fact(NvidiaDevices)
+    rendered, gate_files, service_files_, secrets = service_files(settings, state, venv, devices)
+    companions = companion_files(rendered)
     gate_bin, gate_json = lay.gate_program, lay.gate_config
-    # One FileStates fact for all three, read here and handed to each (pyinfra does not cache facts).
-    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets))
-    managed_files(name="Ensure the health-gate program and its config are current",
-                  files=gate_files, states=states)
+    # One FileStates fact for all of them, read here and handed to each (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets + companions))
+    programs = managed_files(name="Ensure the health-gate and watchdog programs and their configs are current",
+                             files=gate_files, states=states)
+    units = managed_files(name="Ensure the device-node and watchdog units are current", files=companions, states=states)
     unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, states=states)
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
                         files=secrets, states=states)
@@ -190,6 +236,31 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
             _serial=True,
         )
     unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
+    watchdog = f"{lay.watchdog_unit}.service"
+    seen = host.get_fact(CompanionUnits, units=[watchdog]) or {}
+    if settings.watchdog:
+        server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
+                     commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],
+                     _if=_changed(programs, units))
+        watchdog_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
+                         seen=seen.get(watchdog, ("", "")))
+    else:
+        unit_stopped(name=f"Ensure {watchdog} is stopped and disabled (vllm_watchdog = False)", unit=watchdog)
+        files.file(name=f"Ensure {lay.watchdog_unit_path} is absent (vllm_watchdog = False)", path=lay.watchdog_unit_path,
+                   present=False)
+
+
+@operation()
+def watchdog_running(unit: str, seen: tuple[str, str]):
+    """Ensure the watchdog unit is enabled and active. ``seen``: (ActiveState, UnitFileState) before the run (a
+    run that changed its files restarted it just before: then these commands change nothing)."""
+    active, enabled = seen
+    if enabled != "enabled":
+        yield StringCommand("systemctl", "enable", unit)
+    if active != "active":
+        yield StringCommand("systemctl", "start", unit)
+    if enabled == "enabled" and active == "active":
+        host.noop(f"{unit} is enabled and running")
 
 
 @operation()
@@ -224,7 +295,7 @@ def remove(settings: Settings) -> None:
     if others:
         logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
                     f"download worker, uv, wheelhouse and weights state stay")
-    for unit in (lay.unit_name, f"{lay.fetch_unit}.service"):
+    for unit in (f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service", f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
     for t in removal(settings, others):
@@ -232,7 +303,7 @@ def remove(settings: Settings) -> None:
             continue
         op = files.file if t.kind == "file" else files.directory
         meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
-        if t.path in (lay.unit_path, lay.fetch_unit_path):
+        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path):
             units.append(meta)
     systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 
