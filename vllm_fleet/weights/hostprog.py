@@ -311,8 +311,8 @@ def leftovers(config: dict) -> list:
     files recorded by the layout before per-revision directories), each with ``remove`` and why: kept while the unit or
     its last known good copy (``keep_units``) serves from it."""
     root, states, own = config.get("revisions_root"), config.get("states_root"), os.path.basename(config["dest"].rstrip("/"))
-    if not root or not states or not os.path.isdir(states):
-        return []
+    if not root or not states or not os.path.isdir(states) or os.path.normpath(config["dest"]) == os.path.normpath(root):
+        return []  # (a config of the layout before per-revision directories prunes nothing)
     used = revisions_in_use(config.get("keep_units") or [], root)
     out = []
 
@@ -887,13 +887,19 @@ class Worker:
         shutil.rmtree(os.path.join(self.dest, ".cache"), ignore_errors=True)
         shutil.rmtree(os.path.join(self.dest, PARTIAL_DIR), ignore_errors=True)
         wanted = {f.name for f in listing.files}
-        for d, _, names in os.walk(self.dest, topdown=False):
+        states = self.c.get("states_root")
+        revisions = set(os.listdir(states)) if states and os.path.isdir(states) else set()
+        for d, subdirs, names in os.walk(self.dest, topdown=True):
+            if d == self.dest:  # never into the toolkit's revision directories (a config of the flat layout)
+                subdirs[:] = [x for x in subdirs if x not in revisions]
+
             for n in names:
                 rel = os.path.relpath(os.path.join(d, n), self.dest)
                 if rel not in wanted:
                     self.log(f"removing {rel}: not part of revision {listing.commit}")
                     os.remove(os.path.join(d, n))
-            if d != self.dest and not os.listdir(d):
+        for d, _, _ in sorted(os.walk(self.dest), key=lambda x: -len(x[0])):
+            if d != self.dest and os.path.relpath(d, self.dest).split(os.sep)[0] not in revisions and not os.listdir(d):
                 os.rmdir(d)
 
 

@@ -142,6 +142,15 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
                      unit_path=lay.fetch_unit_path, marker=marker, model_name=name, revision=revision)
 
 
+def already_complete(check: dict | None, plan: FetchPlan, reverify: bool) -> bool:
+    """Whether the deploy may skip the download unit: the host's recorded check (read at planning time with the config
+    already on the host) says complete for this very download (same identity: another revision or source list is
+    another download), and this deploy does not ask for a full re-verification (`vllm_weights_reverify` takes effect
+    on the deploy that sets it, not only on the next)."""
+    check = check or {}
+    return bool(check.get("complete")) and check.get("identity") == plan.config["identity"] and not reverify
+
+
 def check_serve_path(path: str) -> str:
     """Refuse a huggingface cache root (``models--Org--Name``): vLLM needs the snapshot directory."""
     parts = PurePosixPath(path).parts

@@ -99,6 +99,7 @@ class FetchState(FactBase[dict]):
 
 
 JOURNAL_LINES = 15
+INTERRUPT_SLICE_S = 0.2
 
 
 def parse_poll(lines: list[str], identity: str) -> tuple[dict | None, str]:
@@ -151,7 +152,10 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
                 phase = (status or {}).get("phase") or "starting"
                 log(f"weights: {phase} {(status or {}).get('line', '')} ({(status or {}).get('source', '')})")
                 last_log = now
-            interrupt.event.wait(poll_s)
+            # In slices: a signal that reached another thread runs its Python handler only when this one runs code.
+            until = time.monotonic() + poll_s
+            while not interrupt.event.is_set() and time.monotonic() < until:
+                interrupt.event.wait(min(INTERRUPT_SLICE_S, max(0.0, until - time.monotonic())))
 
 
 def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, stall_s: int, restarts: int, sudo: bool) -> None:
@@ -235,11 +239,7 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
     check = check or {}
     running = fact["active"] in ("active", "activating")
     _report_leftovers(plan, check)
-    # Complete only for this very download (the host's check reads the config already there: another revision or
-    # source list is another identity), and not when this deploy asks for a full re-verification.
-    complete = (check.get("complete") and check.get("identity") == plan.config["identity"]
-                and not settings.weights_reverify)
-    if complete and not running:
+    if wplan.already_complete(check, plan, settings.weights_reverify) and not running:
         return WeightsResult(server.shell(
             name=f"Weights in {plan.serve_path} are complete and verified (commit {check.get('commit')})", commands=[]))
     if not running:
