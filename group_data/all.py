@@ -81,10 +81,12 @@ vllm_purge_venvs = False                 # uninstall.py: also delete the venvs (
 vllm_weights_sources = None              # [{"kind": "hf"|"modelscope"|"local", "repo", "endpoint", "revision", "path"}], tried in order; None = local model dir copied / vLLM fetches
 vllm_weights_wait = True                 # deploy waits for the download unit with a progress line; False = start it and go on
 vllm_weights_wait_timeout_s = 21600      # deploy's wait for the download (the unit keeps going; a rerun attaches)
+vllm_weights_stall_s = 300               # deploy's wait restarts the download unit after this long without a byte (it resumes)
+vllm_weights_restarts = 3                # restarts of a dead or stalled download unit before the wait stops with its last log lines
 vllm_weights_retries = 5                 # attempts per source before the next source
 vllm_weights_backoff_s = 10.0            # wait before a source's 2nd attempt; doubles each time, max 300 s
 vllm_weights_workers = 8                 # files downloaded in parallel
-vllm_weights_reverify = False            # True = hash every file again on the next run (normally: only changed files)
+vllm_weights_reverify = False            # True = hash every file again (in parallel) on each deploy that sets it (normally: only changed files)
 vllm_hf_xet = False                      # huggingface_hub Xet storage; off because HF mirrors serve plain resolve URLs only
 vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 

@@ -31,8 +31,10 @@ FILES
         src/VENV-NAME/                      source channel: the checkout a venv is installed from
         fetch/fetch_weights.py, fetch/venv  the download worker (vllm_fleet/weights/hostprog.py) + its venv
     DATA/                                   USER:USER 0750, the service's home           (account)
-        models/ORG/NAME                     the weights vLLM serves
-        weights-state/ORG--NAME/            fetch.json (config), state.json, status.json, fetch.lock
+        models/ORG/NAME/REV                 the weights vLLM serves, one directory per revision (kept for rollback)
+        models/NAME                         a model directory mirrored from the control machine
+        weights-state/ORG--NAME/REV/        fetch.json (config), state.json, status.json, fetch.lock,
+                                            verified.json (complete + verified: the vLLM unit asserts it)
         cache/                              XDG_CACHE_HOME and the service's HOME (writable); vllm/ (VLLM_CACHE_ROOT),
                                             huggingface/ (HF_HOME), triton/, torchinductor/, nv/ (CUDA_CACHE_PATH),
                                             .cache/flashinfer (FLASHINFER_WORKSPACE_BASE), modelscope/, modelscope-home/
@@ -48,6 +50,7 @@ reason each path kept is kept).
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 
 CONFIG_DIR = "/etc/vllm-fleet"
@@ -139,6 +142,19 @@ def served_dir_problem(path: str) -> str | None:
             return (f"is under {tree}, which the service units hide from vLLM (ProtectHome=yes, PrivateTmp=yes)|"
                     "move the model to a directory such as /srv/models/NAME or under vllm_data_dir, and point path at it")
     return None
+
+
+#: The revision directory name when no revision is pinned (the hub's default branch).
+DEFAULT_REVISION = "main"
+#: The file of a revision's state directory that says "complete and verified" (written by the fetch program).
+VERIFIED_MARKER = "verified.json"
+
+
+def revision_key(revision: str | None) -> str:
+    """The directory name of one revision: the revision with anything but ``[A-Za-z0-9._-]`` as ``-``
+    (``refs/pr/1`` -> ``refs-pr-1``); ``main`` when none is pinned."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "-", revision or DEFAULT_REVISION).strip(".")
+    return key or DEFAULT_REVISION
 
 
 @dataclass(frozen=True)
@@ -329,9 +345,26 @@ class HostLayout:
         """The download's state directory for repo ``Org/Name`` (``Org--Name``)."""
         return f"{self.weights_state_dir}/{model.replace('/', '--')}"
 
-    def fetch_config(self, model: str) -> str:
-        """The JSON the download worker reads (no secret)."""
-        return f"{self.weights_state(model)}/fetch.json"
+    def weights_revision_state(self, model: str, revision: str | None) -> str:
+        """The download's state directory for one revision of repo ``Org/Name`` (``Org--Name/REV``)."""
+        return f"{self.weights_state(model)}/{revision_key(revision)}"
+
+    def fetch_config(self, model: str, revision: str | None) -> str:
+        """The JSON the download worker reads for one revision (no secret)."""
+        return f"{self.weights_revision_state(model, revision)}/fetch.json"
+
+    def weights_verified(self, model: str, revision: str | None) -> str:
+        """The marker the fetch program writes once every file of the revision is verified (the vLLM unit asserts it)."""
+        return f"{self.weights_revision_state(model, revision)}/{VERIFIED_MARKER}"
+
+    def weights_marker_of(self, serve_path: str) -> str | None:
+        """The verified marker of the revision directory `serve_path` (``models/ORG/NAME/REV``), None for any other path
+        (a mirrored ``models/NAME``, a directory served in place)."""
+        prefix = self.models_dir + "/"
+        parts = serve_path[len(prefix):].split("/") if serve_path.startswith(prefix) else []
+        if len(parts) != 3 or not all(parts):
+            return None
+        return f"{self.weights_state_dir}/{parts[0]}--{parts[1]}/{parts[2]}/{VERIFIED_MARKER}"
 
     # -- data_dir: home, models, caches -----------------------------------------------------
     @property
@@ -343,8 +376,14 @@ class HostLayout:
         return f"{self.data_dir}/models"
 
     def model(self, name: str) -> str:
-        """Where a model named ``name`` (``Org/Name`` or a directory's name) is served from."""
+        """Where a model named ``name`` is: a directory's name (mirrored, served from here), or repo ``Org/Name``
+        (the root of its revision directories, `model_revision`)."""
         return f"{self.models_dir}/{name}"
+
+    def model_revision(self, name: str, revision: str | None) -> str:
+        """The snapshot directory of repo ``Org/Name`` at one revision: what `vllm serve` gets. Each revision has its
+        own, so a deploy that changes the revision leaves the previous one's files for rollback."""
+        return f"{self.model(name)}/{revision_key(revision)}"
 
     @property
     def cache_dir(self) -> str:

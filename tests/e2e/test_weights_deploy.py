@@ -31,8 +31,8 @@ HOST = "fleet-c"
 DATA = "/srv/wfull"
 SERVICE = "vllm-wfull"
 PORT = 18970
-DEST = f"{DATA}/models/{repo.REPO_ID}"
-STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}"
+DEST = f"{DATA}/models/{repo.REPO_ID}/main"  # one directory per revision (none pinned: main)
+STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}/main"
 MARKER = f"/opt/vllm-fleet/state/{SERVICE}.weights-pending"
 KEY = "sk-wfull-" + secrets.token_hex(8)
 SERVED = "tiny-minimax-m2"
@@ -275,3 +275,16 @@ def test_uninstall_removes_both_env_files(mirror):
     assert r.returncode == 0
     left = host_exec(HOST, ["sh", "-c", f"ls -a /etc/vllm-fleet | grep -- '{SERVICE}' ; true"]).stdout.split()
     assert not [f for f in left if f.endswith(("env", "env.prev", "vllm-fleet-new", ".tmp"))], left
+
+
+def test_the_service_never_starts_on_a_revision_that_is_not_verified(mirror):
+    """Issue 15 item 7: the unit asserts the fetch program's marker (a reboot mid-download starts nothing)."""
+    unit = host_exec(HOST, f"cat /etc/systemd/system/{SERVICE}.service").stdout
+    assert f"AssertPathExists={STATE}/verified.json" in unit
+    host_exec(HOST, f"mv {STATE}/verified.json {STATE}/verified.json.away")
+    try:
+        r = host_exec(HOST, f"systemctl restart {SERVICE}.service")
+        assert r.returncode != 0  # the assertion fails the start: vLLM is not run on these files
+        assert host_exec(HOST, f"systemctl is-active {SERVICE}.service").stdout.strip() != "active"
+    finally:
+        host_exec(HOST, f"mv {STATE}/verified.json.away {STATE}/verified.json; systemctl restart {SERVICE}.service")

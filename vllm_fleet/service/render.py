@@ -210,6 +210,7 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
         limit_nofile=1048576,
         read_write_paths=[lay.cache_dir],
         device_allow=device_allow(devices),
+        weights_marker=weights_marker(settings, plan),
     )
     units = [(lay.devices_unit_path, jinja.get_template("vllm-devices.service.j2").render(
         unit_name=f"{lay.devices_unit}.service", service_unit=unit_name,
@@ -230,6 +231,14 @@ def render(settings: Settings, plan: Plan, venv_path: str, *, systemd_version: i
     env = jinja.get_template("vllm.env.j2").render(env_file=env_path, unit_name=unit_name, user=settings.service_user,
                                                    secrets=secrets)
     return Rendered(lay.unit_path, unit, env_path, env, tuple(units))
+
+
+def weights_marker(settings: Settings, plan: Plan) -> str | None:
+    """The "complete and verified" marker of the revision directory the unit serves, when the deploy downloads the
+    weights (``vllm_weights_sources``); the unit asserts it (docs/weights.md). None otherwise."""
+    if not settings.weights_sources or settings.weights_sources[0].kind == "local":
+        return None
+    return HostLayout.of(settings).weights_marker_of(plan.model_path)
 
 
 def served_name(plan: Plan) -> str:

@@ -348,3 +348,22 @@ def test_every_secret_the_deploy_sets_is_checked_and_none_without_secrets():
     settings = Settings(model=TINY, bind_host="127.0.0.1")
     plan = make_plan(settings.model, "4xA800-80G", settings.plan_options("/var/lib/vllm-fleet/models/tiny-minimax-m2"))
     assert "/bin/sh" not in render(settings, plan, VENV).unit  # no key set: nothing to refuse
+
+
+def test_a_downloaded_model_unit_asserts_the_verified_marker_of_the_revision_it_serves():
+    """Issue 15 item 7: the vLLM unit never starts on incomplete or unverified weights, at boot included."""
+    from vllm_fleet.weights import source as wplan
+
+    sources = [{"kind": "hf", "repo": "MiniMaxAI/MiniMax-M2", "revision": "a" * 40}]
+    settings = Settings(model=TINY, api_key=KEY, weights_sources=sources)
+    fetch = wplan.fetch_plan(settings)
+    plan = make_plan(settings.model, "4xA800-80G", settings.plan_options(fetch.serve_path))
+    unit = render(settings, plan, VENV, systemd_version=252).unit
+    assert _directives(unit)["AssertPathExists"] == [fetch.marker]
+    assert fetch.marker == fetch.config["marker"]  # the path the fetch program writes once every file is verified
+    assert fetch.serve_path in _directives(unit)["ExecStart"][0]
+    # a mirrored local model dir, or a directory served in place: nothing to assert
+    assert "AssertPathExists" not in _directives(_render()[2].unit)
+    local = Settings(model=TINY, api_key=KEY, weights_sources=[{"kind": "local", "path": "/models/m2"}])
+    plan = make_plan(local.model, "4xA800-80G", local.plan_options("/models/m2"))
+    assert "AssertPathExists" not in _directives(render(local, plan, VENV).unit)
