@@ -49,7 +49,7 @@ vllm_nvlink_multicast = True             # NVLink multicast as NCCL, PyTorch, NV
 vllm_flashinfer_sampler = True           # top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler (a venv without FlashInfer)
 vllm_bind_host = "127.0.0.1"             # address vLLM listens on; anything but loopback requires vllm_api_key
 vllm_port = 8100                         # TCP port vLLM listens on (preflight fails if another process owns it)
-vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs
+vllm_api_key = SecretStr(os.environ["VLLM_FLEET_API_KEY"]) if os.environ.get("VLLM_FLEET_API_KEY") else None  # API key clients must send; lives only in the service's root-only (0600) EnvironmentFile, never in argv or logs
 vllm_hf_token = SecretStr(os.environ["VLLM_FLEET_HF_TOKEN"]) if os.environ.get("VLLM_FLEET_HF_TOKEN") else None  # Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)
 
 # --- preflight (vllm_fleet/preflight/settings.py) ---
@@ -58,6 +58,7 @@ vllm_supported_os = {"ubuntu": ["22.04", "24.04"], "debian": ["12"]}  # OS id ->
 
 # --- account (vllm_fleet/account/settings.py) ---
 vllm_service_user = "vllm"               # unprivileged system user running vLLM
+vllm_adopt_existing_user = False         # True = take over an existing account of that name vllm-fleet did not create (preflight refuses it otherwise)
 
 # --- pyenv (vllm_fleet/pyenv/settings.py) ---
 vllm_python_version = "3.12"             # Python of the service venv (uv provides it if the OS lacks it)
@@ -80,15 +81,25 @@ vllm_purge_venvs = False                 # uninstall.py: also delete the venvs (
 vllm_weights_sources = None              # [{"kind": "hf"|"modelscope"|"local", "repo", "endpoint", "revision", "path"}], tried in order; None = local model dir copied / vLLM fetches
 vllm_weights_wait = True                 # deploy waits for the download unit with a progress line; False = start it and go on
 vllm_weights_wait_timeout_s = 21600      # deploy's wait for the download (the unit keeps going; a rerun attaches)
+vllm_weights_stall_s = 300               # deploy's wait restarts the download unit after this long without a byte (it resumes)
+vllm_weights_restarts = 3                # restarts of a dead or stalled download unit before the wait stops with its last log lines
 vllm_weights_retries = 5                 # attempts per source before the next source
 vllm_weights_backoff_s = 10.0            # wait before a source's 2nd attempt; doubles each time, max 300 s
 vllm_weights_workers = 8                 # files downloaded in parallel
-vllm_weights_reverify = False            # True = hash every file again on the next run (normally: only changed files)
+vllm_weights_reverify = False            # True = hash every file again (in parallel) on each deploy that sets it (normally: only changed files)
 vllm_hf_xet = False                      # huggingface_hub Xet storage; off because HF mirrors serve plain resolve URLs only
 vllm_purge_weights = False               # uninstall.py: also delete weights and caches (default: keep them)
 
 # --- service (vllm_fleet/service/settings.py) ---
-vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts a crashed vLLM (backs off on systemd >= 254)
+vllm_adopt_existing_unit = False         # True = take over an existing unit of vllm_service_name vllm-fleet did not render (preflight refuses it otherwise)
+vllm_restart_sec = 10                    # RestartSec: wait before systemd restarts vLLM (Restart=always: also after exit 0); backs off on systemd >= 254
+vllm_restart_max_delay_s = 300           # RestartMaxDelaySec: the backoff's longest wait (systemd >= 254; older ones wait vllm_restart_sec every time)
+vllm_watchdog = True                     # <service>-watchdog.service: a 1-token completion every interval; restarts a hung engine (/health stays 200)
+vllm_watchdog_interval_s = 30            # seconds between watchdog probes
+vllm_watchdog_deadline_s = 30            # a probe without an answer within this many seconds is a miss
+vllm_watchdog_misses = 3                 # consecutive misses before the watchdog restarts the service
+vllm_reap_gpu_leftovers = True           # before each start: end GPU processes this service left behind; refuse while another program holds its GPUs
 vllm_health_timeout_s = None             # health-gate wait after a restart; None = scaled to the weights size
+vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}

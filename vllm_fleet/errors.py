@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+#: The user-info part of a URL (``scheme://user:password@``), which may hold a credential.
+URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/@\s'\"]+)@")
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the user-info of every URL in it replaced by ``***`` (``https://***@host/``): what an error,
+    a log line or a plan line may show of a URL that carried credentials."""
+    return URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
+
+
+def url_credentials(text: str) -> bool:
+    """True when a URL in ``text`` carries a password, or a user name over http(s) (a token passed as the user);
+    ``ssh://git@host`` names an account, not a secret."""
+    for m in URL_USERINFO.finditer(text):
+        if ":" in m.group(2) or not m.group(1).lower().startswith("ssh"):
+            return True
+    return False
 
 
 class FleetError(Exception):
@@ -19,7 +38,8 @@ class Problem:
     remedy: str
 
     def render(self) -> str:
-        return f"{self.key}={self.value!r}: {self.problem}\n    remedy: {self.remedy}"
+        """``key=value: problem`` and the remedy; a URL's credentials never shown (`mask_credentials`)."""
+        return mask_credentials(f"{self.key}={self.value!r}: {self.problem}\n    remedy: {self.remedy}")
 
 
 class SettingConflict(ValueError):

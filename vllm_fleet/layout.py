@@ -10,14 +10,18 @@ FILES
 
     /etc/systemd/system/SERVICE.service    the vLLM unit                              (service)
     /etc/systemd/system/SERVICE-fetch.service  the weights download unit          (weights)
+    /etc/systemd/system/SERVICE-watchdog.service  the completion watchdog         (service)
+    /etc/systemd/system/SERVICE-devices.service   loads nvidia-uvm, makes the device nodes before SERVICE starts (service)
     /etc/vllm-fleet/                        root:USER 0750                             (account)
-        SERVICE.env                         the service's secrets (API key, HF token), root:USER 0640
-        SERVICE-fetch.env                   the download unit's HF token, root:USER 0640
+        SERVICE.env                         the service's secrets (API key, HF token), root:root 0600
+        SERVICE-fetch.env                   the download unit's HF token, root:root 0600
         SERVICE.gate.json                   the health gate's config (no secret)
+        SERVICE.watchdog.json               the watchdog's and GPU reaper's config (no secret)
         SERVICE.service.prev, SERVICE.env.prev   last known good unit/env file (the gate's rollback)
     BASE/                                   root:root 0755                             (account)
         bin/vllm-fleet-gate                 the health gate (vllm_fleet/service/hostprog.py)
         bin/vllm-fleet-venv                 the venv builder (vllm_fleet/pyenv/hostprog.py)
+        bin/vllm-fleet-watchdog             watchdog + GPU reaper (vllm_fleet/service/hostprog_watchdog.py)
         state/SERVICE.gate.json, .gate.log  the gate's last verdict and its log
         state/SERVICE.weights-pending       marker: restart held back for incomplete weights
         venvs/vllm-VERSION-BACKEND          one venv per vLLM version + torch backend (kept for rollback)
@@ -27,10 +31,17 @@ FILES
         src/VENV-NAME/                      source channel: the checkout a venv is installed from
         fetch/fetch_weights.py, fetch/venv  the download worker (vllm_fleet/weights/hostprog.py) + its venv
     DATA/                                   USER:USER 0750, the service's home           (account)
-        models/ORG/NAME                     the weights vLLM serves
-        weights-state/ORG--NAME/            fetch.json (config), state.json, status.json, fetch.lock
-        cache/                              XDG_CACHE_HOME; vllm/ (VLLM_CACHE_ROOT), huggingface/ (HF_HOME),
-                                            triton/, torchinductor/, modelscope/, modelscope-home/
+        models/ORG/NAME/REV                 the weights vLLM serves, one directory per revision (kept for rollback)
+        models/NAME                         a model directory mirrored from the control machine
+        weights-state/ORG--NAME/REV/        fetch.json (config), state.json, status.json, fetch.lock,
+                                            verified.json (complete + verified: the vLLM unit asserts it)
+        cache/                              XDG_CACHE_HOME and the service's HOME (writable); vllm/ (VLLM_CACHE_ROOT),
+                                            huggingface/ (HF_HOME), triton/, torchinductor/, nv/ (CUDA_CACHE_PATH),
+                                            .cache/flashinfer (FLASHINFER_WORKSPACE_BASE), modelscope/, modelscope-home/
+
+Every file the deploy writes is replaced atomically: uploaded to ``.NAME.vllm-fleet-new`` in the
+same directory (created 0600 root before the upload), owned and moded, then renamed over NAME
+(`staged_path`); the gate copies through ``NAME.tmp``. An interrupted write leaves only those.
 
 What uninstall removes is `HostLayout.uninstall_targets` (one list, with the
 reason each path kept is kept).
@@ -38,16 +49,112 @@ reason each path kept is kept).
 
 from __future__ import annotations
 
+import posixpath
+import re
 from dataclasses import dataclass
 
 CONFIG_DIR = "/etc/vllm-fleet"
 UNIT_DIR = "/etc/systemd/system"
-#: Owner group and mode of every secret file (EnvironmentFiles): root:<service user> 0640. systemd reads an
-#: EnvironmentFile as root; the group lets the service user's own tools read its key (docs/service.md).
-SECRET_MODE = "640"
+#: Owner, group and mode of every secret file (EnvironmentFiles): root:root 0600. systemd reads an
+#: EnvironmentFile as root and hands the values to the service's environment; nobody else reads the file.
+SECRET_USER = "root"
+SECRET_GROUP = "root"
+SECRET_MODE = "600"
 GATE_PROGRAM = "vllm-fleet-gate"
 VENV_PROGRAM = "vllm-fleet-venv"
+WATCHDOG_PROGRAM = "vllm-fleet-watchdog"
 FETCH_PROGRAM = "fetch_weights.py"
+
+
+def staged_path(path: str) -> str:
+    """Where a new version of ``path`` is written before it is renamed over it: same directory (so the rename is
+    atomic), a hidden name no unit or program reads."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.vllm-fleet-new"
+
+
+def write_leftovers(path: str) -> list[str]:
+    """What an interrupted write of ``path`` can leave: the deploy's staged upload and the gate's copy (``.tmp``)."""
+    return [staged_path(path), f"{path}.tmp"]
+
+
+# -- what marks the toolkit's own units and account on a host ----------------------------------
+#: In the first lines of every unit the toolkit renders (vllm.service.j2, vllm-fetch.service.j2): a unit file
+#: of the service's name without it is someone else's (preflight's ownership check).
+UNIT_MARK = "rendered by vllm-fleet"
+#: The GECOS comment of the service user the toolkit creates (useradd --comment).
+ACCOUNT_COMMENT = "vllm-fleet service user"
+#: Where systemd finds system units, searched for a unit of the service's name.
+UNIT_SEARCH_PATH = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                    "/lib/systemd/system", "/usr/lib/systemd/system")
+
+# -- which host directories the toolkit may own -----------------------------------------------
+#: The operating system's trees: never a toolkit directory, nor anything under them. The account step
+#: chowns and chmods base_dir and data_dir, so one of these would change a system directory (/tmp's
+#: sticky bit included). /home and /root: the units run with ProtectHome=yes, which hides them.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found", "/proc",
+                "/run", "/sbin", "/snap", "/sys", "/tmp", "/usr", "/var/tmp", "/var/log", "/var/run", "/var/lock",
+                "/var/spool", "/var/mail", "/var/backups", "/var/crash", "/var/cache/apt", "/var/lib/apt",
+                "/var/lib/dpkg", "/var/lib/systemd", "/var/lib/dbus", "/var/lib/polkit-1", "/var/lib/private",
+                "/var/lib/sudo", "/var/lib/ucf", "/var/lib/pam", "/var/lib/docker", "/var/lib/containerd",
+                "/var/lib/nvidia", "/home", "/root")
+#: Shared parents: a toolkit directory goes below one (/opt/vllm-fleet), never is one.
+SHARED_PARENTS = ("/opt", "/srv", "/var", "/var/lib", "/var/opt", "/var/cache", "/var/local", "/mnt", "/media", "/data")
+
+
+def toolkit_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a directory the toolkit owns on the host (base_dir, data_dir), or None.
+
+    Allowed: an absolute, normalized path of at least two components outside the system trees
+    (SYSTEM_TREES, and /home, hidden from the units by ProtectHome), not a shared parent itself
+    (SHARED_PARENTS): /opt/vllm-fleet, /var/lib/vllm-fleet, /srv/vllm, /data/vllm, /mnt/nvme0/vllm.
+    The text is ``problem|remedy``.
+    """
+    fix = "use a directory of its own such as /opt/vllm-fleet (base_dir) or /var/lib/vllm-fleet, /data/vllm (data_dir)"
+    if not path.startswith("/") or ".." in path.split("/"):
+        return f"must be an absolute path without ..|{fix}"
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    if norm in ("/", "/."):
+        return f"is the root directory, which the toolkit would chown|{fix}"
+    for tree in SYSTEM_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            if tree in ("/home", "/root"):
+                return (f"is under {tree}, which the service units hide (ProtectHome=yes): vLLM could not read it|"
+                        f"{fix}, outside /home and /root")
+            return f"is {'' if norm == tree else 'under '}{tree}, a system directory the toolkit would chown and chmod|{fix}"
+    if norm in SHARED_PARENTS or norm.count("/") < 2:
+        return f"is {norm}, a directory other software shares; the toolkit would chown and chmod it|{fix}, below it"
+    return None
+
+
+#: Trees the units hide from vLLM and the download worker (ProtectHome=yes, PrivateTmp=yes) or that hold no files.
+HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/proc", "/sys", "/dev")
+
+
+def served_dir_problem(path: str) -> str | None:
+    """Why the service could not read a model directory ``path`` on the host (a local weights source), or None.
+
+    The text is ``problem|remedy``.
+    """
+    norm = "/" + posixpath.normpath(path).lstrip("/")
+    for tree in HIDDEN_TREES:
+        if norm == tree or norm.startswith(tree + "/"):
+            return (f"is under {tree}, which the service units hide from vLLM (ProtectHome=yes, PrivateTmp=yes)|"
+                    "move the model to a directory such as /srv/models/NAME or under vllm_data_dir, and point path at it")
+    return None
+
+
+#: The revision directory name when no revision is pinned (the hub's default branch).
+DEFAULT_REVISION = "main"
+#: The file of a revision's state directory that says "complete and verified" (written by the fetch program).
+VERIFIED_MARKER = "verified.json"
+
+
+def revision_key(revision: str | None) -> str:
+    """The directory name of one revision: the revision with anything but ``[A-Za-z0-9._-]`` as ``-``
+    (``refs/pr/1`` -> ``refs-pr-1``); ``main`` when none is pinned."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "-", revision or DEFAULT_REVISION).strip(".")
+    return key or DEFAULT_REVISION
 
 
 @dataclass(frozen=True)
@@ -98,6 +205,34 @@ class HostLayout:
     def gate_config(self) -> str:
         return f"{self.config_dir}/{self.service}.gate.json"
 
+    @property
+    def watchdog_config(self) -> str:
+        """The watchdog's and GPU reaper's JSON config (no secret: they read the key from env_file)."""
+        return f"{self.config_dir}/{self.service}.watchdog.json"
+
+    @property
+    def watchdog_unit(self) -> str:
+        """The watchdog unit's name, without .service."""
+        return f"{self.service}-watchdog"
+
+    @property
+    def watchdog_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.watchdog_unit}.service"
+
+    @property
+    def devices_unit(self) -> str:
+        """The oneshot unit that ensures the NVIDIA device nodes, without .service."""
+        return f"{self.service}-devices"
+
+    @property
+    def devices_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.devices_unit}.service"
+
+    @property
+    def gate_unit(self) -> str:
+        """The transient unit the gate worker runs as (vllm_fleet/service/hostprog.py `apply`), with .service."""
+        return f"vllm-fleet-gate-{self.service}.service"
+
     # -- base_dir: programs, state, venvs, tools ------------------------------------------
     @property
     def bin_dir(self) -> str:
@@ -110,6 +245,10 @@ class HostLayout:
     @property
     def venv_program(self) -> str:
         return f"{self.bin_dir}/{VENV_PROGRAM}"
+
+    @property
+    def watchdog_program(self) -> str:
+        return f"{self.bin_dir}/{WATCHDOG_PROGRAM}"
 
     @property
     def state_dir(self) -> str:
@@ -165,10 +304,11 @@ class HostLayout:
         """The git checkout a source-channel venv is installed from (editable), one per venv."""
         return f"{self.src_dir}/{venv_name}"
 
-    def venv_state_paths(self) -> dict[str, str]:
-        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py)."""
+    def venv_state_paths(self) -> dict[str, object]:
+        """What the venv program's `state` reads (vllm_fleet/pyenv/hostprog.py); ``units``: the live unit and the
+        gate's last known good copy, whose venvs are never pruned."""
         return {"venvs_dir": self.venvs_dir, "uv": self.uv, "program": self.venv_program,
-                "wheelhouse_dir": self.wheelhouse_dir}
+                "wheelhouse_dir": self.wheelhouse_dir, "units": [self.unit_path, self.prev(self.unit_path)]}
 
     # -- the weights download ---------------------------------------------------------------
     @property
@@ -205,9 +345,26 @@ class HostLayout:
         """The download's state directory for repo ``Org/Name`` (``Org--Name``)."""
         return f"{self.weights_state_dir}/{model.replace('/', '--')}"
 
-    def fetch_config(self, model: str) -> str:
-        """The JSON the download worker reads (no secret)."""
-        return f"{self.weights_state(model)}/fetch.json"
+    def weights_revision_state(self, model: str, revision: str | None) -> str:
+        """The download's state directory for one revision of repo ``Org/Name`` (``Org--Name/REV``)."""
+        return f"{self.weights_state(model)}/{revision_key(revision)}"
+
+    def fetch_config(self, model: str, revision: str | None) -> str:
+        """The JSON the download worker reads for one revision (no secret)."""
+        return f"{self.weights_revision_state(model, revision)}/fetch.json"
+
+    def weights_verified(self, model: str, revision: str | None) -> str:
+        """The marker the fetch program writes once every file of the revision is verified (the vLLM unit asserts it)."""
+        return f"{self.weights_revision_state(model, revision)}/{VERIFIED_MARKER}"
+
+    def weights_marker_of(self, serve_path: str) -> str | None:
+        """The verified marker of the revision directory `serve_path` (``models/ORG/NAME/REV``), None for any other path
+        (a mirrored ``models/NAME``, a directory served in place)."""
+        prefix = self.models_dir + "/"
+        parts = serve_path[len(prefix):].split("/") if serve_path.startswith(prefix) else []
+        if len(parts) != 3 or not all(parts):
+            return None
+        return f"{self.weights_state_dir}/{parts[0]}--{parts[1]}/{parts[2]}/{VERIFIED_MARKER}"
 
     # -- data_dir: home, models, caches -----------------------------------------------------
     @property
@@ -219,13 +376,30 @@ class HostLayout:
         return f"{self.data_dir}/models"
 
     def model(self, name: str) -> str:
-        """Where a model named ``name`` (``Org/Name`` or a directory's name) is served from."""
+        """Where a model named ``name`` is: a directory's name (mirrored, served from here), or repo ``Org/Name``
+        (the root of its revision directories, `model_revision`)."""
         return f"{self.models_dir}/{name}"
+
+    def model_revision(self, name: str, revision: str | None) -> str:
+        """The snapshot directory of repo ``Org/Name`` at one revision: what `vllm serve` gets. Each revision has its
+        own, so a deploy that changes the revision leaves the previous one's files for rollback."""
+        return f"{self.model(name)}/{revision_key(revision)}"
 
     @property
     def cache_dir(self) -> str:
         """XDG_CACHE_HOME of the service; every runtime cache is below it."""
         return f"{self.data_dir}/cache"
+
+    @property
+    def runtime_home(self) -> str:
+        """The service's HOME: the writable cache dir, so ~/.cache, ~/.nv and JIT caches can be written
+        (data_dir itself is read-only to the service)."""
+        return self.cache_dir
+
+    @property
+    def cuda_cache(self) -> str:
+        """CUDA_CACHE_PATH: the driver's JIT (PTX) compute cache."""
+        return f"{self.cache_dir}/nv/ComputeCache"
 
     @property
     def vllm_cache(self) -> str:
@@ -293,16 +467,22 @@ class HostLayout:
         t = [
             Target(self.unit_path, "file", True, "the service unit"),
             Target(self.fetch_unit_path, "file", True, "the weights download unit"),
+            Target(self.watchdog_unit_path, "file", True, "the watchdog unit"),
+            Target(self.devices_unit_path, "file", True, "the NVIDIA device-node unit"),
             Target(self.env_file, "file", True, "the service's secrets"),
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),
             Target(self.fetch_env_file, "file", True, "the download unit's HF token"),
+            *(Target(p, "file", True, "an interrupted write of a secrets file")
+              for secret in (self.env_file, self.prev(self.env_file), self.fetch_env_file) for p in write_leftovers(secret)),
             Target(self.gate_config, "file", True, "the gate's config"),
+            Target(self.watchdog_config, "file", True, "the watchdog's config"),
             Target(self.gate_state, "file", True, "the gate's last verdict"),
             Target(self.gate_log, "file", True, "the gate's log"),
             Target(self.weights_pending, "file", True, "the held-back-restart marker"),
             tool(self.gate_program, "file", "the gate program"),
             tool(self.venv_program, "file", "the venv program"),
+            tool(self.watchdog_program, "file", "the watchdog program"),
             tool(self.fetch_dir, "directory", "the download worker and its venv"),
             tool(self.uv_dir, "directory", "the bootstrap venv holding uv"),
             tool(self.wheelhouse_dir, "directory", "the pushed wheelhouse"),

@@ -36,8 +36,10 @@ from pydantic import (
 )
 
 from vllm_fleet.account.settings import AccountSection
+from vllm_fleet.layout import toolkit_dir_problem
 from vllm_fleet.errors import Problem, SettingConflict, SettingsError
 from vllm_fleet.planner import options as vllm_options
+from vllm_fleet.planner import serveargs
 from vllm_fleet.preflight.settings import PreflightSection
 from vllm_fleet.pyenv.settings import PyenvSection
 from vllm_fleet.service.settings import SECRET_ENV as _SECRET_ENV
@@ -51,6 +53,7 @@ PREFIX = "vllm_"
 
 _UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
+MAX_GPU_INDEX = 63  # no host has more than 64 GPUs (nvidia-smi indices 0-63)
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
@@ -96,6 +99,9 @@ class CoreSection(BaseModel):
             raise ValueError("is empty|leave vllm_gpus unset (None) to use every GPU, or list indices like [0, 1]")
         if any(i < 0 for i in v):
             raise ValueError("GPU indices are never negative|use indices as `nvidia-smi -L` lists them, from 0")
+        if any(i > MAX_GPU_INDEX for i in v) or len(v) > MAX_GPU_INDEX + 1:
+            raise ValueError(f"names more GPUs or a higher index than a host has (at most {MAX_GPU_INDEX + 1}, indices "
+                             f"0-{MAX_GPU_INDEX})|use indices as `nvidia-smi -L` lists them, from 0")
         dups = sorted({i for i in v if v.count(i) > 1})
         if dups:
             raise ValueError(f"lists GPU {dups[0]} twice|list each GPU index once")
@@ -104,24 +110,32 @@ class CoreSection(BaseModel):
     @field_validator("version")
     @classmethod
     def _version(cls, v: str) -> str:
-        if not _VERSION_RE.match(v):
+        if not _VERSION_RE.fullmatch(v) or len(v) > 64:
             raise ValueError(f"is not a version|use a release such as {VLLM_VERSION}")
         return v
 
     @field_validator("service_name")
     @classmethod
     def _unit(cls, v: str) -> str:
-        if not _UNIT_RE.match(v) or v.endswith(".service"):
+        if not _UNIT_RE.fullmatch(v) or v.endswith(".service"):
             raise ValueError("is not a unit name|use letters, digits and -_. without the .service suffix, e.g. vllm")
         return v
 
     @field_validator("base_dir", "data_dir")
     @classmethod
     def _abs(cls, v: str) -> str:
-        p = PurePosixPath(v)
-        if not p.is_absolute() or ".." in p.parts or str(p) == "/":
-            raise ValueError("must be an absolute path below /, without ..|use a path such as /opt/vllm-fleet")
-        return str(p)
+        problem = toolkit_dir_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return str(PurePosixPath(v))
+
+    @field_validator("model")
+    @classmethod
+    def _model_word(cls, v: str) -> str:
+        if not v or len(v) > 1024:
+            raise ValueError("is empty or longer than any profile name or path (1024)|use a profile name from "
+                             "models/*.yaml, or a directory holding config.json")
+        return v
 
 
 # The fields of the `vllm serve` options: one per row of vllm_fleet/planner/options.py (type,
@@ -146,6 +160,10 @@ SECTIONS: dict[str, type[BaseModel]] = {
 class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
     """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
 
+    Before the fields' checks, `load_settings` refuses control characters in every string of every
+    setting, and whitespace in every one but the words of vllm_extra_args and the values of
+    vllm_extra_env (`text_problem`): names and paths reach unit files, commands and log lines.
+
     The fields and their checks come from the sections (`SECTIONS`): the core section above, the
     `vllm serve` options (served_model_name, layout sizes, max_model_len, ..., bind_host, port,
     api_key, hf_token: the table in vllm_fleet/planner/options.py) and one section per capability
@@ -153,7 +171,7 @@ class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, Pre
     checks that need fields of several sections, and the views.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     # ---------------------------------------------------------------- checks --
 
@@ -173,6 +191,13 @@ class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, Pre
                 raise _Cross("advertise_address", self.advertise_address,
                              f"is not the address vLLM listens on (vllm_bind_host = {self.bind_host})",
                              f"advertise {self.bind_host}, set vllm_bind_host = \"0.0.0.0\", or unset vllm_advertise_address")
+        # The service's extra args against the vLLM version: the pinned release's parser knows every option.
+        if self.channel == "release" and self.version == serveargs.vllm_version():
+            try:
+                vllm_options.check_extra_args(self.extra_args, known_only=True)
+            except ValueError as exc:
+                problem, _, remedy = str(exc).partition("|")
+                raise _Cross("extra_args", serveargs.masked(self.extra_args, vllm_options.secret_flags()), problem, remedy) from None
         # The core section's GPUs against the serve options' layout sizes.
         if self.gpus is not None:
             used = self.pipeline_parallel_size * self.data_parallel_size * (self.tensor_parallel_size or 1)
@@ -232,6 +257,10 @@ def _remedy_for(key: str, err: dict[str, Any]) -> tuple[str, str]:
         problem, _, remedy = text.partition("|")
         return problem, remedy or f"{key}: {desc}"
     expected = msg[0].lower() + msg[1:] if msg else "is invalid"
+    extra = field.json_schema_extra if field is not None and isinstance(field.json_schema_extra, dict) else {}
+    why = extra.get("bounds")
+    if why and err["type"] in ("less_than_equal", "less_than", "greater_than", "greater_than_equal", "finite_number"):
+        return f"is out of bounds ({expected})", f"set {key} within its bounds, {why}"
     return f"is invalid ({expected})", f"set {key} to a valid value: {desc}"
 
 
@@ -261,13 +290,22 @@ def load_settings(data: Mapping[str, Any], host: str | None = None) -> Settings:
             problems.append(_unknown_key_problem(key))
             continue
         values[name] = value
+    bad_text = False
+    for name, value in list(values.items()):
+        text = text_problem(name, value)
+        if text is not None:
+            problem, _, remedy = text.partition("|")
+            problems.append(Problem(PREFIX + name, _shown(name, value), problem, remedy))
+            del values[name]  # the other keys are still checked; checks across keys wait for this one
+            bad_text = True
     try:
         settings = Settings(**values)
     except ValidationError as exc:
         for err in exc.errors():
             ctx = err.get("ctx") or {}
             if isinstance(ctx.get("error"), SettingConflict):
-                problems.append(ctx["error"].problem)
+                if not bad_text:
+                    problems.append(ctx["error"].problem)
                 continue
             loc = err["loc"]
             key = PREFIX + str(loc[0]) if loc else PREFIX + "?"
@@ -275,23 +313,88 @@ def load_settings(data: Mapping[str, Any], host: str | None = None) -> Settings:
             problem, remedy = _remedy_for(key, err)
             problems.append(Problem(key, value, problem, remedy))
         raise SettingsError(host, _dedupe(problems)) from None
-    problems.extend(_model_problems(settings))
+    if not problems:
+        problems.extend(_model_problems(settings))
     if problems:
         raise SettingsError(host, problems)
     return settings
 
 
+#: Whitespace is allowed in these settings' words (vllm_extra_args) or values (vllm_extra_env); control
+#: characters nowhere.
+FREE_TEXT = ("extra_args", "extra_env")
+
+
+def _strings(value: object, free: bool, depth: int = 0):
+    """Every string in ``value`` (nested lists, dicts: keys and values), with whether whitespace is allowed there."""
+    if depth > 8:
+        return
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        yield value, free
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k, False, depth + 1)
+            yield from _strings(v, free, depth + 1)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _strings(item, free, depth + 1)
+
+
+def text_problem(name: str, value: object) -> str | None:
+    """``problem|remedy`` when a string in setting ``name`` holds a control character, or whitespace where a
+    name or path is (everywhere but the words of vllm_extra_args and the values of vllm_extra_env); else None.
+
+    Control characters: Unicode categories Cc, Cf, Cs, Zl and Zp (newlines, NUL, escapes, bidi marks,
+    U+2028): a newline would end a line of a unit or env file, or of a log line.
+    """
+    import unicodedata
+
+    for text, free in _strings(value, name in FREE_TEXT):
+        for c in text:
+            cat = unicodedata.category(c)
+            what = f"U+{ord(c):04X} {unicodedata.name(c, cat)}"
+            if cat in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+                return (f"holds a control character ({what}), which would break the unit file, a command or a log line|"
+                        "remove it (a trailing newline from a file or a heredoc is the usual cause)")
+            if not free and (c.isspace() or cat == "Zs"):
+                return (f"holds whitespace ({what}) in a name or path, where systemd and the shell would split it|"
+                        "use a name or path without spaces")
+    return None
+
+
 def _model_problems(settings: Settings) -> list[Problem]:
-    """The model must name a profile in models/ or a directory holding config.json."""
+    """The model must name a profile in models/ or a directory holding config.json; the checks of the serve
+    options against the model that need no host (a length above the model's maximum, the reasoning parser)."""
     from vllm_fleet.errors import FleetError
     from vllm_fleet.planner.modelinfo import load_profile
 
     try:
-        load_profile(settings.model)
-    except FleetError as exc:
-        return [Problem(PREFIX + "model", settings.model, str(exc).split("\n")[0],
+        profile = load_profile(settings.model)
+    except Exception as exc:  # noqa: BLE001 - whatever stops reading the model (~nouser, a name too long) is this setting's
+        if not isinstance(exc, FleetError):
+            exc = FleetError(f"cannot be read as a profile or a model directory ({type(exc).__name__}: {exc})")
+        return [Problem(PREFIX + "model", settings.model, (str(exc) or type(exc).__name__).split("\n")[0],
                         "use a profile name from models/*.yaml (listed by `vllm-fleet plan --help`) or a directory holding config.json")]
-    return []
+    out = []
+    model_max = profile.arch.max_position_embeddings
+    if isinstance(settings.max_model_len, int) and settings.max_model_len > model_max:
+        out.append(Problem(PREFIX + "max_model_len", settings.max_model_len,
+                           f"is above the maximum context of {profile.name} ({model_max} tokens, max_position_embeddings)",
+                           f"set vllm_max_model_len = {model_max} or less, or \"auto\" (the largest that fits)"))
+    if settings.reasoning_parser is not None:
+        allowed = sorted({p for p in (profile.reasoning_parser, *profile.reasoning_parsers) if p})
+        known = serveargs.reasoning_parsers()
+        if profile.reasoning_parsers and settings.reasoning_parser not in allowed:
+            out.append(Problem(PREFIX + "reasoning_parser", settings.reasoning_parser,
+                               f"is not a reasoning parser of {profile.name}",
+                               f"set vllm_reasoning_parser to one of {', '.join(allowed)}, or leave it unset (the profile's default)"))
+        elif settings.version == serveargs.vllm_version() and settings.reasoning_parser not in known:
+            out.append(Problem(PREFIX + "reasoning_parser", settings.reasoning_parser,
+                               f"is no reasoning parser of vLLM {serveargs.vllm_version()}: vLLM would refuse to start",
+                               f"set vllm_reasoning_parser to one of {', '.join(known)}, or leave it unset"))
+    return out
 
 
 def _shown(name: str, value: object) -> object:
@@ -299,13 +402,9 @@ def _shown(name: str, value: object) -> object:
     if name in {r.key for r in vllm_options.rows(secret=True)}:
         return "***"
     if name == "extra_args" and isinstance(value, list):
-        out, hide, secrets = [], False, vllm_options.secret_flags()
-        for a in value:
-            flag = vllm_options.flag_name(str(a))
-            secret = flag in secrets
-            out.append("***" if hide else f"{str(a).split('=', 1)[0]}=***" if secret and "=" in str(a) else a)
-            hide = secret and "=" not in str(a)
-        return out
+        if not all(isinstance(a, str) for a in value):
+            return ["***" if isinstance(a, str) else a for a in value]
+        return serveargs.masked(value, vllm_options.secret_flags())
     if name == "extra_env" and isinstance(value, dict):
         return {k: "***" if k in _SECRET_ENV else v for k, v in value.items()}
     return value

@@ -81,6 +81,10 @@ def test_a_drifted_host_is_repaired_and_only_it_changes(test_hosts):
     ("vllm_prot=8100", ["vllm_prot=", "did you mean vllm_port?"]),
     ("vllm_bind_host=0.0.0.0", ["vllm_api_key=None", "reachable from other machines", "remedy:"]),
     ('vllm_gpus="0,1"', ["vllm_gpus='0,1'", "valid list"]),
+    # issue 14: a system directory, a plan-owned flag abbreviated as vLLM's parser allows, a privileged port
+    ("vllm_data_dir=/tmp", ["vllm_data_dir='/tmp'", "system directory", "remedy:"]),
+    ('vllm_extra_args=["--max-model", "4096"]', ["vllm_extra_args=", "set vllm_max_model_len instead"]),
+    ("vllm_port=80", ["vllm_port=80", "CAP_NET_BIND_SERVICE"]),
 ])
 def test_bad_input_stops_the_run_with_one_message_and_changes_nothing(test_hosts, data, words):
     probe = "/srv/vllm-fleet-bad-input-probe"

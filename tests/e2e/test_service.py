@@ -85,7 +85,12 @@ def test_first_deploy_is_gated_healthy_and_hardened(first):
         assert _status(port, "/v1/models", KEY) == 200
         assert _props(container)["ActiveState"] == "active"
         stat = host_exec(container, ["stat", "-c", "%U:%G %a", "/etc/vllm-fleet/vllm.env"]).stdout.strip()
-        assert stat == "root:vllm 640"
+        assert stat == "root:root 600"  # systemd reads it as root: the service still has its key (the 200 above)
+        gate_files = host_exec(container, ["sh", "-c", "stat -c '%a' /opt/vllm-fleet/state/vllm.gate.log "
+                                                       "/opt/vllm-fleet/state/vllm.gate.json"]).stdout.split()
+        assert gate_files == ["600", "600"], gate_files
+        leftovers = host_exec(container, ["sh", "-c", "ls -a /etc/vllm-fleet /etc/systemd/system | grep -c vllm-fleet-new; true"])
+        assert leftovers.stdout.strip() == "0", leftovers.stdout  # every staged upload was renamed into place
         verify = host_exec(container, ["systemd-analyze", "verify", "vllm.service"])
         assert verify.returncode == 0 and "vllm.service" not in verify.stderr, verify.stderr
         security = host_exec(container, ["systemd-analyze", "security", "vllm.service", "--no-pager"]).stdout

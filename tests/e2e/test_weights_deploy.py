@@ -31,8 +31,8 @@ HOST = "fleet-c"
 DATA = "/srv/wfull"
 SERVICE = "vllm-wfull"
 PORT = 18970
-DEST = f"{DATA}/models/{repo.REPO_ID}"
-STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}"
+DEST = f"{DATA}/models/{repo.REPO_ID}/main"  # one directory per revision (none pinned: main)
+STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}/main"
 MARKER = f"/opt/vllm-fleet/state/{SERVICE}.weights-pending"
 KEY = "sk-wfull-" + secrets.token_hex(8)
 SERVED = "tiny-minimax-m2"
@@ -78,7 +78,7 @@ def mirror(test_hosts):
     print(f"\n[weights-deploy] timings: {json.dumps({k: round(v, 1) for k, v in TIMES.items()})}")
 
 
-def deploy(m: Mirror, label: str, *extra: str, check: bool = True):
+def deploy(m: Mirror, label: str, *extra: str, check: bool = True, env: dict[str, str] | None = None, yes: bool = True):
     srcs = [{"kind": "hf", "repo": repo.REPO_ID, "endpoint": m.url}]
     args = ["--limit", HOST, "deploy.py",
             "--data", f"vllm_port={PORT}", "--data", f"vllm_data_dir={DATA}", "--data", f"vllm_service_name={SERVICE}",
@@ -88,7 +88,7 @@ def deploy(m: Mirror, label: str, *extra: str, check: bool = True):
             "--data", "vllm_disk_headroom_gib=0", *extra]
     wait_no_fault()
     t0 = time.monotonic()
-    r = run_pyinfra(args, env={"VLLM_FLEET_API_KEY": KEY}, check=check, timeout=400)
+    r = run_pyinfra(args, env=env or {"VLLM_FLEET_API_KEY": KEY}, check=check, timeout=400, yes=yes)
     TIMES[label] = time.monotonic() - t0
     return r
 
@@ -234,3 +234,57 @@ def test_no_wait_redownload_without_a_unit_change_restarts_on_the_next_run(mirro
     again = deploy(mirror, "final no-op rerun", "--data", "vllm_restart_sec=3")
     assert changed_ops(again) == {HOST: 0}, changed_names(again)
     assert models() == [SERVED]
+
+
+def test_the_hf_token_and_the_key_never_leak_and_stay_root_only(mirror):
+    """Issue 14, item 5: with an HF token set, -vvv and --dry --diff (token change) print neither secret; both env
+    files are root:root 0600 with no staged leftover; the token is in no argv, journal, unit or config."""
+    token, other = "hf_wfull_" + secrets.token_hex(10), "hf_wfull_" + secrets.token_hex(10)
+    env = {"VLLM_FLEET_API_KEY": KEY, "VLLM_FLEET_HF_TOKEN": token}
+    outputs = {
+        "-vvv": deploy(mirror, "secrets -vvv", "-vvv", env=env).output,
+        "--dry --diff -vvv (token change)": deploy(mirror, "secrets dry diff", "--dry", "--diff", "-vvv",
+                                                   env={**env, "VLLM_FLEET_HF_TOKEN": other}, yes=False).output,
+    }
+    assert "EnvironmentFile" in outputs["--dry --diff -vvv (token change)"]
+    for name, text in outputs.items():
+        for secret in (KEY, token, other):
+            assert secret not in text, f"a secret is in the pyinfra output of {name}"
+    for path, holds in ((f"/etc/vllm-fleet/{SERVICE}.env", KEY), (f"/etc/vllm-fleet/{SERVICE}-fetch.env", token)):
+        assert host_exec(HOST, ["stat", "-c", "%U:%G %a", path]).stdout.strip() == "root:root 600", path
+        assert holds in host_exec(HOST, ["cat", path]).stdout  # the scan below can see it where it is
+    staged = host_exec(HOST, ["sh", "-c", "ls -a /etc/vllm-fleet /etc/systemd/system | grep -c vllm-fleet-new; true"])
+    assert staged.stdout.strip() == "0"
+    places = {
+        "ps argv": ["ps", "-eo", "args"],
+        "journal": ["journalctl", "--no-pager", "-o", "cat"],
+        "units": ["sh", "-c", f"cat /etc/systemd/system/{SERVICE}.service /etc/systemd/system/{SERVICE}-fetch.service"],
+        "configs and state": ["sh", "-c", f"cat /etc/vllm-fleet/{SERVICE}.gate.json {STATE}/*.json /opt/vllm-fleet/state/{SERVICE}.*"],
+        "gate log mode": ["stat", "-c", "%a", f"/opt/vllm-fleet/state/{SERVICE}.gate.log"],
+    }
+    for name, cmd in places.items():
+        out = host_exec(HOST, cmd).stdout
+        assert token not in out and KEY not in out, f"a secret is in {name} on {HOST}"
+    assert host_exec(HOST, places["gate log mode"]).stdout.strip() == "600"
+
+
+def test_uninstall_removes_both_env_files(mirror):
+    """Issue 14, item 5: uninstall removes the service's and the download unit's secrets."""
+    r = run_pyinfra(["--limit", HOST, "uninstall.py", "--data", f"vllm_service_name={SERVICE}", "--data",
+                     f"vllm_data_dir={DATA}"], timeout=400)
+    assert r.returncode == 0
+    left = host_exec(HOST, ["sh", "-c", f"ls -a /etc/vllm-fleet | grep -- '{SERVICE}' ; true"]).stdout.split()
+    assert not [f for f in left if f.endswith(("env", "env.prev", "vllm-fleet-new", ".tmp"))], left
+
+
+def test_the_service_never_starts_on_a_revision_that_is_not_verified(mirror):
+    """Issue 15 item 7: the unit asserts the fetch program's marker (a reboot mid-download starts nothing)."""
+    unit = host_exec(HOST, f"cat /etc/systemd/system/{SERVICE}.service").stdout
+    assert f"AssertPathExists={STATE}/verified.json" in unit
+    host_exec(HOST, f"mv {STATE}/verified.json {STATE}/verified.json.away")
+    try:
+        r = host_exec(HOST, f"systemctl restart {SERVICE}.service")
+        assert r.returncode != 0  # the assertion fails the start: vLLM is not run on these files
+        assert host_exec(HOST, f"systemctl is-active {SERVICE}.service").stdout.strip() != "active"
+    finally:
+        host_exec(HOST, f"mv {STATE}/verified.json.away {STATE}/verified.json; systemctl restart {SERVICE}.service")

@@ -22,8 +22,8 @@ HOST = "@docker/fleet-b"
 DATA = "/srv/ms-test"
 BASE = "/opt/vllm-fleet-mstest"
 UNIT = "vllm-mstest-fetch"
-DEST = f"{DATA}/models/{repo.REPO_ID}"
-STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}"
+DEST = f"{DATA}/models/{repo.REPO_ID}/main"  # one directory per revision (none pinned: main)
+STATE = f"{DATA}/weights-state/{repo.REPO_ID.replace('/', '--')}/main"
 
 
 def _clean() -> None:

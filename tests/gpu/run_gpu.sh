@@ -25,11 +25,11 @@ if [ ! -f /tmp/vf-done/env ]; then
   touch /tmp/vf-done/env
 fi
 # label tp ep data_dir fresh estimate_s
-STEPS="tp1-cold 1 0 /tmp/vf-tp1 1 170
-tp1-warm 1 0 /tmp/vf-tp1 0 110
-tp2-cold 2 0 /tmp/vf-tp2 1 180
-tp2-warm 2 0 /tmp/vf-tp2 0 130
-tp2ep-cold 2 1 /tmp/vf-tp2ep 1 170"
+STEPS="tp1-cold 1 0 /srv/vf-tp1 1 170
+tp1-warm 1 0 /srv/vf-tp1 0 110
+tp2-cold 2 0 /srv/vf-tp2 1 180
+tp2-warm 2 0 /srv/vf-tp2 0 130
+tp2ep-cold 2 1 /srv/vf-tp2ep 1 170"
 rc=0
 while read -r label tp ep dir fresh est; do
   [ -f "/tmp/vf-done/$label" ] && continue

@@ -5,7 +5,7 @@ One run = plan + render through the toolkit, start the rendered argv with the re
 environment, probe the API, read vLLM's KV log lines, compare them with the plan, stop.
 
     VLLM_API_KEY=... python3 tests/gpu/smoke.py --model /tmp/tinym --venv /tmp/vroot \\
-        --tp 1 --label tp1-cold --data-dir /tmp/vf-tp1 --fresh --out $OUT
+        --tp 1 --label tp1-cold --data-dir /srv/vf-tp1 --fresh --out $OUT
 
 --venv is a directory whose bin/vllm starts vLLM (a service venv, or the launcher that
 tests/gpu/kit.sh writes). --fresh deletes --data-dir first: a cold compile cache (the

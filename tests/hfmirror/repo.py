@@ -44,10 +44,15 @@ class RepoFile:
         return self.sha256 is not None
 
 
-def _safetensors(tensor_bytes: bytes, name: str) -> bytes:
-    header = json.dumps({name: {"dtype": "U8", "shape": [len(tensor_bytes)], "data_offsets": [0, len(tensor_bytes)]}}).encode()
+def _safetensors_header(size: int, name: str) -> bytes:
+    """The safetensors header of one uint8 tensor of `size` bytes."""
+    header = json.dumps({name: {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
     header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header + tensor_bytes
+    return struct.pack("<Q", len(header)) + header
+
+
+def _safetensors(tensor_bytes: bytes, name: str) -> bytes:
+    return _safetensors_header(len(tensor_bytes), name) + tensor_bytes
 
 
 def _key() -> str:
@@ -57,11 +62,16 @@ def _key() -> str:
     return h.hexdigest()[:12]
 
 
-def build(shards: int = SHARDS, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the repo once into the cache (atomic rename); return its directory."""
-    out = CACHE / f"hfmirror-repo-{_key()}-{shards}x{shard_bytes}"
+def build(shards: int = SHARDS, shard_bytes: int = SHARD_BYTES, cache: Path | None = None) -> Path:
+    """Write the repo once into the cache (atomic rename); return its directory.
+
+    + cache: where (default: VLLM_FLEET_CACHE or ~/.cache/vllm-fleet); the benchmark's large repo goes elsewhere
+    """
+    cache = cache or CACHE
+    out = cache / f"hfmirror-repo-{_key()}-{shards}x{shard_bytes}"
     if out.is_dir():
         return out
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(FIXTURE, tmp)
@@ -70,11 +80,19 @@ def build(shards: int = SHARDS, shard_bytes: int = SHARD_BYTES) -> Path:
     for i in range(1, shards + 1):
         fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
         tensor = f"model.layers.{i - 1}.weight"
-        (tmp / fname).write_bytes(_safetensors(rng.randbytes(shard_bytes), tensor))
+        if shard_bytes <= 64 * 1024 * 1024:
+            (tmp / fname).write_bytes(_safetensors(rng.randbytes(shard_bytes), tensor))
+        else:  # large shards (benchmarks): random blocks written as they are made, not held in memory
+            block = 16 * 1024 * 1024
+            with (tmp / fname).open("wb") as out_fh:
+                out_fh.write(_safetensors_header(shard_bytes, tensor))
+                for _ in range(shard_bytes // block):
+                    out_fh.write(rng.randbytes(block))
+                out_fh.write(rng.randbytes(shard_bytes % block))
         weight_map[tensor] = fname
     index = {"metadata": {"total_size": shards * shard_bytes}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
 
@@ -93,12 +111,17 @@ def manifest(repo_dir: Path) -> list[RepoFile]:
     """What a hub reports for every file of `repo_dir` (sorted by name)."""
     out = []
     for p in sorted(q for q in repo_dir.rglob("*") if q.is_file()):
-        data = p.read_bytes()
         name = p.relative_to(repo_dir).as_posix()
         if name.endswith(LFS_SUFFIXES):
-            sha = hashlib.sha256(data).hexdigest()
-            out.append(RepoFile(name, len(data), git_blob_sha1(lfs_pointer(sha, len(data))), sha))
+            h, size = hashlib.sha256(), 0
+            with p.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+            sha = h.hexdigest()
+            out.append(RepoFile(name, size, git_blob_sha1(lfs_pointer(sha, size)), sha))
         else:
+            data = p.read_bytes()
             out.append(RepoFile(name, len(data), git_blob_sha1(data), None))
     return out
 

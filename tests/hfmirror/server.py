@@ -7,12 +7,15 @@ Endpoints (read from huggingface_hub 2.4's hf_api.py / file_download.py):
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (recursive listing, as ``list_repo_tree``)
 - ``HEAD|GET /{repo}/resolve/{rev}/{file}``: ``X-Repo-Commit``, ``ETag`` (git blob sha1, or
   the sha256 for LFS files), ``X-Linked-Etag`` / ``X-Linked-Size`` for LFS files,
-  ``Accept-Ranges``; ``Range: bytes=N-`` answers 206 with ``Content-Range``.
+  ``Accept-Ranges``; ``Range: bytes=N-`` answers 206 with ``Content-Range``, unless an
+  ``If-Range`` names another ETag (then 200 and the whole file, as RFC 9110 says).
 - ``GET /wheels/``: a directory listing of a wheel folder (pip ``--find-links``).
 
 Switches for fault tests: ``mode`` "ok" | "fail" (HTTP 500 on every hub call) | "down"
 (the listening socket is closed: connection refused); ``rate`` (bytes/s per response,
-0 = unthrottled). Counters: ``bytes_served`` per file, ``requests``.
+0 = unthrottled: the file is sent with sendfile(2), so the mirror costs little CPU in benchmarks).
+Counters: ``bytes_served`` per file (bytes handed to the socket), ``requests``, ``ranges`` (the
+``Range`` / ``If-Range`` each file request carried).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Mirror:
         self.rate = 0
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, str, str]] = []  # (file, Range, If-Range) of every file request
         self._lock = threading.Lock()
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -100,6 +104,7 @@ class Mirror:
         with self._lock:
             self.bytes_served.clear()
             self.requests.clear()
+            self.ranges.clear()
 
     def _info(self) -> dict:
         return {
@@ -190,6 +195,11 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(f.size)})
         start, end = 0, f.size - 1
         rng = _RANGE.match(self.headers.get("Range", ""))
+        if_range = self.headers.get("If-Range", "")
+        with m._lock:
+            m.ranges.append((f.name, self.headers.get("Range", ""), if_range))
+        if rng and if_range and if_range != etag:
+            rng = None  # the client's copy is of other content: the whole file
         code = 200
         if rng:
             start = int(rng[1])
@@ -208,6 +218,8 @@ class _Handler(BaseHTTPRequestHandler):
         with (m.repo_dir / f.name).open("rb") as fh:
             fh.seek(start)
             left = end - start + 1
+            if not m.rate:
+                return self._sendfile(f, fh, start, left)
             while left > 0:
                 if m.mode != "ok":
                     self.close_connection = True
@@ -222,6 +234,24 @@ class _Handler(BaseHTTPRequestHandler):
                     m.bytes_served[f.name] += len(chunk)
                 if m.rate:
                     time.sleep(len(chunk) / m.rate)
+
+    def _sendfile(self, f: RepoFile, fh, offset: int, left: int) -> None:
+        """Send `left` bytes from `offset` with sendfile(2), counting them, stopping when the mode leaves "ok"."""
+        m = self.owner
+        while left > 0:
+            if m.mode != "ok":
+                self.close_connection = True
+                return
+            try:
+                sent = self.connection.sendfile(fh, offset, min(left, 8 * 1024 * 1024))
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            if not sent:
+                return
+            offset += sent
+            left -= sent
+            with m._lock:
+                m.bytes_served[f.name] += sent
 
     def _wheels(self, path: str, head: bool) -> None:
         d = self.owner.wheels

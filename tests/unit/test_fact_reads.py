@@ -86,3 +86,16 @@ def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, tmp_pat
     fetch = [kw for n, _, kw in run.reads if n == "FileStates" and "vllm-fetch.service" in kw]
     assert len(fetch) == (1 if "vllm_weights_sources" in extra else 0), run.keys()  # the download's four files: one read
     assert [k for k in run.twice() if k[0] not in STOCK] == []
+
+
+def test_a_first_deploy_installs_and_starts_the_watchdog_and_its_units(no_host_checks, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("VLLM_FLEET_CACHE", str(tmp_path / "cache"))
+    run = fake_run({"vllm_model": TINY, "vllm_port": 8101, "vllm_gpus": [0, 1, 2, 3]}, _answer)
+    run.run_file("deploy.py")
+    service = [kw for n, _, kw in run.reads if n == "FileStates" and "/etc/systemd/system/vllm.service'" in kw][0]
+    for path in ("vllm-watchdog.service", "vllm-devices.service", "vllm.watchdog.json", "bin/vllm-fleet-watchdog"):
+        assert path in service, path  # in the same one read as the unit
+    assert run.count("NvidiaDevices") == 1 and run.count("CompanionUnits") == 1
+    commands = " \n".join(str(c) for c in run.execute())
+    assert "systemctl restart vllm-watchdog.service" in commands and "systemctl enable vllm-watchdog.service" in commands

@@ -147,7 +147,7 @@ def test_an_empty_inventory_is_an_empty_fleet():
 @pytest.mark.parametrize("value,words", [
     ("http://10.0.0.5", "neither an IP address nor a host name"),
     ("10.0.0.5:8100", "neither an IP address nor a host name"),
-    ("gpu 01", "neither an IP address nor a host name"),
+    ("gpu 01", "holds whitespace"),
     ("-gpu01", "neither an IP address nor a host name"),
     ("0.0.0.0", "is a wildcard"),
     ("::", "is a wildcard"),

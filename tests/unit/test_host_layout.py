@@ -6,19 +6,23 @@ import inspect
 
 import pytest
 
-from vllm_fleet.layout import CONFIG_DIR, UNIT_DIR, HostLayout
+from vllm_fleet.layout import write_leftovers, CONFIG_DIR, UNIT_DIR, HostLayout
 from vllm_fleet.settings import Settings
 
 # Paths that are the same for every service on a host sharing base_dir/data_dir (programs, tools, roots).
 SHARED = {"config_dir", "unit_dir", "base_dir", "data_dir", "home", "bin_dir", "gate_program", "venv_program",
           "state_dir", "venvs_dir", "uv_dir", "uv", "tool_cache_dir", "uv_cache", "wheelhouse_dir", "src_dir",
           "fetch_dir", "fetch_program", "fetch_venv", "weights_state_dir", "models_dir", "cache_dir", "vllm_cache",
-          "hf_home", "triton_cache", "torchinductor_cache", "modelscope_cache", "modelscope_home"}
+          "hf_home", "triton_cache", "torchinductor_cache", "modelscope_cache", "modelscope_home", "watchdog_program",
+          "runtime_home", "cuda_cache"}
 # Names that are not paths, and the same path under two names on purpose.
-NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs"}
-ALIASES = {"home": "data_dir"}  # the service's HOME is data_dir
+NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watchdog_unit", "devices_unit", "gate_unit"}
+# home: the service user's home directory and WorkingDirectory is data_dir; runtime_home: the HOME it runs with
+# is the writable cache dir.
+ALIASES = {"home": "data_dir", "runtime_home": "cache_dir"}
 SAMPLE = {"venv": "vllm-0.25.0-cu130", "source_checkout": "vllm-0.25.0-src.v1-cu130", "weights_state": "Org/Name",
-          "fetch_config": "Org/Name", "model": "Org/Name"}
+          "fetch_config": ("Org/Name", "abc"), "model": "Org/Name", "model_revision": ("Org/Name", "abc"),
+          "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc")}
 
 
 def _paths(lay: HostLayout) -> dict[str, str]:
@@ -30,7 +34,8 @@ def _paths(lay: HostLayout) -> dict[str, str]:
         if isinstance(value, str):
             out[name] = value
         elif name in SAMPLE:
-            out[name] = value(SAMPLE[name])
+            args = SAMPLE[name]
+            out[name] = value(*args) if isinstance(args, tuple) else value(args)
         elif name == "prev":  # the gate's last-good copies of this service's unit and env file
             out["prev"], out["prev_env"] = value(lay.unit_path), value(lay.env_file)
     return out
@@ -76,7 +81,7 @@ def test_the_paths_hosts_already_have_are_unchanged():
     assert (lay.fetch_unit_path, lay.fetch_env_file, lay.fetch_program, lay.fetch_venv) == (
         "/etc/systemd/system/vllm-fetch.service", "/etc/vllm-fleet/vllm-fetch.env",
         "/opt/vllm-fleet/fetch/fetch_weights.py", "/opt/vllm-fleet/fetch/venv")
-    assert lay.fetch_config("Org/Name") == "/var/lib/vllm-fleet/weights-state/Org--Name/fetch.json"
+    assert lay.weights_state("Org/Name") == "/var/lib/vllm-fleet/weights-state/Org--Name"  # the flat layout's state
     assert (lay.venv("vllm-0.25.0-cu130"), lay.uv, lay.uv_cache, lay.wheelhouse_dir, lay.source_checkout("x")) == (
         "/opt/vllm-fleet/venvs/vllm-0.25.0-cu130", "/opt/vllm-fleet/uv/bin/uv", "/opt/vllm-fleet/cache/uv",
         "/opt/vllm-fleet/wheelhouse", "/opt/vllm-fleet/src/x")
@@ -110,7 +115,10 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
 
     always = {LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config, LAY.gate_state,
               LAY.gate_log, LAY.weights_pending, LAY.prev(LAY.unit_path), LAY.prev(LAY.env_file), LAY.fetch_dir,
-              LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program}
+              LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program,
+              LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program}
+    # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
+    always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file) for p in write_leftovers(f)}
     assert removed() == always
     assert removed(purge_venvs=True) == always | {LAY.venvs_dir, LAY.src_dir, LAY.uv_cache}
     assert removed(purge_weights=True) == always | {LAY.models_dir, LAY.cache_dir}
@@ -133,3 +141,17 @@ def test_uninstall_keeps_the_shared_tooling_while_another_service_is_deployed():
         assert not targets[path].remove and targets[path].why == "kept: also used by vllm-c on this host"
     for path in (LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config):
         assert targets[path].remove
+
+
+def test_each_revision_has_its_own_weights_dir_state_and_verified_marker():
+    lay = HostLayout.of(Settings(model="minimax-m2"))
+    assert lay.model_revision("Org/Name", "a" * 40) == f"/var/lib/vllm-fleet/models/Org/Name/{'a' * 40}"
+    assert lay.model_revision("Org/Name", None) == "/var/lib/vllm-fleet/models/Org/Name/main"
+    assert lay.model_revision("Org/Name", "refs/pr/1") == "/var/lib/vllm-fleet/models/Org/Name/refs-pr-1"
+    assert lay.fetch_config("Org/Name", "v1") == "/var/lib/vllm-fleet/weights-state/Org--Name/v1/fetch.json"
+    marker = lay.weights_verified("Org/Name", "v1")
+    assert marker == "/var/lib/vllm-fleet/weights-state/Org--Name/v1/verified.json"
+    # the service unit finds the marker from the path it serves, through the layout alone
+    assert lay.weights_marker_of(lay.model_revision("Org/Name", "v1")) == marker
+    assert lay.weights_marker_of(lay.model("tiny-minimax-m2")) is None  # a mirrored model dir
+    assert lay.weights_marker_of("/models/m2") is None  # a directory served in place

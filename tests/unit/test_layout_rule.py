@@ -6,7 +6,7 @@
   topology from pyinfra's context (`vllm_fleet/fleet.py` is its pure logic);
   `cli/status.py` connects with pyinfra's API to read the fleet. Every other
   module is pure: it never imports pyinfra.
-- A capability's host program is its `hostprog.py`: stdlib only, no import of
+- A capability's host programs are its `hostprog.py` (and `hostprog_<name>.py` for a second one): stdlib only, no import of
   vllm_fleet, since it runs on the host outside any venv of ours.
 """
 
@@ -46,7 +46,7 @@ def test_pure_modules_never_import_pyinfra(path: Path):
     assert "pyinfra" not in _imports(path), f"vllm_fleet/{rel} is pure logic and imports pyinfra"
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*/hostprog.py")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*/hostprog*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_host_programs_are_stdlib_only(path: Path):
     outside = {name for name in _imports(path) if name not in sys.stdlib_module_names and name != "__future__"}
     # Lazy imports of what the program runs next to, in a venv of its own: the weights worker's download

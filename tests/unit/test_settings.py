@@ -36,7 +36,7 @@ MALFORMED = [
     ("max-len-word", {"vllm_max_model_len": "max"}, "vllm_max_model_len", "valid integer"),
     ("max-len-tiny", {"vllm_max_model_len": 4}, "vllm_max_model_len", "too small"),
     ("kv-dtype", {"vllm_kv_cache_dtype": "int4"}, "vllm_kv_cache_dtype", "fp8"),
-    ("block-size-odd", {"vllm_block_size": 24}, "vllm_block_size", "power of two"),
+    ("block-size-odd", {"vllm_block_size": 24}, "vllm_block_size", "attention backends take"),
     ("kv-bytes-negative", {"vllm_kv_cache_memory_bytes": -5}, "vllm_kv_cache_memory_bytes", "greater than 0"),
     ("api-key-in-extra-args", {"vllm_extra_args": ["--api-key", "sekrit-value"]}, "vllm_extra_args", "EnvironmentFile"),
     ("plan-owned-flag", {"vllm_extra_args": ["--port=9000"]}, "vllm_extra_args", "set vllm_port instead"),

@@ -516,11 +516,116 @@ def test_the_documented_remedies_make_the_fault_go_away(tmp_path, fault, flags):
     assert double.terminate() < 1.0 and double.proc.returncode == 0
 
 
-def test_crash_after_start_serves_then_exits_1(tmp_path):
-    double = start(tmp_path, VLLM_DOUBLE_FAULT="crash_after_start", VLLM_DOUBLE_CRASH_SECONDS="0.8")
+def engine_pid(double: Double) -> int:
+    """The engine process's pid, from its log prefix."""
+    found = re.search(r"^\(EngineCore_DP0 pid=(\d+)\) ", double.output, re.M)
+    assert found, double.output
+    return int(found.group(1))
+
+
+def timed_request(port: int, path: str, body: Optional[dict] = None, timeout: float = 2.0) -> int:
+    """The status of one request with a deadline; 0 when nothing answered in time (or at all)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+COMPLETION = {"prompt": "ping", "max_tokens": 1}
+
+
+def test_the_engine_core_is_a_child_process_with_its_own_pid(tmp_path):
+    double = start(tmp_path)
+    double.wait_for("Application startup complete.")
+    try:
+        pid = engine_pid(double)
+        assert pid != double.proc.pid
+        with open(f"/proc/{pid}/stat") as stat:
+            assert int(stat.read().rsplit(")", 1)[1].split()[1]) == double.proc.pid  # its parent is the API server
+        assert re.search(r"^\(EngineCore_DP0 pid=%d\) INFO .* GPU KV cache size: " % pid, double.output, re.M)
+        assert re.search(r"^\(APIServer pid=%d\) .*Starting vLLM server on " % double.proc.pid, double.output, re.M)
+        assert timed_request(double.port, "/v1/completions", COMPLETION) == 200
+    finally:
+        assert double.terminate() < 1.0 and double.proc.returncode == 0
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()  # stopped with it
+
+
+def test_engine_sigkill_health_503_then_the_api_server_exits_0(tmp_path):
+    # What real vLLM 0.25 did on an H200 under systemd: /health 503 for ~4 s, then exit status 0.
+    double = start(tmp_path, VLLM_DOUBLE_WATCHDOG_SECONDS="1.5")
+    double.wait_for("Application startup complete.")
+    assert timed_request(double.port, "/health") == 200
+    killed = time.monotonic()
+    os.kill(engine_pid(double), signal.SIGKILL)
+    double.wait_for("[shutdown] MPClient: engine core exited unexpectedly; starting cleanup", timeout=3)
+    assert timed_request(double.port, "/health") == 503
+    assert timed_request(double.port, "/v1/completions", COMPLETION) == 500
+    assert double.wait_exit(5) == 0
+    down = time.monotonic() - killed
+    assert 0.0 < down <= 1.5 + 0.5, down  # at the API server's next watchdog tick
+    assert re.search(r"^\(APIServer pid=\d+\) WARNING .* \[core_client.py\] \[shutdown\] MPClient", double.output, re.M)
+    assert "Application shutdown complete." in double.output
+
+
+def test_a_stopped_engine_keeps_health_and_metrics_200_while_completions_time_out(tmp_path):
+    double = start(tmp_path, VLLM_DOUBLE_WATCHDOG_SECONDS="0.5")
+    double.wait_for("Application startup complete.")
+    pid = engine_pid(double)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.2)  # two watchdog ticks: a hung engine is not a dead one
+        assert timed_request(double.port, "/health") == 200
+        assert timed_request(double.port, "/metrics") == 200
+        began = time.monotonic()
+        assert timed_request(double.port, "/v1/completions", COMPLETION, timeout=1.5) == 0
+        assert time.monotonic() - began >= 1.4
+        assert double.proc.poll() is None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert timed_request(double.port, "/v1/completions", COMPLETION) == 200  # served again at once
+    assert double.terminate() < 1.0
+
+
+def test_metrics_are_vllms_gauges_without_the_key(tmp_path):
+    double = start(tmp_path, "--served-model-name", "minimax-m2", VLLM_API_KEY=KEY)
+    double.wait_for("Application startup complete.")
+    try:
+        status, body = double.request("/metrics", key=None)
+        assert status == 200
+        assert 'vllm:num_requests_running{engine="0",model_name="minimax-m2"} 0.0' in body.decode()
+    finally:
+        double.terminate()
+
+
+def test_api_server_sigkill_leaves_the_engine_running(tmp_path):
+    # Outside systemd nothing reaps it (under systemd the unit's cgroup is killed): a GPU-holding leftover.
+    double = start(tmp_path, VLLM_DOUBLE_ORPHAN_SECONDS="30")
+    double.wait_for("Application startup complete.")
+    pid = engine_pid(double)
+    try:
+        double.proc.kill()
+        assert double.wait_exit(5) == -signal.SIGKILL
+        time.sleep(0.5)
+        with open(f"/proc/{pid}/status") as status:
+            assert "State:\tS" in status.read()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_crash_after_start_the_engine_errors_and_the_api_server_exits_0(tmp_path):
+    double = start(tmp_path, VLLM_DOUBLE_FAULT="crash_after_start", VLLM_DOUBLE_CRASH_SECONDS="0.8",
+                   VLLM_DOUBLE_WATCHDOG_SECONDS="0.5")
     double.wait_for("Application startup complete.")
     assert double.request("/health")[0] == 200
-    assert double.wait_exit(5) == 1
+    assert double.wait_exit(5) == 0
+    assert re.search(r"^\(EngineCore_DP0 pid=\d+\) ERROR .* EngineCore encountered a fatal error\.", double.output, re.M)
     assert "EngineDeadError: EngineCore encountered an issue." in double.output
 
 
@@ -566,3 +671,17 @@ def test_the_wheel_builds_installs_from_a_wheelhouse_and_serves(tmp_path):
         assert "vLLM server version 0.26.0, serving model" in double.output
     finally:
         assert double.terminate() < 1.0
+
+
+def test_memory_hog_grows_the_engines_memory_while_serving(tmp_path):
+    double = start(tmp_path, VLLM_DOUBLE_FAULT="memory_hog", VLLM_DOUBLE_HOG_MIB="256")
+    double.wait_for("Application startup complete.")
+    try:
+        pid = engine_pid(double)
+        time.sleep(1.0)
+        with open(f"/proc/{pid}/status") as status:
+            rss_kib = int(next(l for l in status if l.startswith("VmRSS:")).split()[1])
+        assert rss_kib >= 200 * 1024, rss_kib  # 256 MiB touched (4 x 64), besides the interpreter
+        assert timed_request(double.port, "/health") == 200
+    finally:
+        double.terminate()

@@ -19,10 +19,11 @@ class AccountSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     service_user: str = Field("vllm", description="unprivileged system user the service runs as")
+    adopt_existing_user: bool = Field(False, description="True = take over an existing account of vllm_service_user that vllm-fleet did not create (its shell becomes nologin); False = preflight refuses it")
 
     @field_validator("service_user")
     @classmethod
     def _user(cls, v: str) -> str:
-        if not _USER_RE.match(v) or v == "root":
+        if not _USER_RE.fullmatch(v) or v == "root":
             raise ValueError("is not a valid unprivileged user name|use a lower-case name such as vllm (never root)")
         return v

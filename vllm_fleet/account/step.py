@@ -10,7 +10,7 @@ change it, and nobody else can read its data or secrets):
     {data_dir}            user:user     0750  the service's home
     {data_dir}/models     user:user     0750  weights
     {data_dir}/cache      user:user     0750  HF / vLLM compile caches
-    /etc/vllm-fleet       root:user     0750  env files (secrets at 0640 root:user)
+    /etc/vllm-fleet       root:user     0750  env files (secrets at 0600 root:root)
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     files = render(settings, plan, venv, systemd_version=args.systemd_version, show_secrets=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for host_path, text in ((files.unit_path, files.unit), (files.env_path, files.env)):
+    for host_path, text in ((files.unit_path, files.unit), (files.env_path, files.env), *files.units):
         target = out / Path(host_path).name
         target.write_text(text)
         print(f"{target}  (on the host: {host_path})")

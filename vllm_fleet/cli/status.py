@@ -100,7 +100,29 @@ def in_inventory_order(names: list[str], results: Mapping[str, dict]) -> dict[st
     A host without a result did not connect. Numbers the gate sent as text (older
     gates and nvidia-smi's fields: "32768") become numbers (`_numbers`).
     """
-    return {name: _numbers(results[name]) if name in results else {"error": "could not connect"} for name in names}
+    rows = {name: _numbers(results[name]) if name in results else {"error": "could not connect"} for name in names}
+    for row in rows.values():
+        if "error" not in row and "restarts" in row:  # an installed unit's status
+            row["restart_loop"] = restart_loop(row)
+    return rows
+
+
+LOOP_RESTARTS = 3
+LOOP_UPTIME_S = 600
+
+
+def restart_loop(item: dict) -> bool:
+    """True when the service is in a restart loop: systemd is between two tries (``activating/auto-restart``, or
+    starting again after restarts), or it restarted at least LOOP_RESTARTS times and has been up less than
+    LOOP_UPTIME_S. With Restart=always and no start limit the unit never ends "failed"; this is how it shows."""
+    unit = str(item.get("unit", ""))
+    restarts = item.get("restarts") if isinstance(item.get("restarts"), int) else 0
+    if unit == "activating/auto-restart":
+        return True
+    if unit.startswith("activating/") and restarts > 0:
+        return True
+    uptime = item.get("uptime_s")
+    return restarts >= LOOP_RESTARTS and (uptime is None or uptime < LOOP_UPTIME_S)
 
 
 NUMERIC = ("restarts", "uptime_s", "health")
@@ -163,7 +185,8 @@ def _cells(name: str, item: dict) -> list[str]:
                     for g in item.get("gpus") or []) or "-"
     last = item.get("last_gate")
     return [name, str(item.get("unit")), str(item.get("model") or "-"), str(item.get("version") or "-"),
-            _uptime(item.get("uptime_s")), _text(item.get("restarts"), "-"), gpus,
+            _uptime(item.get("uptime_s")),
+            _text(item.get("restarts"), "-") + (" (restart loop)" if item.get("restart_loop") else ""), gpus,
             str(item.get("health") or "no answer"), "-" if not last else ("passed" if last["ok"] else "FAILED")]
 
 

@@ -19,10 +19,10 @@ from io import BytesIO
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.server import Home
 
-from vllm_fleet.layout import SECRET_MODE
+from vllm_fleet.layout import ACCOUNT_COMMENT, SECRET_GROUP, SECRET_MODE, SECRET_USER, staged_path
 from vllm_fleet.hostops.facts import (
     MISSING,
     FileState,
@@ -76,7 +76,7 @@ def directories(dirs: Sequence[Dir]):
 
 
 @operation()
-def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
+def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin", comment: str = ACCOUNT_COMMENT):
     """
     Ensure a system user and its group of the same name exist, with that group and shell.
 
@@ -85,6 +85,7 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
       account keeps its home: several deployments (data dirs) may share the
       account, and the service gets HOME from its unit, not from passwd.
     + shell: login shell
+    + comment: GECOS comment given at creation: the toolkit's mark (preflight tells its own account by it)
 
     .. code:: python
 
@@ -95,7 +96,8 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin"):
     if acct.group is None:
         yield f"groupadd --system {n}"
     if acct.user is None:
-        yield f"useradd --system --gid {n} --home-dir {shlex.quote(home)} --no-create-home --shell {shlex.quote(shell)} {n}"
+        yield (f"useradd --system --gid {n} --home-dir {shlex.quote(home)} --no-create-home --shell {shlex.quote(shell)} "
+               f"--comment {shlex.quote(comment)} {n}")
         return
     _, _, _, gid, _, _, cur_shell = (list(acct.user) + [""] * 7)[:7]
     fixes = []
@@ -189,17 +191,29 @@ class ManagedFile:
         return f"ManagedFile({self.path!r}, {'<secret>' if self.secret else '...'}, {self.user}:{self.group} {self.mode})"
 
 
-def secret_file(path: str, service_user: str, text: str) -> ManagedFile:
+def secret_file(path: str, text: str) -> ManagedFile:
     """Every secret file on a host (the service's and the download unit's EnvironmentFile) is this:
-    root:<service user>, mode `layout.SECRET_MODE` (0640), uploaded through the private directory,
-    compared by sha256, never shown in a diff."""
-    return ManagedFile(path, text, "root", service_user, SECRET_MODE, secret=True)
+    root:root, mode `layout.SECRET_MODE` (0600; systemd reads an EnvironmentFile as root), uploaded through
+    the private directory, compared by sha256, never shown in a diff."""
+    return ManagedFile(path, text, SECRET_USER, SECRET_GROUP, SECRET_MODE, secret=True)
+
+
+def _mode(mode: str) -> str:
+    """An octal mode for chmod (3 or 4 digits), refused otherwise: it is formatted into a command."""
+    if not (mode.isdigit() and 3 <= len(mode) <= 4 and set(mode) <= set("01234567")):
+        raise ValueError(f"mode {mode!r} is not an octal mode such as 640")
+    return mode
 
 
 @operation()
 def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState | None] | None = None):
     """
     Ensure several files hold the given content, owner and mode, reading them all in one fact.
+
+    A file whose content changes is replaced atomically: an empty root-only (0600) file is made at
+    `layout.staged_path` (same directory), the upload writes into it, it gets its owner and mode, then
+    ``mv`` renames it over the file. An interrupted upload never leaves a truncated unit or an empty env
+    file in place, and no byte of a secret is ever in a file others can read.
 
     + files: the wanted files
     + states: the ``FileStates`` fact already read by the caller for these paths (and maybe more), so that
@@ -225,16 +239,19 @@ def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState |
         data = f.data()
         have = states.get(f.path)
         if have is None or have.sha256 != hashlib.sha256(data).hexdigest():
+            staged = staged_path(f.path)
             temp = host.get_temp_filename(f.path)
             if f.secret:
                 private = f"{read_once(host, Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
-                yield StringCommand("mkdir", "-p", "-m", "700", private, _sudo=False)
-                yield StringCommand("chmod", "700", private, _sudo=False)
+                yield StringCommand("mkdir", "-p", "-m", "700", QuoteString(private), _sudo=False)
+                yield StringCommand("chmod", "700", QuoteString(private), _sudo=False)
                 temp = f"{private}/{hashlib.sha256(data).hexdigest()[:16]}"
-            yield FileUploadCommand(BytesIO(data), f.path, remote_temp_filename=temp)
-            have = None
-        if have is None or (have.user, have.group, have.mode) != (f.user, f.group, f.mode):
-            yield f"chown {q(f.user)}:{q(f.group)} {q(f.path)} && chmod {f.mode} {q(f.path)}"
+            yield f"rm -f {q(staged)} && (umask 077 && : > {q(staged)})"
+            yield FileUploadCommand(BytesIO(data), staged, remote_temp_filename=temp)
+            yield f"chown {q(f.user)}:{q(f.group)} {q(staged)} && chmod {_mode(f.mode)} {q(staged)} && mv -f {q(staged)} {q(f.path)}"
+            changed = True
+        elif (have.user, have.group, have.mode) != (f.user, f.group, f.mode):
+            yield f"chown {q(f.user)}:{q(f.group)} {q(f.path)} && chmod {_mode(f.mode)} {q(f.path)}"
             changed = True
     if not changed:
         host.noop(f"{len(files)} files are current")

@@ -10,7 +10,8 @@ comment and the CLI help. From `OPTIONS` come:
 - `Settings.plan_options()` / `options_from` (field names are the setting keys);
 - the `vllm-fleet plan` and `vllm-fleet render` options (`add_arguments`);
 - the flags extra args may not set (`owned_flags`) and the secret ones (`secret_flags`),
-  in every spelling vLLM's parser accepts (`flag_name`);
+  refused in every spelling vLLM's parser accepts (`check_extra_args`, through
+  vllm_fleet/planner/serveargs.py: prefixes, underscores, ``=``, dotted keys, ``--config``);
 - the argv of the ``free`` options (`free_flags`): rendered as given when set.
 
 ``owner="plan"``: the planner decides or renders the value itself (planner/plan.py `_flags`,
@@ -34,10 +35,33 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, create_model, field_validator
 
+from vllm_fleet.planner import serveargs
 from vllm_fleet.planner.kv import KV_CACHE_DTYPE_ALIASES, KV_CACHE_DTYPE_BYTES
 
 KV_CACHE_DTYPES = (*KV_CACHE_DTYPE_BYTES, *KV_CACHE_DTYPE_ALIASES)
 MIN_MAX_MODEL_LEN = 16
+MAX_MAX_MODEL_LEN = 2**24
+"""16 Mi tokens: above the context of every released model (10 M is the largest)."""
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""What vLLM 0.25's attention backends take (get_supported_kernel_block_sizes): flash_attn, triton and flex
+attention multiples of 16, the MLA backends 32, 64, 128 or 256; powers of two, as the planner's block math assumes."""
+MAX_GPUS_PER_REPLICA = 64
+"""TP and PP: the largest NVLink domain (a GB200 NVL72 rack) has 72 GPUs; TP must divide the heads (powers of two)."""
+MAX_KV_CACHE_BYTES = 2**40
+"""1 TiB: more than any GPU's memory (the largest have 288 GB); the plan also checks it against the real GPUs."""
+MIN_PORT = 1024
+
+_GPUS_WHY = (f"at most {MAX_GPUS_PER_REPLICA}: the largest NVLink domain (a GB200 NVL72 rack) has 72 GPUs, "
+             "and the size must divide the model's attention heads")
+_DP_WHY = "at most 1024 replicas: more GPUs than any one endpoint spans"
+_LEN_WHY = f"{MIN_MAX_MODEL_LEN} to {MAX_MAX_MODEL_LEN} tokens (more than any released model's context), or \"auto\""
+_KV_WHY = ("at most 1 TiB, more than any GPU's memory (the largest have 288 GB); the plan also refuses more than "
+           "the selected GPUs hold beside the weights")
+_BLOCK_WHY = "16, 32, 64, 128 or 256: the block sizes vLLM 0.25's attention backends take (get_supported_kernel_block_sizes)"
+_SEQS_WHY = "at most 65536: vLLM sizes per-sequence state for it up front; no GPU batches more"
+_TOKENS_WHY = "at most 4194304 (4 Mi): vLLM sizes the activations of one step for it; no GPU holds more"
+_PORT_WHY = ("1024 to 65535: the service runs as an unprivileged user without CAP_NET_BIND_SERVICE, which cannot bind "
+             "ports below 1024 (vLLM's own port check refuses them too)")
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,8 @@ class Option:
     """Offered by `vllm-fleet plan` and `vllm-fleet render`."""
     cli_type: Callable[[str], Any] | None = None
     """How the CLI parses the word (default: the type's base: int, float, str)."""
+    bounds: str = ""
+    """Why the bounds are what they are (shown in the remedy when a value is outside them, and in docs/settings.md)."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -83,9 +109,10 @@ class Option:
         return "--" + self.key.replace("_", "-")
 
     def field(self) -> Any:
-        """The pydantic Field of this row."""
+        """The pydantic Field of this row (its ``bounds`` text in json_schema_extra)."""
         bounds = {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
-        return Field(self.default, description=self.description, **bounds)
+        extra = {"bounds": self.bounds} if self.bounds else None
+        return Field(self.default, description=self.description, json_schema_extra=extra, **bounds)
 
 
 # ------------------------------------------------------------------------------ checks --
@@ -93,12 +120,16 @@ class Option:
 def _check_max_model_len(v: int | str) -> int | str:
     if isinstance(v, int) and v < MIN_MAX_MODEL_LEN:
         raise ValueError('is too small to serve anything|use "auto" or a length such as 131072')
+    if isinstance(v, int) and v > MAX_MAX_MODEL_LEN:
+        raise ValueError(f'is above {MAX_MAX_MODEL_LEN} tokens, more than the context of any released model|'
+                         'use "auto" (the largest that fits) or the model\'s own maximum')
     return v
 
 
 def _check_block_size(v: int | None) -> int | None:
-    if v is not None and (v < 1 or v & (v - 1)):
-        raise ValueError("is not a power of two|use 16, 32 or 64, or leave it unset")
+    if v is not None and v not in BLOCK_SIZES:
+        raise ValueError(f"is not a KV block size vLLM's attention backends take ({', '.join(map(str, BLOCK_SIZES))}: "
+                         "multiples of 16, powers of two, 256 at most)|use 16, 32 or 64, or leave it unset")
     return v
 
 
@@ -113,6 +144,8 @@ def _check_bind_host(v: str) -> str:
 def _check_api_key(v: SecretStr | None) -> SecretStr | None:
     if v is not None and len(v.get_secret_value()) < 8:
         raise ValueError("is shorter than 8 characters|use a long random key, e.g. `openssl rand -hex 24`")
+    if v is not None and len(v.get_secret_value()) > 512:
+        raise ValueError("is longer than 512 characters|use a random key of 24-64 characters, e.g. `openssl rand -hex 24`")
     return v
 
 
@@ -127,33 +160,35 @@ OPTIONS: tuple[Option, ...] = (
     Option("served_model_name", "--served-model-name", str | None, None,
            'name clients send as "model"; None = the profile name'),
     Option("tensor_parallel_size", "--tensor-parallel-size", int | None, None,
-           "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1),
+           "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1,
+           le=MAX_GPUS_PER_REPLICA, bounds=_GPUS_WHY),
     Option("pipeline_parallel_size", "--pipeline-parallel-size", int, 1,
-           "PP size (layers split across GPUs / nodes)", aliases=("-pp",), ge=1),
+           "PP size (layers split across GPUs / nodes)", aliases=("-pp",), ge=1, le=MAX_GPUS_PER_REPLICA, bounds=_GPUS_WHY),
     Option("data_parallel_size", "--data-parallel-size", int, 1,
-           "DP size (replicas; with expert parallel for MoE: DP+EP)", aliases=("-dp",), ge=1),
+           "DP size (replicas; with expert parallel for MoE: DP+EP)", aliases=("-dp",), ge=1, le=1024, bounds=_DP_WHY),
     Option("enable_expert_parallel", "--enable-expert-parallel", bool | None, None,
            "expert parallel for MoE; None = the planner's layout rules decide"),
     Option("max_model_len", "--max-model-len", int | Literal["auto"], "auto",
            'context length to serve; "auto" = the largest that fits in the KV cache',
-           check=_check_max_model_len, cli_type=_int_or_word),
+           check=_check_max_model_len, cli_type=_int_or_word, bounds=_LEN_WHY),
     Option("gpu_memory_utilization", "--gpu-memory-utilization", float, 0.9,
            "fraction of each GPU's memory vLLM may use (lower it if others share the GPU)", gt=0.0, le=1.0),
     Option("kv_cache_memory_bytes", "--kv-cache-memory-bytes", int | None, None,
            "fixed KV cache bytes per GPU (vLLM semantics; overrides gpu_memory_utilization for KV)",
-           owner="free", gt=0, reason="fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"),
+           owner="free", gt=0, le=MAX_KV_CACHE_BYTES, bounds=_KV_WHY,
+           reason="fixed KV cache size per GPU (skips vLLM's memory profiling for KV sizing)"),
     Option("kv_cache_dtype", "--kv-cache-dtype", Literal[KV_CACHE_DTYPES], "auto",
            "KV cache dtype: auto (the model's dtype) | bf16 | fp8 (halves KV memory, small quality cost)",
            owner="free", reason="KV cache element type"),
     Option("block_size", "--block-size", int | None, None,
            "KV cache block size in tokens (a power of two); None = vLLM's default",
-           owner="free", check=_check_block_size, reason="tokens per KV block (pinned so the plan is exact)"),
+           owner="free", check=_check_block_size, bounds=_BLOCK_WHY, reason="tokens per KV block (pinned so the plan is exact)"),
     Option("max_num_seqs", "--max-num-seqs", int | None, None,
            "most sequences per batch; None = vLLM's default for the GPU",
-           owner="free", ge=1, reason="most sequences per batch (sizes activations)"),
+           owner="free", ge=1, le=65536, bounds=_SEQS_WHY, reason="most sequences per batch (sizes activations)"),
     Option("max_num_batched_tokens", "--max-num-batched-tokens", int | None, None,
            "most tokens per batch; None = vLLM's default for the GPU",
-           owner="free", ge=1, reason="most tokens per batch (sizes activations)"),
+           owner="free", ge=1, le=2**22, bounds=_TOKENS_WHY, reason="most tokens per batch (sizes activations)"),
     Option("enforce_eager", "--enforce-eager", bool, False,
            "True = no CUDA graphs / torch.compile (faster start, slower serving)",
            owner="free", reason="no CUDA graphs / torch.compile"),
@@ -171,9 +206,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("bind_host", "--host", str, "127.0.0.1",
            "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host),
     Option("port", "--port", int, 8100,
-           "TCP port vLLM listens on (preflight fails if another process owns it)", ge=1, le=65535),
+           "TCP port vLLM listens on (preflight fails if another process owns it)", ge=MIN_PORT, le=65535, bounds=_PORT_WHY),
     Option("api_key", "--api-key", SecretStr | None, None,
-           "API key clients must send; lives only in the service's 0640 EnvironmentFile, never in argv or logs",
+           "API key clients must send; lives only in the service's root-only (0600) EnvironmentFile, never in argv or logs",
            secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),
     Option("hf_token", "--hf-token", SecretStr | None, None,
            "Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)",
@@ -182,7 +217,8 @@ OPTIONS: tuple[Option, ...] = (
 
 # Flags no row sets but something else owns: refused in extra args, with where to set them instead.
 TRUST_REMOTE_CODE = "--trust-remote-code"  # the profile's trust_remote_code (planner/plan.py renders it)
-OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)"}
+OTHER_OWNED_FLAGS = {TRUST_REMOTE_CODE: "the model profile (models/*.yaml)",
+                     "--model": "vllm_model"}  # vLLM moves a --model word in front of the plan's model
 
 
 def rows(*, secret: bool | None = None, owner: str | None = None, cli: bool | None = None) -> tuple[Option, ...]:
@@ -284,9 +320,10 @@ def _base_type(annotation: Any) -> Any:
 # ------------------------------------------------------------------------- extra args --
 
 def flag_name(word: str) -> str | None:
-    """The flag a `vllm serve` word sets, as the table spells it; None for a value.
+    """The flag a `vllm serve` word names, with vLLM's exact-spelling rules only; None for a value.
 
     vLLM's parser reads ``--flag=value`` as ``--flag value`` and ``--flag_name`` as ``--flag-name``.
+    Prefixes, dotted keys and ``--config`` need the parser: `check_extra_args` (vllm_fleet/planner/serveargs.py).
     """
     if not word.startswith("-") or word == "-" or word[1:2].isdigit() or word[1:2] == ".":
         return None
@@ -295,31 +332,102 @@ def flag_name(word: str) -> str | None:
 
 
 def secret_flags() -> tuple[str, ...]:
-    """The flags whose value is a secret (refused in extra args: argv is readable by every user)."""
-    return tuple(f for r in rows(secret=True) for f in r.flags)
+    """The flags whose value is a secret (refused in extra args: argv is readable by every user),
+    in every spelling the pinned vLLM's parser has for them."""
+    out: list[str] = []
+    for r in rows(secret=True):
+        for f in r.flags:
+            out += [s for s in (f, *serveargs.spellings(f)) if s not in out]
+    return tuple(out)
 
 
 def owned_flags() -> dict[str, str]:
     """Flags extra args may not set -> the setting (or place) that sets them instead.
 
-    Every spelling of every row's flag (secrets excepted: `secret_flags`), a boolean's
-    ``--no-`` twin, and the flags set from elsewhere (OTHER_OWNED_FLAGS).
+    Every spelling of every row's flag (secrets excepted: `secret_flags`) that the table or the
+    pinned vLLM's parser has (``-tp``, a boolean's ``--no-`` twin), and the flags set from
+    elsewhere (OTHER_OWNED_FLAGS).
     """
-    out = {f: "vllm_" + r.key for r in rows(secret=False) for f in r.flags}
-    for r in rows(secret=False):  # vLLM's boolean flags have a --no- twin (BooleanOptionalAction)
+    out: dict[str, str] = {}
+    for r in rows(secret=False):
+        for f in r.flags:
+            for s in (f, *serveargs.spellings(f)):
+                out.setdefault(s, "vllm_" + r.key)
         if _base_type(r.type) is bool and r.flag is not None and r.flag.startswith("--"):
-            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)
-    out.update(OTHER_OWNED_FLAGS)
+            out.setdefault("--no-" + r.flag[2:], "vllm_" + r.key)  # vLLM's BooleanOptionalAction twin
+    for f, where in OTHER_OWNED_FLAGS.items():
+        for s in (f, *serveargs.spellings(f)):
+            out.setdefault(s, where)
     return out
 
 
+def _owner(use: serveargs.Use, table: dict[str, str]) -> str | None:
+    return next((table[f] for f in (use.written, *use.flags) if f in table), None)
+
+
+def check_extra_args(words: Iterable[str], *, known_only: bool = False) -> None:
+    """Refuse extra `vllm serve` words that set what they may not, however vLLM would spell it.
+
+    The words are read as the pinned vLLM's parser reads them (serveargs.parse: underscores,
+    ``=``, dotted keys, unique prefixes). Refused: a secret flag (argv is readable by every user
+    of the host), a flag the plan owns (its setting is named), ``--config`` (options from a file
+    the plan cannot check), ``--help``, and words vLLM's parser refuses (an ambiguous prefix, a
+    missing value). ``known_only``: also refuse words that are no option of the pinned vLLM (for
+    a deploy of that version, where vLLM would stop with "unrecognized arguments").
+
+    Raises ValueError("problem|remedy").
+    """
+    words = list(words)
+    for w in words:
+        if not isinstance(w, str):
+            raise ValueError(f"holds {w!r}, not a string|write every argument as a string, e.g. [\"--seed\", \"1\"]")
+    secrets, owned = set(secret_flags()), owned_flags()
+    uses = [serveargs.Use(flags, "", w.split("=", 1)[0]) for w in serveargs.rewrite(words)
+            if (flags := serveargs.resolve(w)) is not None]
+    try:
+        parsed = serveargs.parse(words)
+    except serveargs.ServeArgsError as exc:
+        parsed = exc
+    for use in [*uses, *(parsed.uses if isinstance(parsed, serveargs.Parsed) else ())]:
+        if secrets & {use.written, *use.flags}:
+            raise ValueError(f"passes {use.flag} in argv, where every user of the host can read it|"
+                             "set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
+        if (where := _owner(use, owned)) is not None:
+            raise ValueError(f"sets {use.flag} (written {use.written}), which the plan owns|set {where} instead")
+        if serveargs.CONFIG_FLAG in use.flags:
+            raise ValueError(f"passes {serveargs.CONFIG_FLAG}: vLLM would read more options from a YAML file the plan "
+                             "cannot check (plan-owned and secret flags included)|put those options in vllm_extra_args "
+                             "(or their vllm_ settings) instead of a config file")
+        if "--help" in use.flags:
+            raise ValueError(f"passes {use.written}: vLLM prints its help and exits, the service would never serve|"
+                             "remove it from vllm_extra_args")
+    if isinstance(parsed, serveargs.ServeArgsError):
+        raise ValueError(f"is not what vLLM {serveargs.vllm_version()}'s parser accepts ({parsed})|"
+                         "spell each option in full, with its value (`vllm serve --help=all` lists them)")
+    if known_only and parsed.unknown:
+        word = parsed.unknown[0]
+        kind = "an option" if word.startswith("-") else "a positional word (the model is the plan's)"
+        raise ValueError(f"holds {word.split('=', 1)[0]!r}, {kind} vLLM {serveargs.vllm_version()}'s `vllm serve` does not "
+                         "have: vLLM would stop with \"unrecognized arguments\"|check the spelling (`vllm serve --help=all`), "
+                         "or remove it from vllm_extra_args")
+
+
 def secret_in(args: Iterable[str]) -> str | None:
-    """The first secret flag among ``args`` (as the table spells it), or None."""
-    secrets = secret_flags()
-    for word in args:
-        name = flag_name(word)
-        if name in secrets:
-            return name
+    """The first secret flag ``args`` set (as vLLM's help spells it), or None; words vLLM would refuse count
+    as secret when one of their words could be the prefix of a secret flag."""
+    secrets = set(secret_flags())
+    words = list(args)
+    try:
+        uses = serveargs.parse(words).uses
+    except serveargs.ServeArgsError:
+        for w in words:
+            name = flag_name(w)
+            if name and name.startswith("--") and any(s.startswith(name) for s in secrets):
+                return next(s for s in secrets if s.startswith(name))
+        return None
+    for use in uses:
+        if secrets & {use.written, *use.flags}:
+            return use.flag
     return None
 
 

@@ -37,6 +37,10 @@ MULTICAST_OFF_ENV: dict[str, tuple[str, str]] = {
 }
 
 
+# The shortest context worth serving (the FITS_TOO_SHORT rule): a system prompt, a user question and an answer
+# take about 2048 tokens; below that ordinary chat requests fail. A model with a shorter maximum: its maximum.
+MIN_USEFUL_MAX_MODEL_LEN = 2048
+
 # vLLM 0.25 serves an FP8 KV cache only on SM89+ (see the FP8_KV_UNSUPPORTED rule).
 FP8_KV_MIN_CC = (8, 9)
 
@@ -50,7 +54,7 @@ class PlanOptions(serve_options.model("ServeOptions", serve_options.plan_rows(),
     table in vllm_fleet/planner/options.py that is not a secret, named by its setting key, with
     the row's type, default, bounds and check (the same as Settings')."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     vllm_version: str = VLLM_VERSION
     model_path: str | None = None
@@ -418,18 +422,19 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "NOT_ENOUGH_GPUS",
             f"TP={tp} x PP={layout.pipeline_parallel_size} x DP={layout.data_parallel_size} needs "
             f"{layout.world_size} GPUs; the hardware has {hw.count}.",
-            f"lower the parallel sizes to fit {hw.count} GPUs, or add GPUs.",
+            f"lower vllm_tensor_parallel_size / vllm_pipeline_parallel_size / vllm_data_parallel_size to fit {hw.count} GPUs, "
+            "or select more with vllm_gpus.",
         ))
     elif layout.world_size < hw.count:
         warnings.append(Finding(
             "GPUS_UNUSED",
             f"the layout uses {layout.world_size} of {hw.count} GPUs.",
-            "raise --tensor-parallel-size or --data-parallel-size to use them, or leave them for other work.",
+            "raise vllm_tensor_parallel_size or vllm_data_parallel_size to use them, or leave them for other work.",
         ))
     if len(hw.names) > 1:
         warnings.append(Finding(
             "MIXED_GPUS", f"mixed GPUs ({hw.describe()}); vLLM sizes every rank like the smallest.",
-            "serve on identical GPUs (CUDA_VISIBLE_DEVICES) for predictable memory.",
+            "select identical GPUs with vllm_gpus for predictable memory.",
         ))
     if hw.memory_source == "nominal":
         warnings.append(Finding(
@@ -441,12 +446,12 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "VLLM_TOO_OLD",
             f"{profile.name} needs vLLM >= {profile.min_vllm_version}; the plan targets {options.vllm_version} "
             f"(older vLLM says '{profile.architecture} is not currently supported').",
-            f"use vllm_version {VLLM_VERSION} (the toolkit's pin) or at least {profile.min_vllm_version}.",
+            f"set vllm_version = \"{VLLM_VERSION}\" (the toolkit's pin) or at least {profile.min_vllm_version}.",
         ))
     for problem in _head_problems(arch, tp):
         good = _good_tp(arch, hw.count, layout.expert_parallel)
         errors.append(Finding("TP_HEADS", f"{problem}; vLLM cannot split attention this way.",
-                              f"use a tensor parallel size of {', '.join(map(str, good)) or 'a divisor of the heads'}."))
+                              f"set vllm_tensor_parallel_size to {', '.join(map(str, good)) or 'a divisor of the heads'}."))
     if arch.attention is not AttentionKind.MLA and tp > arch.num_kv_heads:
         warnings.append(Finding(
             "KV_REPLICATED",
@@ -455,12 +460,13 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "prefer data parallel (+ expert parallel for MoE) over TP beyond the KV head count.",
         ))
     for problem in _fp8_block_problems(arch, tp, layout.expert_parallel):
-        alternatives = [f"TP{t}" for t in _good_tp(arch, hw.count, False) if t > 1]
-        alternatives += [f"TP{tp}+EP", f"DP{hw.count}+EP"]
+        alternatives = [f"vllm_tensor_parallel_size = {t}" for t in _good_tp(arch, hw.count, False) if t > 1]
+        alternatives += [f"vllm_enable_expert_parallel = True (TP{tp}+EP: experts stay whole)",
+                         f"vllm_tensor_parallel_size = 1 with vllm_data_parallel_size = {hw.count} and expert parallel (DP{hw.count}+EP)"]
         errors.append(Finding(
             "FP8_BLOCK_TP",
             f"{problem}: vLLM refuses to shard block-quantized FP8 weights this way at TP={tp}.",
-            f"use one of: {', '.join(alternatives)} (--enable-expert-parallel keeps experts whole).",
+            f"set one of: {'; '.join(alternatives)}.",
         ))
     q = arch.quantization
     if q is not None and q.is_fp8 and hw.min_compute_capability < (8, 9):
@@ -476,11 +482,11 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
         cc = "%d.%d" % hw.min_compute_capability
         errors.append(Finding(
             "FP8_KV_UNSUPPORTED",
-            f"--kv-cache-dtype {options.kv_cache_dtype} on compute capability {cc}: vLLM {options.vllm_version}'s "
+            f"vllm_kv_cache_dtype = {options.kv_cache_dtype} on compute capability {cc}: vLLM {options.vllm_version}'s "
             "attention backends need SM89+ for an FP8 KV cache (flash_attn.py supports_kv_cache_dtype, "
             "triton_attn.py raises \"FP8 KV cache is not supported by the Triton attention backend\").",
-            "use --kv-cache-dtype auto (the model's dtype) and a shorter --max-model-len, or GPUs with compute "
-            "capability >= 8.9.",
+            "set vllm_kv_cache_dtype = \"auto\" (the model's dtype) and a shorter vllm_max_model_len, or use GPUs "
+            "with compute capability >= 8.9.",
         ))
 
     tokens, seqs = _batch_defaults(hw, options)
@@ -498,7 +504,8 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "MODEL_TOO_LARGE",
             f"weights need {kv.format_gib(weights)} GiB per GPU at TP={tp} x PP={layout.pipeline_parallel_size}; "
             f"gpu_memory_utilization {options.gpu_memory_utilization} allows {kv.format_gib(requested)} GiB.",
-            "spread the model over more GPUs (higher TP/PP), or use a smaller/quantized variant.",
+            "spread the model over more GPUs (raise vllm_tensor_parallel_size / vllm_pipeline_parallel_size, or "
+            "vllm_gpu_memory_utilization), or use a smaller/quantized variant (vllm_model).",
         ))
 
     model_max = arch.max_position_embeddings
@@ -506,8 +513,8 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
     if options.max_model_len != "auto" and upper > model_max:
         errors.append(Finding(
             "MAX_LEN_ABOVE_MODEL",
-            f"max-model-len {upper} exceeds the model's maximum ({model_max}, max_position_embeddings).",
-            f"use --max-model-len {model_max} or less.",
+            f"vllm_max_model_len {upper} exceeds the model's maximum ({model_max}, max_position_embeddings).",
+            f"set vllm_max_model_len = {model_max} or less, or \"auto\".",
         ))
     fits = layout_kv.estimate_max_model_len(max(available, 0), upper, tokens) if available > 0 else 0
     if available <= 0:
@@ -515,11 +522,30 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             "NO_KV_MEMORY",
             f"no memory left for the KV cache: {kv.format_gib(requested)} GiB requested, weights "
             f"{kv.format_gib(weights)} GiB + overhead {kv.format_gib(overhead.total)} GiB per GPU.",
-            "raise --gpu-memory-utilization, use more GPUs, or set --kv-cache-memory-bytes.",
+            "raise vllm_gpu_memory_utilization, use more GPUs (vllm_tensor_parallel_size), or set vllm_kv_cache_memory_bytes.",
         ))
+    if exact and weights + overhead.total + options.kv_cache_memory_bytes > total:
+        errors.append(Finding(
+            "KV_BYTES_ABOVE_GPU",
+            f"vllm_kv_cache_memory_bytes {options.kv_cache_memory_bytes:,} ({kv.format_gib(options.kv_cache_memory_bytes)} GiB) "
+            f"plus weights {kv.format_gib(weights)} GiB and overhead {kv.format_gib(overhead.total)} GiB is more than "
+            f"one GPU's {kv.format_gib(total)} GiB.",
+            f"set vllm_kv_cache_memory_bytes to at most {max(0, total - weights - overhead.total):,}, or leave it unset "
+            "(vllm_gpu_memory_utilization sizes the KV cache).",
+        ))
+    useful = min(MIN_USEFUL_MAX_MODEL_LEN, model_max)
     if options.max_model_len == "auto":
         chosen = max(fits, 1)
         source = "auto: the model's maximum" if fits >= model_max else "auto: the largest that fits (planner estimate)"
+        if available > 0 and fits < useful:
+            errors.append(Finding(
+                "FITS_TOO_SHORT",
+                f"the longest context that fits is {fits} tokens, below the useful minimum of {useful} "
+                f"(MIN_USEFUL_MAX_MODEL_LEN: a system prompt, a question and an answer; shorter, ordinary chat "
+                "requests fail with 'maximum context length' errors).",
+                "free KV memory: raise vllm_gpu_memory_utilization, use more GPUs (vllm_tensor_parallel_size), "
+                "set vllm_kv_cache_dtype = \"fp8\", or lower vllm_max_num_batched_tokens / vllm_max_num_seqs.",
+            ))
     else:
         chosen, source = upper, "requested"
         short = kv.check_enough_kv_cache_memory(layout_kv, available, upper, tokens) if available > 0 else None
@@ -553,18 +579,19 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
 def _fit_remedy(short: kv.KVShortfall, profile: Profile, layout: Layout, hw: Hardware, options: PlanOptions,
                 weights: int, overhead: Overhead, requested: int, total: int, tokens: int) -> str:
     """What would make the requested length fit: the length that does, a utilization, fp8 KV."""
-    ways = [f"--max-model-len {short.estimated_max_len}" if short.estimated_max_len else "more GPUs (higher TP)"]
+    ways = [f"vllm_max_model_len = {short.estimated_max_len}" if short.estimated_max_len
+            else "more GPUs (a higher vllm_tensor_parallel_size)"]
     if options.kv_cache_memory_bytes is None:
         util = (weights + overhead.total + short.needed) / total
         if util <= 0.98:
-            ways.append(f"--gpu-memory-utilization {math.ceil(util * 100) / 100:.2f}")
+            ways.append(f"vllm_gpu_memory_utilization = {math.ceil(util * 100) / 100:.2f}")
     if options.kv_cache_dtype == "auto" and profile.arch.dtype_bytes > 1 and hw.min_compute_capability >= FP8_KV_MIN_CC:
         fp8 = kv.layout_for(profile.arch, tensor_parallel_size=layout.tensor_parallel_size,
                             pipeline_parallel_size=layout.pipeline_parallel_size, kv_cache_dtype="fp8",
                             block_size=options.block_size or kv.DEFAULT_BLOCK_SIZE)
         if fp8.max_memory_usage_bytes(short.max_model_len, tokens) <= short.available:
-            ways.append("--kv-cache-dtype fp8 (halves KV memory; small accuracy cost)")
-    return "use " + ", or ".join(ways) + "."
+            ways.append("vllm_kv_cache_dtype = \"fp8\" (halves KV memory; small accuracy cost)")
+    return "set " + ", or ".join(ways) + "."
 
 
 def _model_path(profile: Profile, options: PlanOptions) -> str:

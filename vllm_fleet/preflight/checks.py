@@ -121,6 +121,57 @@ def _port(settings: Settings, snap, ours: Ours) -> list[str]:
             f"remedy: stop that process, or set vllm_port to a free port for this host"]
 
 
+NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false")
+
+
+def check_ownership(settings: Settings, snap, units: Collection[str]) -> tuple[list[str], list[str]]:
+    """(problems, notes): units of the service's names and a service user that the toolkit did not create.
+
+    A unit file of one of ``units`` (names without .service) without the toolkit's mark would be replaced
+    or shadowed by the deploy; an existing account it did not create would get a nologin shell and run
+    vLLM. Each is refused unless its adopt setting (vllm_adopt_existing_unit, vllm_adopt_existing_user)
+    takes it over; a note then says so. An account is the toolkit's when its GECOS is the toolkit's
+    comment (layout.ACCOUNT_COMMENT), or, as older toolkit versions created it, a system account
+    (uid < 1000) with a nologin shell and this deployment's data_dir as its home. A uid-0 account is
+    never taken over.
+    """
+    from vllm_fleet.layout import ACCOUNT_COMMENT
+
+    problems, notes = [], []
+    for unit in units:
+        foreign = [path for path, ours in snap.unit_files.get(f"{unit}.service", []) if not ours]
+        if not foreign:
+            continue
+        where = ", ".join(foreign)
+        if settings.adopt_existing_unit:
+            notes.append(f"unit {unit}.service exists ({where}) and was not rendered by vllm-fleet; "
+                         "vllm_adopt_existing_unit = True: the deploy takes it over (replaces or shadows it)")
+        else:
+            problems.append(f"unit {unit}.service already exists ({where}) and was not rendered by vllm-fleet: the deploy "
+                            f"would replace or shadow it; remedy: set vllm_service_name to a name of its own "
+                            f"(e.g. vllm-{settings.model.rsplit('/', 1)[-1].lower()}), or vllm_adopt_existing_unit = True "
+                            "to take that unit over")
+    acct = snap.account
+    if acct is not None:
+        name, _, uid, _, gecos, home, shell = acct
+        uid_n = int(uid) if uid.isdigit() else -1
+        ours = ACCOUNT_COMMENT in gecos or (0 < uid_n < 1000 and shell in NOLOGIN_SHELLS
+                                            and home.rstrip("/") == settings.data_dir.rstrip("/"))
+        what = f"uid {uid}, home {home or '-'}, shell {shell or '-'}"
+        if uid_n == 0:
+            problems.append(f"user {name} has uid 0 ({what}): vLLM must not run as root; remedy: set vllm_service_user "
+                            "to an unprivileged name of its own, e.g. vllm")
+        elif not ours and settings.adopt_existing_user:
+            notes.append(f"user {name} exists ({what}) and was not created by vllm-fleet; vllm_adopt_existing_user = True: "
+                         "the deploy takes it over (nologin shell, its group, vLLM runs as it)")
+        elif not ours:
+            kind = "a login account" if shell not in NOLOGIN_SHELLS else "a system account" if 0 < uid_n < 1000 else "an account"
+            problems.append(f"user {name} already exists as {kind} ({what}) that vllm-fleet did not create: the deploy would "
+                            "change its shell to nologin and run vLLM as it; remedy: set vllm_service_user to a name of "
+                            "its own (e.g. vllm-fleet), or vllm_adopt_existing_user = True to take that account over")
+    return problems, notes
+
+
 def weights_on_host(check: dict | None, identity: str | None, weights_bytes: int) -> int:
     """Bytes of the weights already verified on the host, which the disk check does not ask for again.
 

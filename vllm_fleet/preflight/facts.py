@@ -16,6 +16,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 from typing_extensions import override
 
+from vllm_fleet.layout import UNIT_MARK, UNIT_SEARCH_PATH
 from vllm_fleet.preflight import parse as hostfacts
 from vllm_fleet.preflight.parse import (
     APPS_QUERY,
@@ -78,11 +79,30 @@ def weights_section(program: str, config: str) -> str:
                                     f"&& python3 -c {q(ident)} {q(config)}; fi")
 
 
-def snapshot_command(paths: Sequence[str], weights: Sequence[str] | None = None) -> str:
+def ownership_section(units: Sequence[str], user: str | None) -> str:
+    """The section listing every file of each unit in systemd's search path, marked ``ours`` when its first
+    lines carry the toolkit's mark (layout.UNIT_MARK), and the passwd entry of ``user``.
+
+    Output lines: ``unit NAME.service ours|foreign PATH`` and ``passwd NAME:x:UID:GID:GECOS:HOME:SHELL``.
+    """
+    q = shlex.quote
+    parts = []
+    for unit in units:
+        parts.append(f"u={q(unit + '.service')}; for d in {' '.join(UNIT_SEARCH_PATH)}; do f=\"$d/$u\"; "
+                     f'if [ -e "$f" ] || [ -L "$f" ]; then if head -n 3 "$f" 2>/dev/null | grep -qF {q(UNIT_MARK)}; '
+                     f'then echo "unit $u ours $f"; else echo "unit $u foreign $f"; fi; fi; done')
+    if user is not None:
+        parts.append(f'getent passwd {q(user)} | sed "s/^/passwd /"')
+    return section("ownership", "; ".join([*parts, "true"]))
+
+
+def snapshot_command(paths: Sequence[str], weights: Sequence[str] | None = None,
+                     units: Sequence[str] = (), user: str | None = None) -> str:
     """The one shell command behind :class:`HostSnapshot` (POSIX sh, C locale).
 
     + weights: ``(fetch program, fetch config)`` of a weights download: adds the
       recorded verification state (:func:`weights_section`), read without hashing
+    + units, user: the service's unit names and user: adds who owns them (:func:`ownership_section`)
     """
     parts = [
         "export LC_ALL=C",
@@ -96,6 +116,7 @@ def snapshot_command(paths: Sequence[str], weights: Sequence[str] | None = None)
         section("nproc", "nproc"),
         *(disk_section(path) for path in paths),
         *([weights_section(*weights)] if weights else []),
+        *([ownership_section(units, user)] if units or user is not None else []),
     ]
     return "; ".join(parts)
 
@@ -237,6 +258,9 @@ class HostSnapshot(FactBase[Snapshot]):
       existing ancestor); one string is one path, as ``pyinfra @HOST fact`` passes it
     + weights: optional ``(fetch program, fetch config)``: also read the weights'
       recorded verification state (``Snapshot.weights_check``, see docs/weights.md)
+    + units, user: optional unit names (without .service) and user name: also read which unit files of
+      those names exist and whether the toolkit rendered them, and the user's passwd entry
+      (``Snapshot.unit_files``, ``Snapshot.account``)
 
     .. code:: python
 
@@ -256,8 +280,9 @@ class HostSnapshot(FactBase[Snapshot]):
     """
 
     @override
-    def command(self, paths: str | Sequence[str] = (), weights: Sequence[str] | None = None) -> str:
-        return snapshot_command([paths] if isinstance(paths, str) else list(paths), weights)
+    def command(self, paths: str | Sequence[str] = (), weights: Sequence[str] | None = None,
+                units: Sequence[str] = (), user: str | None = None) -> str:
+        return snapshot_command([paths] if isinstance(paths, str) else list(paths), weights, units, user)
 
     @override
     def process(self, output: list[str]) -> Snapshot:

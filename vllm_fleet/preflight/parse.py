@@ -152,6 +152,10 @@ class Snapshot(_Result):
     errors: dict[str, str] = field(default_factory=dict)
     weights_check: dict | None = None
     """``fetch_weights.py check`` of the weights download (complete, identity, verified_bytes, ...); None: not asked or nothing recorded."""
+    unit_files: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    """``NAME.service`` -> every file of that unit in systemd's search path and whether the toolkit rendered it."""
+    account: tuple[str, ...] | None = None
+    """The service user's passwd entry (name, x, uid, gid, gecos, home, shell); None: no such user, or not asked."""
 
     def port_owner(self, port: int) -> Listener | None:
         """The first socket listening on TCP ``port`` on any address, or None if it is free."""
@@ -485,7 +489,19 @@ def parse_snapshot(lines: Iterable[str], paths: Iterable[str] = ()) -> Snapshot:
             except (ValueError, AttributeError) as exc:
                 weights_check = None
                 errors["weights-check"] = f"not JSON: {exc}"
+    unit_files: dict[str, list[tuple[str, bool]]] = {}
+    account: tuple[str, ...] | None = None
+    if (own := by_name.get("ownership")) is not None:
+        for line in own.lines:
+            words = line.split(" ", 3)
+            if words[0] == "unit" and len(words) == 4 and words[2] in ("ours", "foreign"):
+                unit_files.setdefault(words[1], []).append((words[3], words[2] == "ours"))
+            elif words[0] == "passwd" and len(words) > 1:
+                fields = tuple(line.partition(" ")[2].split(":"))
+                account = (fields + ("",) * 7)[:7]
     return Snapshot(
+        unit_files=unit_files,
+        account=account,
         os_id=os_release.get("ID"),
         os_version=os_release.get("VERSION_ID"),
         os_pretty_name=os_release.get("PRETTY_NAME"),

@@ -13,7 +13,8 @@ class PreflightSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    disk_headroom_gib: int = Field(20, ge=0, description="free disk kept beyond venv + weights")
+    disk_headroom_gib: int = Field(20, ge=0, le=100_000, description="free disk kept beyond venv + weights",
+                                   json_schema_extra={"bounds": "0 to 100000 GiB (100 TB, more than a host's disks)"})
     supported_os: dict[str, list[str]] = Field(
         default_factory=lambda: {"ubuntu": ["22.04", "24.04"], "debian": ["12"]},
         description="OS id -> supported VERSION_IDs (from /etc/os-release)",

@@ -6,6 +6,8 @@ the run before any host is changed.
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra import host, logger
 from pyinfra.facts.server import Command
 
@@ -30,9 +32,14 @@ def run(settings: Settings, model: ModelSource) -> HostState:
     """
     fetch = model.fetch
     model_path = model.serve_path or None
-    snap = host.get_fact(HostSnapshot, paths=[HostLayout.of(settings).base_dir, HostLayout.of(settings).data_dir],
-                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None)
+    lay = HostLayout.of(settings)
+    units = (settings.service_name, lay.fetch_unit)
+    snap = host.get_fact(HostSnapshot, paths=[lay.base_dir, lay.data_dir],
+                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None,
+                         units=units, user=settings.service_user)
     problems = preflight.check(settings, snap, ours=_ours(settings))
+    owned, notes = preflight.check_ownership(settings, snap, units)
+    problems += owned
     plan = None
     if not problems:
         try:
@@ -45,6 +52,8 @@ def run(settings: Settings, model: ModelSource) -> HostState:
         problems += preflight.check_disk(settings, snap, weights_bytes=plan.weights_bytes, present_bytes=present)
     if problems:
         abort(PreflightError(host.name, problems))
+    for note in notes:
+        logger.warning(f"{host.print_prefix}preflight: {note}")
     _show(settings, plan)
     return HostState(snap, plan)
 
@@ -66,11 +75,12 @@ def _weights_present(settings: Settings, snap: Snapshot, fetch: FetchPlan | None
 
 def _ours(settings: Settings) -> preflight.Ours:
     """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
-    unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, settings.port
+    q = shlex.quote  # every value from a setting is quoted: this runs under --dry too
+    unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, int(settings.port)
     out = host.get_fact(Command, (
-        f"pid=$(systemctl show -p MainPID --value {unit} 2>/dev/null); "
+        f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
         f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then cg=$(sed -n "s/^0:://p" /proc/$pid/cgroup); '
-        f'cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null; u=$(id -u {user}); '
+        f'cat "/sys/fs/cgroup$cg/cgroup.procs" 2>/dev/null; u=$(id -u {q(user)}); '
         f'ss -Htlne "sport = :{port}" | grep -q " uid:$u " && echo port; fi; true'
     )) or ""
     words = out.split()

@@ -26,6 +26,7 @@ class StackState:
     """What the host holds of the Python stack (see hostprog.state)."""
 
     venvs: list[HostVenv] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)  # venvs the live unit and the last known good unit run
     partial: list[str] = field(default_factory=list)
     uv: str | None = None
     program_sha256: str | None = None
@@ -47,7 +48,7 @@ def parse_state(text: str) -> StackState:
                       problem=v.get("problem"), key=v.get("key"), version=v.get("version"),
                       built_at=float(v.get("built_at") or 0.0), target=v.get("target"))
              for v in data.get("venvs", [])]
-    return StackState(venvs=venvs, partial=list(data.get("partial", [])), uv=data.get("uv"),
+    return StackState(venvs=venvs, in_use=list(data.get("in_use", [])), partial=list(data.get("partial", [])), uv=data.get("uv"),
                       program_sha256=data.get("program_sha256"), wheelhouse=data.get("wheelhouse"),
                       pythons=dict(data.get("pythons") or {}), git=data.get("git"))
 
@@ -55,7 +56,7 @@ def parse_state(text: str) -> StackState:
 class VenvState(FactBase[StackState]):
     """
     Returns the venvs under ``{base_dir}/venvs`` (complete? intact? built for
-    what? when?), leftovers of killed builds, the bootstrap uv's version, the
+    what? when?), those the live unit and the gate's last known good unit run, leftovers of killed builds, the bootstrap uv's version, the
     installed host program's sha256, the pushed wheelhouse's manifest, the
     ``python3.X`` interpreters on PATH and git's path (the source channel needs it).
 

@@ -137,11 +137,29 @@ def _uv_version(uv: str) -> str | None:
     return m.group(1).decode() if proc.returncode == 0 and m else None
 
 
+def units_venvs(units, venvs_dir: str) -> list:
+    """The venvs (names under ``venvs_dir``) whose ``bin/`` the ExecStart= lines of the unit files ``units`` run:
+    the live unit's and the gate's last known good (``*.service.prev``), which pruning must never remove."""
+    pattern = re.compile(re.escape(venvs_dir.rstrip("/")) + r"/([^/\s\"']+)/bin/")
+    out = []
+    for unit in units:
+        try:
+            with open(unit, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.lstrip().startswith("ExecStart="):
+                out += [m.group(1) for m in pattern.finditer(line) if m.group(1) not in out]
+    return out
+
+
 def state(paths) -> dict:
     """Everything the role needs to plan the Python stack, read at once.
 
-    + paths: {"venvs_dir", "uv", "program", "wheelhouse_dir"} (HostLayout.venv_state_paths, sent as JSON by
-      the fact); a plain base_dir string means the default layout below it.
+    + paths: {"venvs_dir", "uv", "program", "wheelhouse_dir", "units"} (HostLayout.venv_state_paths, sent as JSON
+      by the fact; "units": the live unit and its last known good copy); a plain base_dir string means the
+      default layout below it.
     """
     if isinstance(paths, str):
         paths = {"venvs_dir": os.path.join(paths, "venvs"), "uv": os.path.join(paths, "uv", "bin", "uv"),
@@ -154,6 +172,7 @@ def state(paths) -> dict:
         names = []
     return {
         "venvs": [_venv_state(venvs_dir, n) for n in names if n.startswith("vllm-")],
+        "in_use": units_venvs(paths.get("units", []), venvs_dir),
         "partial": [n for n in names if n.startswith((".tmp-", ".old-"))],
         "uv": _uv_version(paths["uv"]),
         "program_sha256": _sha256(paths["program"]),

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vllm_fleet.errors import SettingConflict
+from vllm_fleet.errors import SettingConflict, url_credentials
 
 _PY_RE = re.compile(r"^3\.(\d{1,2})$")
 
@@ -29,7 +29,7 @@ class PyenvSection(BaseModel):
     index_url: str | None = Field(None, description="Python package index (a mirror); None = PyPI")
     extra_index_urls: list[str] = Field(default_factory=list, description="extra package indexes")
     find_links: list[str] = Field(default_factory=list, description="local wheel directories or URLs to find packages in")
-    keep_venvs: int = Field(2, ge=1, le=10, description="venvs kept for rollback (older ones are pruned)")
+    keep_venvs: int = Field(2, ge=1, le=10, json_schema_extra={"bounds": "1 to 10 venvs (each about 9 GB)"}, description="venvs kept for rollback (older ones are pruned)")
     torch_version: str | None = Field(None, description="torch version to pin (None = what the vLLM release requires)")
     torch_index_url: str | None = Field(None, description="index of torch builds for the backend, e.g. a mirror of download.pytorch.org/whl/cu128 (None = uv --torch-backend)")
     nightly_index_url: str = Field("https://wheels.vllm.ai/nightly", description="extra index for channel=nightly")
@@ -50,8 +50,8 @@ class PyenvSection(BaseModel):
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
             raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
-        if v is not None and re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", v):
-            raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host (uv and pip read it) and use the URL without them")
+        if v is not None and url_credentials(v):
+            raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv, pip and git read it) and use the URL without them")
         return v
 
     @field_validator("torch_backend")
@@ -77,8 +77,12 @@ class PyenvSection(BaseModel):
             return v
         from pathlib import Path
 
-        p = Path(v).expanduser()
-        if not p.is_dir() or not any(p.glob("*.whl")):
+        try:
+            p = Path(v).expanduser()
+            wheels = p.is_dir() and any(p.glob("*.whl"))
+        except (OSError, RuntimeError, ValueError):  # ~nouser, a name too long, a NUL byte
+            wheels = False
+        if not wheels:
             raise ValueError("is not a directory of wheels on the control machine|build one (e.g. `pip download -d DIR vllm==X`, "
                              "or `python tests/e2e/wheelhouse.py` for the test hosts) and point vllm_wheelhouse at it")
         return str(p.resolve())
@@ -89,8 +93,8 @@ class PyenvSection(BaseModel):
         for u in v:
             if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
                 raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
-            if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", u):
-                raise ValueError("holds a password, which would appear in commands and logs|put the credentials in /root/.netrc on the host and use the URL without them")
+            if url_credentials(u):
+                raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv and pip read it) and use the URL without them")
         return v
 
     @model_validator(mode="after")

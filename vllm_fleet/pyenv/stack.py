@@ -336,11 +336,14 @@ def previous(current: str | None, venvs: Sequence[HostVenv]) -> HostVenv | None:
     return max(others, key=lambda v: v.built_at, default=None)
 
 
-def to_prune(current: str | None, venvs: Sequence[HostVenv], keep: int, *, building: bool = False) -> list[str]:
+def to_prune(current: str | None, venvs: Sequence[HostVenv], keep: int, *, building: bool = False,
+             in_use: Sequence[str] = ()) -> list[str]:
     """Names of venvs beyond the `keep` newest, counting the one the service will use.
 
     + current: the venv name the service will use (built already or about to be); never pruned.
     + building: a venv is being built whose name is not known yet (nightly): it takes a slot.
+    + in_use: the venvs the live unit and the gate's last known good unit run (``StackState.in_use``): never
+      pruned, whatever `keep` says (the rollback target must stay), and they take their slots.
 
     Links (nightly) are never pruned, nor what they point at. Damaged venvs
     that are not current are pruned first: they cannot serve as a rollback
@@ -349,6 +352,7 @@ def to_prune(current: str | None, venvs: Sequence[HostVenv], keep: int, *, build
     """
     links = {v.name for v in venvs if v.target is not None}
     reserved = ({current} if current else set()) | {v.target for v in venvs if v.target}
+    reserved |= set(in_use) & {v.name for v in venvs}  # a unit may name a venv that is gone: it takes no slot
     slots = len(reserved - links) + (1 if building and current is None else 0)
     real = [v for v in venvs if v.target is None and v.name not in reserved]
     broken = [v.name for v in real if v.complete and not v.intact]

@@ -175,7 +175,7 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
             files.directory(name=f"Ensure the unfinished build {name} is removed", path=lay.venv(name), present=False)
 
     current = found.name if found is not None else (spec.name if spec.channel != "nightly" else None)
-    pruned = stack.to_prune(current, facts.venvs, settings.keep_venvs, building=found is None)
+    pruned = stack.to_prune(current, facts.venvs, settings.keep_venvs, building=found is None, in_use=facts.in_use)
     for name in pruned:
         files.directory(name=f"Ensure the old venv {name} is removed (keeping {settings.keep_venvs})",
                         path=lay.venv(name), present=False)

@@ -123,6 +123,7 @@ class _Context:
     version: str | None
     gpu_processes: Sequence[GpuProcess]
     port_owner: Listener | None
+    all_lines: list[_Line] = field(default_factory=list)  # the whole excerpt (lines: the last start only)
 
     def arg(self, name: str) -> str | None:
         """A value from vLLM's ``non-default args: {...}`` line, as written there."""
@@ -501,6 +502,204 @@ def _abi_mismatch(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Dia
 class _Rule:
     pattern: re.Pattern[str]
     build: _Build
+    journal: bool = False  # matched over the whole excerpt (systemd's and the toolkit's lines), not the last start
+
+
+# ---------------------------------------------------------------- configuration errors vLLM 0.25 raises at startup --
+
+
+def _simple(code: str, summary: str, remedy: str, settings: dict[str, object]) -> _Build:
+    """A builder for a message whose remedy needs no numbers from it."""
+    def build(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+        line, _ = hits[0]
+        return Diagnosis(code, "error", summary, _evidence(line), remedy, dict(settings), line.number)
+    return build
+
+
+def _max_len_above_model(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    derived = int(m["derived"])
+    return Diagnosis(
+        "max_model_len_above_model", "error",
+        f"vllm_max_model_len ({m['wanted']}) is longer than the model's own limit ({m['key']}={derived} in its "
+        "config.json): vLLM refuses to start.",
+        _evidence(line),
+        f'set vllm_max_model_len = {derived} or "auto" (the planner then picks the longest that fits); '
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 in vllm_extra_env forces it, at the risk of NaNs (RoPE) or out-of-bounds "
+        "errors vLLM warns about.",
+        {"vllm_max_model_len": derived}, line.number)
+
+
+def _heads_not_divisible(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    heads, tp = int(m["heads"]), int(m["tp"])
+    fits = max(d for d in range(1, tp + 1) if heads % d == 0)
+    return Diagnosis(
+        "tensor_parallel_heads", "error",
+        f"Tensor parallel size {tp} does not divide the model's {heads} attention heads.",
+        _evidence(line),
+        f"set vllm_tensor_parallel_size = {fits} (the largest size up to {tp} that divides {heads}), or give "
+        f"vllm_gpus a GPU count that divides {heads}.",
+        {"vllm_tensor_parallel_size": fits}, line.number)
+
+
+def _batched_below_len(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    return Diagnosis(
+        "max_num_batched_tokens_below_max_model_len", "error",
+        f"vllm_max_num_batched_tokens ({m['batched']}) is below the max model length ({m['len']}) with chunked "
+        "prefill off: vLLM refuses to start.",
+        _evidence(line),
+        f"set vllm_max_num_batched_tokens = {m['len']} or more (or None: vLLM's default), or a shorter "
+        "vllm_max_model_len.",
+        {"vllm_max_num_batched_tokens": int(m["len"])}, line.number)
+
+
+def _batched_below_seqs(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    return Diagnosis(
+        "max_num_batched_tokens_below_max_num_seqs", "error",
+        f"vllm_max_num_batched_tokens ({m['batched']}) is below vllm_max_num_seqs ({m['seqs']}).",
+        _evidence(line),
+        f"set vllm_max_num_batched_tokens = {m['seqs']} or more (or None), or vllm_max_num_seqs = {m['batched']} or "
+        "fewer.",
+        {"vllm_max_num_batched_tokens": int(m["seqs"])}, line.number)
+
+
+def _world_size(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    gpus = int(m["gpus"])
+    return Diagnosis(
+        "more_ranks_than_gpus", "error",
+        f"The layout needs {m['world']} GPUs (tensor x pipeline parallel) but vLLM sees {gpus} on this host.",
+        _evidence(line),
+        f"make vllm_tensor_parallel_size x vllm_pipeline_parallel_size at most {gpus}, or list more GPUs in "
+        "vllm_gpus (it sets CUDA_VISIBLE_DEVICES); a layout across hosts is the cluster settings' job.",
+        {"vllm_tensor_parallel_size": gpus}, line.number)
+
+
+# ---------------------------------------------------------------- what the journal says about the process --
+
+
+def _engine_killed(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    oom = any(_OOM.search(l.message) for l in ctx.all_lines if abs(l.number - line.number) < 200)
+    fatal = any(_ENGINE_FATAL.search(l.message) for l in ctx.all_lines if line.number - 200 < l.number <= line.number)
+    who = f"the worker process {m['worker']}" if m["worker"] else "the engine core process"
+    if fatal:
+        cause = "after the Python error logged above it (engine_fatal_error)"
+    elif oom:
+        cause = "without a Python error: the OOM killer killed it (oom_killed)"
+    else:
+        cause = ("without a Python error: it was killed by a signal (the kernel's OOM killer, a person's kill -9, "
+                 "a GPU fault)")
+    return Diagnosis(
+        "engine_died", "error",
+        f"vLLM's {who} died {cause}; the API server then stops (exit status 0: vLLM 0.25) and systemd restarts "
+        "it (Restart=always).",
+        _evidence(line),
+        "see what killed it where the kernel logs: `journalctl -k -b --since <time>` (or `dmesg -T`) for "
+        "'Out of memory: Killed process' (host RAM: fewer other programs, or a smaller vllm_max_num_seqs / "
+        "vllm_max_model_len) or 'NVRM: Xid' (a GPU or driver fault: `nvidia-smi -q`); the service comes back "
+        "by itself.",
+        {}, line.number)
+
+
+def _engine_fatal(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, _ = hits[0]
+    after = [l for l in ctx.all_lines if l.number > line.number and _ERRORISH.search(l.message)
+             and not l.message.startswith("Traceback") and not _ENGINE_FATAL.search(l.message)]
+    cause = _evidence(after[0]) if after else "(no exception line after it in this excerpt)"
+    return Diagnosis(
+        "engine_fatal_error", "error",
+        "vLLM's engine core raised an error while serving and died; the API server then exits and systemd "
+        "restarts it.",
+        _evidence(line),
+        f"the exception after it is the cause: {cause}",
+        {}, line.number)
+
+
+def _oom_killed(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[0]
+    victim = f" (pid {m['pid']}, {m['name']})" if m["pid"] else ""
+    return Diagnosis(
+        "oom_killed", "error",
+        f"The kernel's OOM killer killed a process of the service{victim}: the host ran out of RAM (not GPU memory).",
+        _evidence(line),
+        "`journalctl -k -b | grep -i -e 'out of memory' -e oom-kill` shows which process and its RSS; free host RAM "
+        "(other programs), or make vLLM hold less: a smaller vllm_max_num_seqs or vllm_max_model_len; the service "
+        "restarts by itself (Restart=always).",
+        {}, line.number)
+
+
+def _watchdog_restart(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[-1]
+    deadline = float(m["deadline"])
+    return Diagnosis(
+        "watchdog_restart", "error",
+        f"The engine hung: {m['misses']} completions in a row got no answer within {deadline:.0f} s while /health "
+        f"kept answering 200, so the watchdog restarted {m['unit']} ({len(hits)} time(s) in this excerpt).",
+        _evidence(line),
+        "the lines before the restart show what the engine did last (NCCL timeouts; a stuck kernel: "
+        "`journalctl -k` for 'NVRM: Xid', `nvidia-smi`); if long prompts on a full queue legitimately take longer "
+        f"than {deadline:.0f} s to the first token, raise vllm_watchdog_deadline_s or vllm_watchdog_misses.",
+        {"vllm_watchdog_deadline_s": int(deadline * 2)}, line.number)
+
+
+def _gpu_refused(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = hits[-1]
+    return Diagnosis(
+        "gpu_held_by_other", "error",
+        f"{m['unit']} did not start: pid {m['pid']} ({m['name']}, user {m['user']}, cgroup {m['cgroup']}) holds "
+        f"{m['mib']} MiB on {m['gpu']}, and it is not this service's.",
+        _evidence(line),
+        f"stop pid {m['pid']} (user {m['user']}), or set vllm_gpus to GPUs it does not use; systemd retries the "
+        "start every RestartSec, so the service comes up by itself once the GPU is free.",
+        {"vllm_gpus": None}, line.number)
+
+
+def _gpu_reaped(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, _ = hits[-1]
+    return Diagnosis(
+        "gpu_leftover_ended", "warning",
+        f"Before starting, {len(hits)} leftover process(es) of this service still held GPU memory and were ended.",
+        _evidence(line),
+        "none: the reaper did its job; a leftover means an earlier run was not stopped through systemd (a manual "
+        "`vllm serve` as the service user, or an escaped process).",
+        {}, line.number)
+
+
+def _restart_loop(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, m = max(hits, key=lambda h: int(h[1]["count"]))
+    count = int(m["count"])
+    return Diagnosis(
+        "restart_loop", "warning",
+        f"systemd restarted the service {count} time(s) (restart counter {count}); Restart=always with no start "
+        "limit keeps trying.",
+        _evidence(line),
+        "the cause is the failure of the last start: the other diagnoses here, or `journalctl -u <service> -n 300`; "
+        "`vllm-fleet status` shows the loop while it lasts.",
+        {}, line.number)
+
+
+def _start_limit(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
+    line, _ = hits[-1]
+    return Diagnosis(
+        "start_limit_hit", "error",
+        "systemd gave up starting the service after too many failed starts (start limit): it stays down until "
+        "someone acts.",
+        _evidence(line),
+        "fix the cause of the failed starts (the other diagnoses), then `systemctl reset-failed <service>` and "
+        "redeploy: the toolkit's unit sets StartLimitIntervalSec=0 so that it never gives up; a unit with a "
+        "start limit is an older deploy's or a local override's (`systemctl cat <service>`).",
+        {}, line.number)
+
+
+_OOM = re.compile(
+    r"A process of this unit has been killed by the OOM killer\.|Failed with result 'oom-kill'\."
+    r"|Out of memory: Killed process (?P<pid>\d+) \((?P<name>[^)]+)\)|oom-kill:"
+)
+_ENGINE_FATAL = re.compile(r"EngineCore encountered a fatal error\.")
 
 
 _RULES: list[_Rule] = [
@@ -578,12 +777,62 @@ _RULES: list[_Rule] = [
     ),
     _Rule(re.compile(r"(?:ModuleNotFoundError|ImportError): No module named '(?P<module>[\w.]+)'"), _missing_module),
     _Rule(re.compile(r"ImportError: (?P<lib>\S+\.so): undefined symbol"), _abi_mismatch),
+    # Configuration errors vLLM 0.25.0 raises at startup that a setting causes (texts from its source:
+    # config/model.py, config/scheduler.py, config/parallel.py, utils/torch_utils.py).
+    _Rule(re.compile(r"User-specified max_model_len \((?P<wanted>\d+)\) is greater than the derived max_model_len "
+                     r"\((?P<key>\w+)=(?P<derived>\d+)"), _max_len_above_model),
+    _Rule(re.compile(r"Total number of attention heads \((?P<heads>\d+)\) must be divisible by tensor parallel size "
+                     r"\((?P<tp>\d+)\)"), _heads_not_divisible),
+    _Rule(re.compile(r"Number of experts in the model must be greater than 0 when expert parallelism is enabled"),
+          _simple("expert_parallel_dense_model", "Expert parallelism is on for a model without experts (not MoE).",
+                  "set vllm_enable_expert_parallel = False (or None: the model profile decides).",
+                  {"vllm_enable_expert_parallel": False})),
+    _Rule(re.compile(r"Pipeline parallelism is not supported for this model\."),
+          _simple("pipeline_parallel_unsupported", "This model's vLLM implementation has no pipeline parallelism.",
+                  "set vllm_pipeline_parallel_size = 1 and spread it with vllm_tensor_parallel_size instead.",
+                  {"vllm_pipeline_parallel_size": 1})),
+    _Rule(re.compile(r"max_num_batched_tokens \((?P<batched>\d+)\) is smaller than max_model_len \((?P<len>\d+)\)"),
+          _batched_below_len),
+    _Rule(re.compile(r"max_num_batched_tokens \((?P<batched>\d+)\) must be greater than or equal to max_num_seqs "
+                     r"\((?P<seqs>\d+)\)"), _batched_below_seqs),
+    _Rule(re.compile(r"World size \((?P<world>\d+)\) is larger than the number of available GPUs \((?P<gpus>\d+)\)"),
+          _world_size),
+    _Rule(re.compile(r"Invalid kv cache dtype: (?P<dtype>\S+)"),
+          _simple("invalid_kv_cache_dtype", "vLLM does not know the KV-cache dtype it was given.",
+                  'set vllm_kv_cache_dtype = "auto" (the model\'s dtype) or one vLLM 0.25 lists for --kv-cache-dtype.',
+                  {"vllm_kv_cache_dtype": "auto"})),
+    # The process, from vLLM's, systemd's and the toolkit's own lines (vLLM 0.25.0 v1/engine/core_client.py:703,
+    # v1/executor/multiproc_executor.py:285, v1/engine/core.py:1233; systemd 252's unit and service messages;
+    # vllm_fleet/service/hostprog_watchdog.py).
+    _Rule(re.compile(r"\[shutdown\] MPClient: engine core exited unexpectedly; starting cleanup"
+                     r"|Worker proc (?P<worker>\S+) died unexpectedly, shutting down executor\."), _engine_killed,
+          journal=True),
+    _Rule(_ENGINE_FATAL, _engine_fatal, journal=True),
+    _Rule(_OOM, _oom_killed, journal=True),
+    _Rule(re.compile(r"vllm-fleet-watchdog: restarting (?P<unit>\S+): (?P<misses>\d+) consecutive completion probes "
+                     r"missed their (?P<deadline>[\d.]+) s deadline"), _watchdog_restart, journal=True),
+    _Rule(re.compile(r"vllm-fleet-watchdog reap: refusing to start (?P<unit>\S+): pid (?P<pid>\d+) \((?P<name>[^,]+), "
+                     r"user (?P<user>[^,]+), cgroup (?P<cgroup>[^)]*)\) holds (?P<mib>\d+) MiB on (?P<gpu>GPU \S+(?: \([^)]*\))?)"),
+          _gpu_refused, journal=True),
+    _Rule(re.compile(r"vllm-fleet-watchdog reap: leftover of \S+: pid \d+"), _gpu_reaped, journal=True),
+    _Rule(re.compile(r"Scheduled restart job, restart counter is at (?P<count>\d+)\."), _restart_loop, journal=True),
+    _Rule(re.compile(r"Start request repeated too quickly\.|Failed with result 'start-limit-hit'\."), _start_limit,
+          journal=True),
 ]
 
 _CONSEQUENCES = {"engine_core_init_failed"}
 
 
-def _context(lines: list[_Line], gpu_processes: Sequence[GpuProcess], port_owner: Listener | None) -> _Context:
+def _earlier(d: Diagnosis, first: int) -> Diagnosis:
+    """An error from before the last start (a journal event the service recovered from) is a warning."""
+    if d.severity != "error" or d.line >= first:
+        return d
+    return Diagnosis(d.code, "warning", f"Earlier in this journal (before the last start): {d.summary}", d.evidence,
+                     d.remedy, d.settings, d.line)
+
+
+def _context(lines: list[_Line], gpu_processes: Sequence[GpuProcess], port_owner: Listener | None,
+             every: list[_Line] | None = None) -> _Context:
     """Collect vLLM's args line and version from the run's lines."""
     args = next((l.message for l in reversed(lines) if _RUN_START.search(l.message)), "")
     version = None
@@ -591,7 +840,7 @@ def _context(lines: list[_Line], gpu_processes: Sequence[GpuProcess], port_owner
         found = _VERSION.search(line.message)
         if found:
             version = found.group(1) or found.group(2)
-    return _Context(lines, args, version, gpu_processes, port_owner)
+    return _Context(lines, args, version, gpu_processes, port_owner, every if every is not None else lines)
 
 
 def _error_lines(lines: list[_Line], limit: int = 12) -> list[str]:
@@ -626,13 +875,18 @@ def examine(
     ``gpu_processes`` (preflight's nvidia-smi facts) and ``port_owner`` (the
     listener on vLLM's port) name who holds the GPU memory or the port.
     """
-    lines = _last_run(_lines(text))
-    ctx = _context(lines, gpu_processes, port_owner)
+    every = _lines(text)
+    lines = _last_run(every)
+    ctx = _context(lines, gpu_processes, port_owner, every)
+    first = lines[0].number if lines else 1
     found: list[Diagnosis] = []
     for rule in _RULES:
-        hits = [(l, m) for l in lines if (m := rule.pattern.search(l.message))]
-        if hits:
-            found.append(rule.build(hits, ctx))
+        hits = [(l, m) for l in (every if rule.journal else lines) if (m := rule.pattern.search(l.message))]
+        if not hits:
+            continue
+        if rule.journal and any(l.number >= first for l, _ in hits):
+            hits = [(l, m) for l, m in hits if l.number >= first] or hits
+        found.append(_earlier(rule.build(hits, ctx), first))
     errors = sorted((d for d in found if d.severity == "error" and d.code not in _CONSEQUENCES), key=lambda d: d.line)
     consequences = [
         _with_root_cause(d, errors, [l for l in lines if l.number < d.line])

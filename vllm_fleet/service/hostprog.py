@@ -13,12 +13,23 @@ then follows the worker's log until its verdict.
 
 CONFIG is a JSON file written by the deploy (no secret in it); the API key is
 read from the service's EnvironmentFile (root-only readable) and never
-printed. The gate after a (re)start: /health 200, then /v1/models 200 with the
-key and 401 without it, then one short chat completion (its content must keep
-``<think>`` when ``check_think``). On success the live unit and env file are
-kept as ``*.prev`` (the last known good); on failure those are restored, the
-service restarted and its health confirmed, and the run exits 1 with the
-journal of the failed start between the markers JOURNAL_BEGIN / JOURNAL_END.
+printed. The gate after a (re)start: /health 200, the process listening on the
+port is the unit's MainPID or one of its descendants (read from /proc: not some
+other server on the port), then /v1/models 200 with the key and 401 without it,
+then one short chat completion (its content must keep ``<think>`` when
+``check_think``), then a stability window (``stability_s``) in which /health
+stays 200 and neither MainPID nor NRestarts moves (NRestarts is compared with
+its value right after the restart, over the whole gate). On success the live
+unit and env file are kept as ``*.prev`` (the last known good); on failure
+those are restored, the service restarted and its health confirmed, and the
+run exits 1 with the journal of the failed start between the markers
+JOURNAL_BEGIN / JOURNAL_END.
+
+Every path ends with a verdict file, also when the gate or the rollback itself
+raises (a ``systemctl`` that fails, a full disk): the rollback retries the start
+of the previous version and never leaves the service stopped while a last
+known good exists. Files it writes (log, verdict, copies) are created 0600
+(``umask 077``): the log is root's only.
 
 Exit codes: 0 healthy; 1 gate failed (rolled back, or stopped when there was
 nothing to roll back to); 2 usage or configuration error; 3 another gate runs.
@@ -33,6 +44,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -42,6 +54,9 @@ JOURNAL_END = "----- JOURNAL_END -----"
 PROGRESS_EVERY_S = 10.0
 POLL_S = 0.5
 HTTP_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3  # starts of the previous version a rollback tries before it reports that it did not start
+START_RETRY_S = 2.0  # wait before the next start of the previous version (times the attempt, at most 10 s)
+LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp*
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class Config:
     timeout_s: float
     require_key: bool = False
     journal_lines: int = 200
+    stability_s: float = 5.0  # after the checks: /health 200, MainPID and NRestarts unchanged this long
     log_file: Optional[str] = None  # the deploy sends both (vllm_fleet/layout.py); absent: derived from state_dir
     result_file: Optional[str] = None
 
@@ -221,6 +237,145 @@ def check_api(cfg: Config, key: Optional[str], say: Callable[[str], None]) -> No
     say(f"chat completion: 200, {len(content)} characters" + (", <think> in content" if cfg.check_think else ""))
 
 
+def url_port(url: str) -> int:
+    """The TCP port of the gate's URL (80/443 when it names none)."""
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def listening_inodes(port: int, proc: str = "/proc") -> set[str]:
+    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), from /proc/net/tcp and tcp6."""
+    return set(listening_sockets(port, proc))
+
+
+def listening_sockets(port: int, proc: str = "/proc") -> dict[str, int]:
+    """{socket inode: owner uid} of the sockets listening on TCP ``port`` (IPv4 and IPv6)."""
+    inodes: dict[str, int] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(os.path.join(proc, "net", name), encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cells = row.split()
+            if len(cells) > 9 and cells[3] == LISTEN and int(cells[1].rsplit(":", 1)[1], 16) == port:
+                inodes[cells[9]] = int(cells[7])
+    return inodes
+
+
+def socket_owners(inodes: set[str], proc: str = "/proc") -> set[int]:
+    """PIDs holding a file descriptor of one of the socket ``inodes``."""
+    return _socket_owners(inodes, proc)[0]
+
+
+def _socket_owners(inodes: set[str], proc: str = "/proc") -> tuple[set[int], bool]:
+    """(PIDs holding one of the socket ``inodes``, whether some process's descriptors could not be read).
+
+    Reading another user's /proc/PID/fd links needs CAP_SYS_PTRACE: root on a host has it, root inside a
+    container started with Docker's default capabilities does not (EACCES)."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    owners: set[int] = set()
+    unreadable = False
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        fd_dir = os.path.join(proc, entry, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) in wanted:
+                    owners.add(int(entry))
+                    break
+            except PermissionError:
+                unreadable = True
+                break
+            except OSError:
+                continue
+    return owners, unreadable
+
+
+def process_uid(pid: int, proc: str = "/proc") -> Optional[int]:
+    """The real uid of ``pid`` (/proc/PID/status is readable without CAP_SYS_PTRACE); None when it is gone."""
+    try:
+        with open(os.path.join(proc, str(pid), "status"), encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def parent_pid(pid: int, proc: str = "/proc") -> Optional[int]:
+    """The parent of ``pid`` (None when it is gone)."""
+    try:
+        with open(os.path.join(proc, str(pid), "stat"), encoding="ascii", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descends_from(pid: int, ancestor: int, proc: str = "/proc") -> bool:
+    """``pid`` is ``ancestor`` or one of its descendants."""
+    seen: set[int] = set()
+    while pid and pid not in seen:
+        if pid == ancestor:
+            return True
+        seen.add(pid)
+        pid = parent_pid(pid, proc) or 0
+    return False
+
+
+def check_owner(cfg: Config, main_pid: str, proc: str = "/proc") -> str:
+    """The server listening on the gate's port is this unit's MainPID or a descendant of it; a one-line summary."""
+    port = url_port(cfg.url)
+    if not main_pid.isdigit() or main_pid == "0":
+        raise GateFailed(f"{cfg.unit} has no main process (MainPID={main_pid or 'none'}) while port {port} answers")
+    sockets = listening_sockets(port, proc)
+    owners, unreadable = _socket_owners(set(sockets), proc)
+    if not owners and sockets and unreadable:
+        # No CAP_SYS_PTRACE here (a container): the socket's owner uid is what can be read; it must be the main process's.
+        uid = process_uid(int(main_pid), proc)
+        others = sorted({u for u in sockets.values() if u != uid})
+        if uid is None or others:
+            raise GateFailed(f"port {port} is held by uid {', '.join(map(str, others or sorted(set(sockets.values()))))}, "
+                             f"not by {cfg.unit}'s main process {main_pid} (uid {uid}): another server holds the port")
+        return f"port {port} is held by uid {uid}, the uid of {cfg.unit}'s MainPID {main_pid} (descriptors not readable here)"
+    if not owners:
+        raise GateFailed(f"no process of this host listens on port {port}, yet {cfg.url} answered: "
+                         "the answer did not come from this unit")
+    strangers = sorted(p for p in owners if not descends_from(p, int(main_pid), proc))
+    if strangers:
+        raise GateFailed(f"port {port} is served by process {', '.join(map(str, strangers))}, which is not {cfg.unit}'s "
+                         f"main process {main_pid} or one of its children (another server holds the port)")
+    return f"port {port} is served by {cfg.unit} (MainPID {main_pid})"
+
+
+def check_stable(cfg: Config, base: dict[str, str], say: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    """For ``stability_s``: /health 200, MainPID and NRestarts as in ``base`` (read right after the restart)."""
+    end = clock() + cfg.stability_s
+    while True:
+        props = unit_props(cfg.unit, "ActiveState", "SubState", "MainPID", "NRestarts", "ExecMainStatus")
+        if props.get("NRestarts") != base.get("NRestarts"):
+            raise GateFailed(f"{cfg.unit} restarted during the gate (NRestarts {base.get('NRestarts')} -> "
+                             f"{props.get('NRestarts')}): it crashed after answering")
+        gone = _exited(cfg, base.get("MainPID", ""), props)
+        if gone:
+            raise GateFailed(f"{gone} during the stability window")
+        health = http(cfg.url + "/health", timeout=5)
+        if health.status != 200:
+            raise GateFailed(f"/health answered {health.status or health.body} during the stability window "
+                             f"({cfg.stability_s:.0f} s after the checks)")
+        if clock() >= end:
+            return
+        sleep(POLL_S)
+
+
 def restart(cfg: Config) -> float:
     """daemon-reload and restart the service; the wall-clock time of the restart (for the journal)."""
     systemctl("daemon-reload")
@@ -233,30 +388,50 @@ def restart(cfg: Config) -> float:
 
 
 def gate(cfg: Config, say: Callable[[str], None]) -> None:
-    """Health, models (+401), chat on the running service; raises GateFailed."""
+    """Health, owner, models (+401), chat, then the stability window on the running service; raises GateFailed."""
+    base = unit_props(cfg.unit, "MainPID", "NRestarts")  # right after the restart: nothing may move from here
     key = read_env_file(cfg.env_path).get("VLLM_API_KEY") or None
     if cfg.require_key and not key:
         raise GateFailed(f"{cfg.env_path} holds no VLLM_API_KEY, but the deploy sets vllm_api_key")
     waited = wait_healthy(cfg, say)
     say(f"/health: 200 after {waited:.1f} s")
+    now = unit_props(cfg.unit, "MainPID", "NRestarts")
+    if now.get("NRestarts") != base.get("NRestarts"):
+        raise GateFailed(f"{cfg.unit} restarted before it answered (NRestarts {base.get('NRestarts')} -> {now.get('NRestarts')})")
+    base = {"MainPID": now.get("MainPID", ""), "NRestarts": now.get("NRestarts", "")}
+    say(check_owner(cfg, base["MainPID"]))
     check_api(cfg, key, say)
+    check_stable(cfg, base, say)
+    say(check_owner(cfg, base["MainPID"]) + f"; NRestarts {base['NRestarts']} and /health 200 for {cfg.stability_s:.0f} s")
 
 
 def journal(cfg: Config, since: float) -> str:
-    """The service's journal since ``since`` (the failed start), last ``journal_lines`` lines."""
-    proc = subprocess.run(
-        ["journalctl", "-u", cfg.unit, "--since", f"@{since - 1:.0f}", "-n", str(cfg.journal_lines), "-o", "cat", "--no-pager"],
-        capture_output=True, text=True, check=False,
-    )
+    """The service's journal since ``since`` (the failed start), last ``journal_lines`` lines ('' when unreadable)."""
+    try:
+        proc = subprocess.run(
+            ["journalctl", "-u", cfg.unit, "--since", f"@{since - 1:.0f}", "-n", str(cfg.journal_lines), "-o", "cat", "--no-pager"],
+            capture_output=True, text=True, check=False,
+        )
+    except OSError as exc:
+        return f"(journalctl failed: {exc})"
     return proc.stdout
 
 
-def _copy(src: str, dst: str) -> None:
-    """Copy with mode and owner, atomically replacing ``dst``."""
+def _copy(src: str, dst: str, secret: bool = False) -> None:
+    """Copy with mode and owner, atomically replacing ``dst``: the copy is written to a temp file in the same
+    directory created 0600 (a secret is never readable by others, not even while copied), then renamed.
+    ``secret``: the copy is root:root 0600 whatever ``src`` is (an env file kept by an older toolkit at 0640)."""
     tmp = dst + ".tmp"
-    shutil.copy2(src, tmp)
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out, open(src, "rb") as source:
+        shutil.copyfileobj(source, out)
+        out.flush()
+        os.fsync(out.fileno())
     st = os.stat(src)
-    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chown(tmp, *((0, 0) if secret else (st.st_uid, st.st_gid)))
+    os.chmod(tmp, 0o600 if secret else st.st_mode & 0o7777)
     os.replace(tmp, dst)
 
 
@@ -264,19 +439,33 @@ def keep_as_good(cfg: Config) -> None:
     """The live unit and env file become the last known good (*.prev)."""
     for path in (cfg.unit_path, cfg.env_path):
         if os.path.exists(path):
-            _copy(path, cfg.prev(path))
+            _copy(path, cfg.prev(path), secret=path == cfg.env_path)
 
 
-def roll_back(cfg: Config, say: Callable[[str], None]) -> str:
-    """Restore the last known good unit/env, restart, confirm health; a one-line outcome."""
+def _start_previous(cfg: Config, say: Callable[[str], None]) -> None:
+    """Start the restored previous version, up to START_ATTEMPTS times (reset-failed before each: a start limit
+    hit by the failed version must not keep the good one down); GateFailed when it never starts."""
+    last: Optional[Exception] = None
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            restart(cfg)
+            return
+        except (GateFailed, OSError) as exc:
+            last = exc
+            say(f"rolling back: start {attempt} of {START_ATTEMPTS} of the previous version failed: {exc}")
+            time.sleep(min(START_RETRY_S * attempt, 10.0))
+    raise GateFailed(f"the previous version did not start after {START_ATTEMPTS} attempts: {last}")
+
+
+def _roll_back(cfg: Config, say: Callable[[str], None]) -> str:
     if not os.path.exists(cfg.prev(cfg.unit_path)):
         systemctl("stop", cfg.unit)
         return "no previous version to roll back to: the service is stopped"
     for path in (cfg.unit_path, cfg.env_path):
         if os.path.exists(cfg.prev(path)):
-            _copy(cfg.prev(path), path)
+            _copy(cfg.prev(path), path, secret=path == cfg.env_path)
     say("rolling back: previous unit and env file restored, restarting")
-    restart(cfg)
+    _start_previous(cfg, say)
     try:
         gate(cfg, say)
     except GateFailed as exc:
@@ -284,22 +473,60 @@ def roll_back(cfg: Config, say: Callable[[str], None]) -> str:
     return "rolled back: the previous version is running and healthy"
 
 
+def _last_resort(cfg: Config) -> str:
+    """After a rollback that raised: the previous version's files once more, and a plain start; what is running."""
+    try:
+        for path in (cfg.unit_path, cfg.env_path):
+            if os.path.exists(cfg.prev(path)):
+                _copy(cfg.prev(path), path, secret=path == cfg.env_path)
+        systemctl("daemon-reload")
+        systemctl("reset-failed", cfg.unit)
+        systemctl("start", cfg.unit)
+        state = systemctl("is-active", cfg.unit).stdout.strip() or "unknown"
+    except Exception as exc:  # noqa: BLE001 - the verdict must still be written
+        return f"starting the previous version failed too ({type(exc).__name__}: {exc}); start {cfg.unit} by hand"
+    return f"the previous version was started again: {cfg.unit} is {state}"
+
+
+def roll_back(cfg: Config, say: Callable[[str], None]) -> str:
+    """Restore the last known good unit/env, restart, confirm health; a one-line outcome. Never raises: with a
+    last known good on disk the service is never left stopped (a failing rollback ends in `_last_resort`)."""
+    try:
+        return _roll_back(cfg, say)
+    except Exception as exc:  # noqa: BLE001 - every path ends with a verdict
+        reason = str(exc) if isinstance(exc, GateFailed) else f"{type(exc).__name__}: {exc}"
+        say(f"rollback failed: {reason}")
+        if not os.path.exists(cfg.prev(cfg.unit_path)):
+            return f"rollback failed ({reason})"
+        return f"rollback failed ({reason}); {_last_resort(cfg)}"
+
+
 def run(cfg: Config, say: Callable[[str], None]) -> dict:
-    """The worker: restart, gate, keep or roll back. Returns the verdict (also written to result_path)."""
+    """The worker: restart, gate, keep or roll back. Returns the verdict (also written to result_path).
+
+    Never raises: an error of the gate itself (not only a failed check) is a failed gate, rolled back."""
     started = time.time()
     verdict: dict = {"started": started, "service": cfg.unit}
     try:
         say(f"restarting {cfg.unit}; gate timeout {cfg.timeout_s:.0f} s")
         started = restart(cfg)
         gate(cfg, say)
-        keep_as_good(cfg)
-        checks = "/health, /v1/models (+401 without the key)" if cfg.require_key else "/health, /v1/models (no API key set)"
-        verdict.update(ok=True, message=f"healthy: {checks}, chat completion passed")
-    except GateFailed as exc:
-        say(f"gate failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - GateFailed, or the gate itself broke: both end in a rollback
+        reason = str(exc) if isinstance(exc, GateFailed) else f"the gate itself failed: {type(exc).__name__}: {exc}"
+        say(f"gate failed: {reason}")
         excerpt = journal(cfg, started)
         outcome = roll_back(cfg, say)
-        verdict.update(ok=False, message=f"{exc}; {outcome}", journal=excerpt)
+        verdict.update(ok=False, message=f"{reason}; {outcome}", journal=excerpt)
+    else:
+        checks = "/health, /v1/models (+401 without the key)" if cfg.require_key else "/health, /v1/models (no API key set)"
+        try:
+            keep_as_good(cfg)
+        except OSError as exc:
+            verdict.update(ok=False, journal="", message=f"healthy ({checks}, chat completion passed), but the last known "
+                           f"good could not be recorded ({exc}); the new version keeps running, the next deploy gates it again")
+        else:
+            verdict.update(ok=True, message=f"healthy: {checks}, chat completion passed, "
+                                            f"stable for {cfg.stability_s:.0f} s")
     verdict["finished"] = time.time()
     return verdict
 
@@ -307,23 +534,38 @@ def run(cfg: Config, say: Callable[[str], None]) -> dict:
 # ------------------------------------------------------------------ commands --
 
 
+def _private(path: str, mode: str = "w"):
+    """Open ``path`` for writing as a root-only file (0600), whatever mode an earlier file there had."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, mode, encoding="utf-8", buffering=1)
+
+
 def _write_json(path: str, data: dict) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with _private(tmp) as handle:
         json.dump(data, handle)
     os.replace(tmp, path)
 
 
 def cmd_run(cfg: Config, run_id: str) -> int:
-    """Worker entry point: a fresh log (first line names the run), progress lines, then the verdict file."""
-    os.makedirs(cfg.state_dir, exist_ok=True)
-    with open(cfg.log_path, "w", encoding="utf-8", buffering=1) as log:
-        log.write(f"run {run_id}\n")
+    """Worker entry point: a fresh log (first line names the run), progress lines, then the verdict file.
 
-        def say(line: str) -> None:
-            log.write(f"{time.strftime('%H:%M:%S')} gate: {line}\n")
-        verdict = run(cfg, say)
-        say("PASSED" if verdict["ok"] else "FAILED")
+    The verdict file is written on every path, also when the worker itself fails."""
+    os.umask(0o077)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    verdict: dict = {"started": time.time(), "service": cfg.unit}
+    try:
+        with _private(cfg.log_path) as log:
+            log.write(f"run {run_id}\n")
+
+            def say(line: str) -> None:
+                log.write(f"{time.strftime('%H:%M:%S')} gate: {line}\n")
+            verdict = run(cfg, say)
+            say("PASSED" if verdict["ok"] else "FAILED")
+    except Exception as exc:  # noqa: BLE001 - e.g. the log cannot be written: still a verdict
+        verdict.update(ok=False, journal="", finished=time.time(),
+                       message=f"the gate worker failed: {type(exc).__name__}: {exc}")
     verdict["run_id"] = run_id
     _write_json(cfg.result_path, verdict)
     return 0 if verdict["ok"] else 1

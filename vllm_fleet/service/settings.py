@@ -1,4 +1,4 @@
-"""The service's settings section (pure: pydantic only): the unit's restarts, the health gate, and what the
+"""The service's settings section (pure: pydantic only): the unit's restarts, the watchdog, the health gate, and what the
 service gets beyond the plan (extra `vllm serve` arguments, extra environment).
 
 The `vllm serve` options themselves (port, bind host, secrets, layout, ...) are rows of
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vllm_fleet.errors import url_credentials
 from vllm_fleet.planner import options as vllm_options
 
 # Secret variables: the secret rows' own (VLLM_API_KEY, HF_TOKEN) and the hubs' other token variables.
@@ -16,25 +17,31 @@ SECRET_ENV = (*(r.env for r in vllm_options.rows(secret=True) if r.env), "HUGGIN
 
 
 class ServiceSection(BaseModel):
-    """RestartSec, the health gate's wait, extra args and extra environment."""
+    """Restarts and their backoff, the watchdog, GPU leftovers, the health gate's wait, extra args and extra environment."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    restart_sec: int = Field(10, ge=1, le=3600, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
-    health_timeout_s: int | None = Field(None, ge=10, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    adopt_existing_unit: bool = Field(False, description="True = take over an existing unit of vllm_service_name that vllm-fleet did not render (the deploy replaces or shadows it); False = preflight refuses it")
+    restart_sec: int = Field(10, ge=1, le=3600, json_schema_extra={"bounds": "1 to 3600 s"}, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
+    restart_max_delay_s: int = Field(300, ge=1, le=3600, description="longest restart delay of the backoff (RestartMaxDelaySec, systemd >= 254; older systemd waits restart_sec every time)")
+    watchdog: bool = Field(True, description="run the completion watchdog (<service>-watchdog.service): restarts a hung engine")
+    watchdog_interval_s: int = Field(30, ge=5, le=3600, description="seconds between two watchdog probes (a 1-token completion)")
+    watchdog_deadline_s: int = Field(30, ge=1, le=600, description="a probe that gets no answer within this many seconds is a miss")
+    watchdog_misses: int = Field(3, ge=1, le=100, description="consecutive missed probes after which the watchdog restarts the service")
+    reap_gpu_leftovers: bool = Field(True, description="before each start, end GPU processes left by this service (same user or its cgroup) and refuse to start while another program holds its GPUs")
+    health_timeout_s: int | None = Field(None, ge=10, le=86400, json_schema_extra={"bounds": "10 s to a day (86400 s): a service that is not healthy after a day has hung"}, description="health gate wait after a restart; None = scaled to the weights size (as TimeoutStartSec)")
+    gate_stability_s: int = Field(5, ge=0, le=600, json_schema_extra={"bounds": "0 to 600 s"}, description="after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged")
     extra_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments the plan does not own")
     extra_env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the service (applied last: it overrides the plan's)")
 
     @field_validator("extra_args")
     @classmethod
     def _extra_args(cls, v: list[str]) -> list[str]:
-        secrets, owned = vllm_options.secret_flags(), vllm_options.owned_flags()
+        vllm_options.check_extra_args(v)
         for a in v:
-            flag = vllm_options.flag_name(a)
-            if flag in secrets:
-                raise ValueError(f"passes {flag} in argv, where every user of the host can read it|set vllm_api_key / vllm_hf_token instead: they go to the service's EnvironmentFile")
-            if flag in owned:
-                raise ValueError(f"sets {flag}, which the plan owns|set {owned[flag]} instead")
+            if url_credentials(a):
+                raise ValueError("passes a URL with credentials in argv, where every user of the host can read it|"
+                                 "use the URL without them (vLLM and its hubs read tokens from the environment: vllm_hf_token)")
         return v
 
     @field_validator("extra_env")
@@ -45,4 +52,7 @@ class ServiceSection(BaseModel):
                 raise ValueError(f"sets {k}, a secret, in plain service environment|set vllm_api_key / vllm_hf_token instead")
             if k == "CUDA_VISIBLE_DEVICES":
                 raise ValueError("sets CUDA_VISIBLE_DEVICES|set vllm_gpus instead (the toolkit derives it)")
+            if url_credentials(v[k]):
+                raise ValueError(f"sets {k} to a URL with credentials, which would stand in the world-readable unit|"
+                                 "use the URL without them; a hub token goes in vllm_hf_token (the root-only EnvironmentFile)")
         return v

@@ -5,9 +5,11 @@ Operations, in order (names are what pyinfra prints):
 Every path comes from vllm_fleet/layout.py (``HostLayout``).
 
 1. the gate program (``{base_dir}/bin/vllm-fleet-gate``, stdlib Python) and its
-   config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it);
+   config (``/etc/vllm-fleet/<service>.gate.json``, no secret in it), the watchdog + GPU reaper
+   (``{base_dir}/bin/vllm-fleet-watchdog``) and its config (``<service>.watchdog.json``);
+   the companion units (``<service>-devices.service``, ``<service>-watchdog.service``);
 2. the unit (``/etc/systemd/system/<service>.service``) and the env file
-   (``/etc/vllm-fleet/<service>.env``, root:<user> 0640, a secret
+   (``/etc/vllm-fleet/<service>.env``, root:root 0600, a secret
    ``vllm_fleet.hostops.operations.ManagedFile``: compared by sha256, never shown, not even with
    --diff), all read in one ``FileStates`` fact;
 3. the restart + health gate, only when the unit, env file, venv or weights
@@ -17,33 +19,38 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
    progress, and on failure runs the doctor on the journal it returns and
    fails the host. Hosts are gated one at a time (``_serial``) and a failed
    gate halts the rolling deploy: later hosts are not restarted (`service/rolling.py`: the record lives on the run's State);
-4. the unit enabled at boot.
+4. the unit enabled at boot; the watchdog unit enabled and running (restarted when its files changed).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
-from pyinfra.operations import files, python, systemd
+from pyinfra.operations import files, python, server, systemd
 
 from vllm_fleet.hostops.facts import FileStates, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
+from vllm_fleet.service import hostprog_watchdog as watchdog_program
+from vllm_fleet.service.devices import HostDevices
+from vllm_fleet.service.facts import CompanionUnits, NvidiaDevices
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
 from vllm_fleet.service.rolling import RollingHalt
-from vllm_fleet.service.render import Rendered, render, served_name, start_timeout_s, uses_append_think
+from vllm_fleet.service.render import REAP_GRACE_S, Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
 GATE_SOURCE = Path(gate_program.__file__)
+WATCHDOG_SOURCE = Path(watchdog_program.__file__)
 
 
 def venv_path(settings: Settings, venv: Venv | None, driver_cuda: str | None = None) -> str:
@@ -57,20 +64,25 @@ def systemd_version_of(state: HostState) -> int | None:
     return int(v) if v.isdigit() else None
 
 
-def service_files(settings: Settings, state: HostState, venv: Venv | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
-                                                                             list[ManagedFile]]:
-    """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host."""
+def service_files(settings: Settings, state: HostState, venv: Venv | None = None,
+                  devices: HostDevices | None = None) -> tuple[Rendered, list[ManagedFile], list[ManagedFile],
+                                                               list[ManagedFile]]:
+    """(rendered, gate files, unit file, secret files): what `apply` installs, built without a host.
+    The gate files include the watchdog program and its config; the companion units are `companion_files`."""
     lay = HostLayout.of(settings)
     gpu = state.snapshot.gpu
     rendered = render(settings, state.plan, venv_path(settings, venv, gpu.cuda_version if gpu else None),
-                      systemd_version=systemd_version_of(state))
+                      systemd_version=systemd_version_of(state), devices=devices)
     gate_files = [
         ManagedFile(lay.gate_program, GATE_SOURCE, "root", "root", "755"),
         ManagedFile(lay.gate_config, json.dumps(gate_config(settings, state, rendered), indent=1, sort_keys=True) + "\n",
                     "root", settings.service_user, "640"),
+        ManagedFile(lay.watchdog_program, WATCHDOG_SOURCE, "root", "root", "755"),
+        ManagedFile(lay.watchdog_config, json.dumps(watchdog_config(settings, state), indent=1, sort_keys=True) + "\n",
+                    "root", "root", "644"),
     ]
     unit = [ManagedFile(rendered.unit_path, rendered.unit, "root", "root", "644")]
-    return rendered, gate_files, unit, [secret_file(rendered.env_path, settings.service_user, rendered.env)]
+    return rendered, gate_files, unit, [secret_file(rendered.env_path, rendered.env)]
 
 
 def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dict:
@@ -90,20 +102,54 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
         "served_model_name": served_name(state.plan),
         "check_think": uses_append_think(state.plan),
         "timeout_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
+        "stability_s": settings.gate_stability_s,
         "require_key": settings.api_key is not None,
     }
+
+
+def companion_files(rendered: Rendered) -> list[ManagedFile]:
+    """The device-node unit and the watchdog unit (root:root 0644, no secret)."""
+    return [ManagedFile(path, text, "root", "root", "644") for path, text in rendered.units]
+
+
+def watchdog_config(settings: Settings, state: HostState) -> dict:
+    """What the watchdog and the GPU reaper need (no secret: they read the key from the env file themselves)."""
+    lay = HostLayout.of(settings)
+    url = gate_url(settings)
+    return {
+        "service": settings.service_name,
+        "url": url,
+        "served_model_name": served_name(state.plan),
+        "env_path": lay.env_file,
+        "user": settings.service_user,
+        "gate_unit": lay.gate_unit,
+        "interval_s": settings.watchdog_interval_s,
+        "deadline_s": settings.watchdog_deadline_s,
+        "misses": settings.watchdog_misses,
+        "start_grace_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
+        "gpus": list(settings.gpus) if settings.gpus is not None else None,
+        "reap_grace_s": REAP_GRACE_S,
+    }
+
+
+def gate_url(settings: Settings) -> str:
+    """http://ADDR:PORT the host's programs reach vLLM at (loopback when it binds every address)."""
+    bind = settings.bind_host
+    addr = "127.0.0.1" if bind == "0.0.0.0" else "[::1]" if bind == "::" else f"[{bind}]" if ":" in bind else bind
+    return f"http://{addr}:{settings.port}"
 
 
 def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
     """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
     from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
     starts at boot."""
-    lay = HostLayout.of(settings)
-    prev, env_prev, unit = lay.prev(rendered.unit_path), lay.prev(rendered.env_path), lay.unit_name
+    lay, q = HostLayout.of(settings), shlex.quote  # every path and name quoted: this fact runs under --dry too
+    prev, env_prev, unit = q(lay.prev(rendered.unit_path)), q(lay.prev(rendered.env_path)), q(lay.unit_name)
+    unit_path, env_path = q(rendered.unit_path), q(rendered.env_path)
     script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
-              f"test -e {rendered.unit_path} || {{ echo fresh; exit 0; }}; "
-              f"test -e {lay.weights_pending} && {{ echo pending; exit 0; }}; "
-              f"cmp -s {rendered.unit_path} {prev} && cmp -s {rendered.env_path} {env_prev} "
+              f"test -e {unit_path} || {{ echo fresh; exit 0; }}; "
+              f"test -e {q(lay.weights_pending)} && {{ echo pending; exit 0; }}; "
+              f"cmp -s {unit_path} {prev} && cmp -s {env_path} {env_prev} "
               f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
     words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
     return words[-1:] == ["pending"], words[:1] == ["enabled"]
@@ -159,12 +205,15 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
     """
     lay = HostLayout.of(settings)
-    rendered, gate_files, service_files_, secrets = service_files(settings, state, venv)
+    devices = host.get_fact(NvidiaDevices)
+    rendered, gate_files, service_files_, secrets = service_files(settings, state, venv, devices)
+    companions = companion_files(rendered)
     gate_bin, gate_json = lay.gate_program, lay.gate_config
-    # One FileStates fact for all three, read here and handed to each (pyinfra does not cache facts).
-    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets))
-    managed_files(name="Ensure the health-gate program and its config are current",
-                  files=gate_files, states=states)
+    # One FileStates fact for all of them, read here and handed to each (pyinfra does not cache facts).
+    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets + companions))
+    programs = managed_files(name="Ensure the health-gate and watchdog programs and their configs are current",
+                             files=gate_files, states=states)
+    units = managed_files(name="Ensure the device-node and watchdog units are current", files=companions, states=states)
     unit = managed_files(name=f"Ensure the unit {Path(rendered.unit_path).name} is current", files=service_files_, states=states)
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
                         files=secrets, states=states)
@@ -182,11 +231,36 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         python.call(
             name=f"Restart {settings.service_name} and pass the health gate (rollback on failure)",
             function=_run_gate,
-            command=f"/usr/bin/python3 {gate_bin} apply {gate_json} && rm -f {marker}",
+            command=f"/usr/bin/python3 {shlex.quote(gate_bin)} apply {shlex.quote(gate_json)} && rm -f {shlex.quote(marker)}",
             _if=lambda: pending or changed(),
             _serial=True,
         )
     unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
+    watchdog = f"{lay.watchdog_unit}.service"
+    seen = host.get_fact(CompanionUnits, units=[watchdog]) or {}
+    if settings.watchdog:
+        server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
+                     commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],
+                     _if=_changed(programs, units))
+        watchdog_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
+                         seen=seen.get(watchdog, ("", "")))
+    else:
+        unit_stopped(name=f"Ensure {watchdog} is stopped and disabled (vllm_watchdog = False)", unit=watchdog)
+        files.file(name=f"Ensure {lay.watchdog_unit_path} is absent (vllm_watchdog = False)", path=lay.watchdog_unit_path,
+                   present=False)
+
+
+@operation()
+def watchdog_running(unit: str, seen: tuple[str, str]):
+    """Ensure the watchdog unit is enabled and active. ``seen``: (ActiveState, UnitFileState) before the run (a
+    run that changed its files restarted it just before: then these commands change nothing)."""
+    active, enabled = seen
+    if enabled != "enabled":
+        yield StringCommand("systemctl", "enable", unit)
+    if active != "active":
+        yield StringCommand("systemctl", "start", unit)
+    if enabled == "enabled" and active == "active":
+        host.noop(f"{unit} is enabled and running")
 
 
 @operation()
@@ -195,7 +269,7 @@ def unit_enabled(service: str, enabled: bool):
     if enabled:
         host.noop(f"{service} is enabled")
     else:
-        yield StringCommand("systemctl", "enable", service)
+        yield StringCommand("systemctl", "enable", QuoteString(service))
 
 
 def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
@@ -207,7 +281,7 @@ def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
 
 def _other_services(lay: HostLayout) -> list[str]:
     """Other services deployed on this host (their gate configs in config_dir); no operation of uninstall changes them."""
-    out = host.get_fact(Command, f"ls -1 {lay.config_dir}/*.gate.json 2>/dev/null; true",
+    out = host.get_fact(Command, f"ls -1 {shlex.quote(lay.config_dir)}/*.gate.json 2>/dev/null; true",
                         _sudo=host.data.get("_sudo", False)) or ""
     return [n for n in lay.deployed_services(out.split()) if n != lay.service]
 
@@ -221,7 +295,7 @@ def remove(settings: Settings) -> None:
     if others:
         logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
                     f"download worker, uv, wheelhouse and weights state stay")
-    for unit in (lay.unit_name, f"{lay.fetch_unit}.service"):
+    for unit in (f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service", f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
     for t in removal(settings, others):
@@ -229,7 +303,7 @@ def remove(settings: Settings) -> None:
             continue
         op = files.file if t.kind == "file" else files.directory
         meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
-        if t.path in (lay.unit_path, lay.fetch_unit_path):
+        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path):
             units.append(meta)
     systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 
@@ -237,15 +311,16 @@ def remove(settings: Settings) -> None:
 @operation()
 def unit_stopped(unit: str):
     """Stop and disable a unit if the host runs or enables it (one command to read; a no-op when absent)."""
-    out = read_once(host, Command, f"echo active=$(systemctl is-active {unit} 2>/dev/null); "
-                                   f"echo enabled=$(systemctl is-enabled {unit} 2>/dev/null)",
+    q = shlex.quote(unit)
+    out = read_once(host, Command, f"echo active=$(systemctl is-active {q} 2>/dev/null); "
+                                   f"echo enabled=$(systemctl is-enabled {q} 2>/dev/null)",
                     _sudo=host.data.get("_sudo", False)) or ""
     seen = dict(line.partition("=")[::2] for line in out.splitlines())
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
     if running:
-        yield StringCommand("systemctl", "stop", unit)
+        yield StringCommand("systemctl", "stop", QuoteString(unit))
     if enabled:
-        yield StringCommand("systemctl", "disable", unit)
+        yield StringCommand("systemctl", "disable", QuoteString(unit))
     if not running and not enabled:
         host.noop(f"{unit} is stopped and disabled")

@@ -5,13 +5,15 @@ operations; the host program vllm_fleet/weights/hostprog.py (run by the
 ``{service_name}-fetch`` unit) does the download, the file plan (what to keep,
 re-fetch, hash) and the verification state, reading the JSON `FetchPlan.config`.
 
-Layout on the host, for repo ``Org/Name`` (every path from vllm_fleet/layout.py):
+Layout on the host, for repo ``Org/Name`` at revision ``REV`` (every path from vllm_fleet/layout.py):
 
-    {data_dir}/models/Org/Name           the snapshot directory vLLM gets (config.json in it; never a
-                                         huggingface cache root like models--Org--Name)
-    {data_dir}/weights-state/Org--Name/  fetch.json (the config), state.json (verification state),
-                                         status.json (live progress), fetch.lock
-    {base_dir}/fetch/                    fetch_weights.py and its venv (huggingface_hub)
+    {data_dir}/models/Org/Name/REV           the snapshot directory vLLM gets (config.json in it; never a
+                                             huggingface cache root like models--Org--Name); one per revision,
+                                             so a revision change leaves the previous one for rollback
+    {data_dir}/weights-state/Org--Name/REV/  fetch.json (the config), state.json (verification state),
+                                             status.json (live progress), fetch.lock, verified.json (the
+                                             marker the vLLM unit asserts)
+    {base_dir}/fetch/                        fetch_weights.py and its venv (huggingface_hub)
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class FetchPlan:
     config_path: str = ""
     env_path: str = ""  # the unit's EnvironmentFile (HF token)
     unit_path: str = ""
+    marker: str = ""  # written by the fetch program when the revision is complete and verified ("" : none)
+    model_name: str = ""  # Org/Name
+    revision: str | None = None  # the revision the directory is of (None: the hub's default branch)
 
     @property
     def modelscope(self) -> bool:
@@ -75,6 +80,11 @@ def _model_name(sources: tuple[WeightsSource, ...]) -> str:
     return PurePosixPath(sources[0].path or "model").name
 
 
+def _revision(sources: tuple[WeightsSource, ...]) -> str | None:
+    """The revision of the first hub source: the one the weights directory is named after."""
+    return next((s.revision for s in sources if s.repo), None)
+
+
 def resolved_sources(settings: Settings, profile_revision: str | None = None) -> tuple[WeightsSource, ...]:
     """The sources in order, each hub source pinned to its own revision, else the profile's."""
     out = []
@@ -83,6 +93,41 @@ def resolved_sources(settings: Settings, profile_revision: str | None = None) ->
             s = s.model_copy(update={"revision": profile_revision})
         out.append(s)
     return tuple(out)
+
+
+def source_warnings(settings: Settings, profile) -> list[str]:
+    """What the weights' sources leave to chance, as ``problem; remedy: ...`` lines (warnings, not errors).
+
+    + profile: the model's profile (vllm_fleet.planner.modelinfo.Profile), None for a local directory
+
+    - a hub source with no revision (its own or the profile's): the download takes the repo's newest
+      commit of that moment, so two hosts, or two runs, may serve different weights;
+    - a profile served by repo id (no vllm_weights_sources) without a pinned revision: vLLM fetches the
+      newest commit itself;
+    - a source repo that differs from the profile's (hf_repo, modelscope_repo): the plan's sizes and
+      architecture come from the profile, the files from elsewhere.
+    """
+    revision = getattr(profile, "revision", None)
+    out = []
+    if not settings.weights_sources:
+        if profile is not None and getattr(profile, "local_path", None) is None and profile.hf_repo and not revision:
+            out.append(f"vLLM fetches {profile.hf_repo} itself at its newest revision (the profile pins none), so hosts "
+                       "may serve different weights; remedy: set vllm_weights_sources = [{kind: hf, repo: "
+                       f"{profile.hf_repo}, revision: <commit sha>}}]")
+        return out
+    for i, s in enumerate(settings.weights_sources):
+        if s.kind == "local":
+            continue
+        where = f"vllm_weights_sources[{i}] ({s.kind} {s.repo})"
+        if s.revision is None and not revision:
+            out.append(f"{where} has no revision and the profile pins none: the download takes the repo's newest commit, "
+                       "so hosts may serve different weights; remedy: set its revision to a commit sha (or a tag)")
+        expected = getattr(profile, "modelscope_repo" if s.kind == "modelscope" else "hf_repo", None) if profile else None
+        if expected and s.repo != expected:
+            out.append(f"{where} differs from the profile's {'modelscope_repo' if s.kind == 'modelscope' else 'hf_repo'} "
+                       f"{expected}: the plan's sizes and architecture come from the profile, the files from {s.repo}; "
+                       f"remedy: set repo: {expected}, or use a profile (vllm_model) that describes {s.repo}")
+    return out
 
 
 def identity(dest: str, sources: tuple[WeightsSource, ...]) -> str:
@@ -101,16 +146,24 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
     if not sources:
         return None
     name = _model_name(sources)
+    revision = _revision(sources)
     lay = HostLayout.of(settings)
     if sources[0].kind == "local":
         dest = str(PurePosixPath(sources[0].path))
     else:
-        dest = lay.model(name)
-    state_dir = lay.weights_state(name)
+        dest = lay.model_revision(name, revision)
+    state_dir = lay.weights_revision_state(name, revision)
+    marker = lay.weights_verified(name, revision)
     config = {
         "identity": identity(dest, sources),
         "dest": dest,
         "state_dir": state_dir,
+        "marker": marker,
+        # the toolkit's other revisions of this repo, and the units whose revision is never removed (the live unit and
+        # the gate's last known good copy)
+        "revisions_root": lay.model(name),
+        "states_root": lay.weights_state(name),
+        "keep_units": [lay.unit_path, lay.prev(lay.unit_path)],
         "sources": [s.model_dump() for s in sources],
         "retries": settings.weights_retries,
         "backoff_s": settings.weights_backoff_s,
@@ -120,8 +173,17 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
         "verify": "full" if settings.weights_reverify else "stat",
     }
     return FetchPlan(sources, dest, lay.fetch_unit, lay.fetch_dir, state_dir, config, venv=lay.fetch_venv,
-                     program=lay.fetch_program, config_path=lay.fetch_config(name), env_path=lay.fetch_env_file,
-                     unit_path=lay.fetch_unit_path)
+                     program=lay.fetch_program, config_path=lay.fetch_config(name, revision), env_path=lay.fetch_env_file,
+                     unit_path=lay.fetch_unit_path, marker=marker, model_name=name, revision=revision)
+
+
+def already_complete(check: dict | None, plan: FetchPlan, reverify: bool) -> bool:
+    """Whether the deploy may skip the download unit: the host's recorded check (read at planning time with the config
+    already on the host) says complete for this very download (same identity: another revision or source list is
+    another download), and this deploy does not ask for a full re-verification (`vllm_weights_reverify` takes effect
+    on the deploy that sets it, not only on the next)."""
+    check = check or {}
+    return bool(check.get("complete")) and check.get("identity") == plan.config["identity"] and not reverify
 
 
 def check_serve_path(path: str) -> str:

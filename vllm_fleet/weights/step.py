@@ -6,9 +6,13 @@ Two ways, chosen by the settings:
   host (docs/weights.md). The deploy installs a small venv with huggingface_hub
   and the host program ``fetch_weights.py``, renders the ``{service}-fetch``
   unit, starts it unless the verification state says the files are complete
-  and unchanged, and waits for it with a progress line (``vllm_weights_wait``,
-  ``vllm_weights_wait_timeout_s``). A rerun while it runs attaches to the
-  running unit; systemd never starts a second one.
+  and unchanged (and ``vllm_weights_reverify`` is off), and waits for it with a
+  progress line (``vllm_weights_wait``, ``vllm_weights_wait_timeout_s``); the wait
+  restarts a unit that died or stalled (``vllm_weights_stall_s``, at most
+  ``vllm_weights_restarts`` times: it resumes every partial file), else stops with
+  the unit's last log lines; Ctrl-C ends it at once. A rerun while it runs
+  attaches to the running unit; systemd never starts a second one. Each
+  revision has its own directory; other revisions no unit uses are removed.
 - otherwise, a model directory on the control machine (``vllm_model`` is a
   directory: the CI model, a fine-tune) is mirrored to ``{data_dir}/models/<name>``;
   a profile name is served by repo id and fetched by vLLM itself.
@@ -30,6 +34,7 @@ from vllm_fleet.hostops.facts import FileStates
 from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, managed_files, mirror_dir, secret_file
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
+from vllm_fleet.weights.watch import Interrupt, Watch
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import Settings
 
@@ -44,14 +49,18 @@ class WeightsDownloadError(FleetError):
 
 
 def source(settings: Settings) -> ModelSource:
-    """Decide, without touching the host, what `vllm serve` will be given."""
-    if settings.weights_sources:
-        from vllm_fleet.planner.modelinfo import load_profile
+    """Decide, without touching the host, what `vllm serve` will be given; warn about what it leaves to chance
+    (an unpinned revision, a source repo other than the profile's: `wplan.source_warnings`)."""
+    from vllm_fleet.planner.modelinfo import load_profile
 
-        try:
-            revision = load_profile(settings.model).revision
-        except Exception:  # noqa: BLE001 - a local config dir has no profile revision
-            revision = None
+    try:
+        profile = load_profile(settings.model)
+    except Exception:  # noqa: BLE001 - settings validated the model; a local config dir has no profile revision
+        profile = None
+    for line in wplan.source_warnings(settings, profile):
+        logger.warning(f"{host.print_prefix}weights warning: {line}")
+    if settings.weights_sources:
+        revision = profile.revision if profile is not None else None
         plan = wplan.fetch_plan(settings, revision)
         return ModelSource(None, wplan.check_serve_path(plan.serve_path), plan)
     local = Path(settings.model)
@@ -93,55 +102,97 @@ class FetchState(FactBase[dict]):
         return out
 
 
-def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, sudo: bool) -> None:
-    """Follow status.json until the unit is done, failed, or the timeout; log a progress line."""
+JOURNAL_LINES = 15
+INTERRUPT_SLICE_S = 0.2
+
+
+def parse_poll(lines: list[str], identity: str) -> tuple[dict | None, str]:
+    """(this download's status.json or None, ``systemctl is-active``) from the wait's poll output."""
+    lines = [ln for ln in lines if ln.strip()]
+    active = lines[-1].strip() if lines else "unknown"
+    try:
+        status = json.loads("".join(lines[:-1]) or "{}")
+    except ValueError:
+        status = {}
+    return (status if status.get("identity") == identity else None), active
+
+
+def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Interrupt, name: str,
+                      log=logger.info, warn=logger.warning, poll_s: float = POLL_S) -> str:
+    """Follow the download unit until it is done (return its last progress line), restart it when `watch` says so, or
+    raise WeightsDownloadError (failed, restarts spent, timed out, Ctrl-C).
+
+    + run: ``run(command) -> list of output lines`` on the host (with sudo where the deploy uses it)
+    + name: the host's name (for the messages)
+    """
     q = shlex.quote
-    cmd = (f"cat {q(plan.state_dir)}/status.json 2>/dev/null || echo '{{}}'; echo; "
-           f"systemctl is-active {q(plan.unit)}.service || true")
-    start = time.monotonic()
+    unit = f"{plan.unit}.service"
+    poll = f"cat {q(plan.state_dir)}/status.json 2>/dev/null || echo '{{}}'; echo; systemctl is-active {q(unit)} || true"
     last_log = 0.0
-    while True:
-        ok, out = host.run_shell_command(cmd, _sudo=sudo)
-        lines = [ln for ln in out.stdout_lines if ln.strip()] if ok else []
-        active = lines[-1].strip() if lines else "unknown"
-        try:
-            status = json.loads("".join(lines[:-1]) or "{}")
-        except ValueError:
-            status = {}
-        ident = status.get("identity") == plan.config["identity"]
-        phase = status.get("phase") if ident else None
-        now = time.monotonic()
-        if phase == "done" and active != "active":
-            logger.info(f"{host.print_prefix}weights: complete, {status.get('line', '')} from {status.get('source')}")
-            return
-        if active in ("failed", "inactive") and phase in ("failed", None) and now - start > POLL_S * 2:
-            raise WeightsDownloadError(f"{host.name}: the weights download ({plan.unit}.service) failed: "
-                                       f"{status.get('error') or 'no status; see journalctl -u ' + plan.unit}")
-        if now - last_log >= PROGRESS_EVERY_S:
-            logger.info(f"{host.print_prefix}weights: {phase or 'starting'} {status.get('line', '')} ({status.get('source', '')})")
-            last_log = now
-        if now - start > timeout_s:
-            raise WeightsDownloadError(
-                f"{host.name}: still downloading after vllm_weights_wait_timeout_s={timeout_s} s ({status.get('line', '')}); "
-                f"the download continues in {plan.unit}.service; rerun the deploy to attach, or raise the timeout")
-        time.sleep(POLL_S)
+    with interrupt:
+        while True:
+            if interrupt.event.is_set():
+                raise WeightsDownloadError(
+                    f"{name}: the wait for the weights was interrupted (Ctrl-C); the download goes on in {unit} "
+                    f"(journalctl -fu {plan.unit}); rerun the deploy to attach to it")
+            status, active = parse_poll(run(poll), plan.config["identity"])
+            now = time.monotonic()
+            verdict = watch.observe(now, status, active)
+            if verdict.action == "done":
+                return (status or {}).get("line", "")
+            if verdict.action in ("restart", "fail"):
+                journal = run(f"journalctl -u {q(unit)} -n {JOURNAL_LINES} --no-pager -o cat 2>/dev/null || true")
+                tail = "\n".join(f"    {ln}" for ln in journal if ln.strip()) or "    (no journal lines)"
+                if verdict.action == "fail":
+                    raise WeightsDownloadError(
+                        f"{name}: the weights download ({unit}) {verdict.why}; last lines of its log:\n{tail}\n"
+                        f"The partial files stay and are resumed by the next deploy. Remedy: fix what the log says "
+                        f"(a source: vllm_weights_sources; the disk: vllm_data_dir), or raise vllm_weights_restarts / "
+                        f"vllm_weights_stall_s / vllm_weights_wait_timeout_s")
+                warn(f"weights: {verdict.why}; last lines of its log:\n{tail}")
+                run(f"systemctl restart {q(unit)}")
+                last_log = now
+            elif now - last_log >= PROGRESS_EVERY_S:
+                phase = (status or {}).get("phase") or "starting"
+                log(f"weights: {phase} {(status or {}).get('line', '')} ({(status or {}).get('source', '')})")
+                last_log = now
+            # In slices: a signal that reached another thread runs its Python handler only when this one runs code.
+            until = time.monotonic() + poll_s
+            while not interrupt.event.is_set() and time.monotonic() < until:
+                interrupt.event.wait(min(INTERRUPT_SLICE_S, max(0.0, until - time.monotonic())))
+
+
+def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, stall_s: int, restarts: int, sudo: bool) -> None:
+    """Follow status.json until the unit is done, failed, or the timeout; log a progress line."""
+    def run(command: str) -> list[str]:
+        ok, out = host.run_shell_command(command, _sudo=sudo)
+        return list(out.stdout_lines) if ok else []
+
+    watch = Watch(stall_s=stall_s, restarts_max=restarts, timeout_s=timeout_s, started=time.monotonic())
+    line = wait_for_download(run, plan, watch, Interrupt.of(state), host.name,
+                             log=lambda m: logger.info(f"{host.print_prefix}{m}"),
+                             warn=lambda m: logger.warning(f"{host.print_prefix}{m}"))
+    logger.info(f"{host.print_prefix}weights: complete and verified, {line}")
 
 
 @operation(is_idempotent=False)
-def follow_download(plan: wplan.FetchPlan, timeout_s: int):
+def follow_download(plan: wplan.FetchPlan, timeout_s: int, stall_s: int = 300, restarts: int = 3):
     """
-    Wait for the weights download unit with a progress line (bytes done/total, rate, ETA).
+    Wait for the weights download unit with a progress line (bytes on disk/total, rate, ETA, files); restart it when
+    it dies or stalls (bounded), stop with its last log lines otherwise.
 
     + plan: the weights' FetchPlan
     + timeout_s: give up waiting (the unit keeps going) after this many seconds
+    + stall_s: no byte for this long while downloading = stalled
+    + restarts: restarts of a dead or stalled unit before giving up
     """
-    yield FunctionCommand(_wait, (plan, timeout_s, bool(host.data.get("_sudo"))), {})
+    yield FunctionCommand(_wait, (plan, timeout_s, stall_s, restarts, bool(host.data.get("_sudo"))), {})
 
 
 def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
     """The download unit's EnvironmentFile, a secret file like the service's (`secret_file`)."""
     token = settings.hf_token.get_secret_value() if settings.hf_token else ""
-    return secret_file(plan.env_path, settings.service_user, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
+    return secret_file(plan.env_path, f"HF_TOKEN={token}\n" if token else "# no HF token set (vllm_hf_token)\n")
 
 
 def fetch_files(settings: Settings, plan: wplan.FetchPlan) -> tuple[ManagedFile, ManagedFile, ManagedFile, ManagedFile]:
@@ -164,9 +215,13 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
         hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
     q = shlex.quote
     reqs = " ".join(q(r) for r in plan.requirements)
+    lay = HostLayout.of(settings)
+    mine = (lay.weights_state_dir, lay.weights_state(plan.model_name), plan.state_dir)
+    if plan.config.get("revisions_root"):  # the revision directories' parent: the program removes unused revisions
+        org = plan.model_name.split("/")[0]
+        mine += (*((lay.model(org),) if "/" in plan.model_name else ()), plan.config["revisions_root"])
     directories(name=f"Ensure {plan.fetch_dir} and the fetch state directories exist",
-                dirs=[Dir(plan.fetch_dir, "root", "root", "755"),
-                      *(Dir(d, user, user, "750") for d in (HostLayout.of(settings).weights_state_dir, plan.state_dir))])
+                dirs=[Dir(plan.fetch_dir, "root", "root", "755"), *(Dir(d, user, user, "750") for d in mine)])
     if not hub_ok:
         server.shell(
             name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
@@ -187,7 +242,8 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
     systemd.daemon_reload(name="Reload systemd for the download unit", _if=unit.did_change)
     check = check or {}
     running = fact["active"] in ("active", "activating")
-    if check.get("complete") and not running:
+    _report_leftovers(plan, check)
+    if wplan.already_complete(check, plan, settings.weights_reverify) and not running:
         return WeightsResult(server.shell(
             name=f"Weights in {plan.serve_path} are complete and verified (commit {check.get('commit')})", commands=[]))
     if not running:
@@ -204,7 +260,20 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
             reason=f"the weights in {plan.serve_path} are still downloading ({plan.unit}.service) and "
                    f"vllm_weights_wait=False")
     return WeightsResult(follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
-                                         timeout_s=settings.weights_wait_timeout_s))
+                                         timeout_s=settings.weights_wait_timeout_s, stall_s=settings.weights_stall_s,
+                                         restarts=settings.weights_restarts))
+
+
+def _report_leftovers(plan: wplan.FetchPlan, check: dict) -> None:
+    """Log the toolkit's weights of other revisions (from the planning-time check) and remove the unused ones now
+    (``fetch_weights.py prune`` reads the unit files again when it runs: it never removes what a unit uses)."""
+    items = check.get("leftovers") or []
+    for item in items:
+        logger.info(f"{host.print_prefix}weights: other revision {item['path']} ({item['bytes'] / 1024**3:.2f} GiB of "
+                    f"its own): {'removed: ' if item['remove'] else ''}{item['why']}")
+    if any(item["remove"] for item in items):
+        server.shell(name=f"Remove the toolkit's weights of revisions of {plan.model_name} no unit uses",
+                     commands=[f"python3 {shlex.quote(plan.program)} prune {shlex.quote(plan.config_path)}"])
 
 
 @deploy("Weights")

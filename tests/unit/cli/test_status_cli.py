@@ -114,3 +114,20 @@ def test_wide_terminal_gets_one_table(fake_gather: None, monkeypatch: pytest.Mon
     firsts = [next(i for i, line in enumerate(lines) if f" {name} " in line) for name in INVENTORY]
     assert firsts == sorted(firsts)
     assert "0:32768/81559" in lines[firsts[0]] and "0:?/81559" in lines[firsts[1]]
+
+
+@pytest.mark.parametrize("row,loop", [
+    ({"unit": "activating/auto-restart", "restarts": 4, "uptime_s": None}, True),   # between two tries
+    ({"unit": "activating/start", "restarts": 2, "uptime_s": None}, True),          # trying again
+    ({"unit": "active/running", "restarts": 5, "uptime_s": 40.0}, True),            # up briefly after many restarts
+    ({"unit": "active/running", "restarts": 5, "uptime_s": 7200.0}, False),         # recovered long ago
+    ({"unit": "active/running", "restarts": 1, "uptime_s": 30.0}, False),           # one crash, back
+    ({"unit": "activating/start", "restarts": 0, "uptime_s": None}, False),         # a first start
+    ({"unit": "failed/failed", "restarts": 0, "uptime_s": None}, False),
+])
+def test_a_restart_loop_is_named(row: dict, loop: bool) -> None:
+    from vllm_fleet.cli.status import _cells, in_inventory_order
+
+    rows = in_inventory_order(["h"], {"h": row})
+    assert rows["h"]["restart_loop"] is loop
+    assert _cells("h", rows["h"])[5].endswith(" (restart loop)") is loop

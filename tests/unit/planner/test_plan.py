@@ -30,7 +30,7 @@ def test_seed_error_reproduced_exactly() -> None:
     assert "max seq len (196608), (11.62 GiB KV cache is needed" in plan.errors[0].message
     assert "available KV cache memory (9.38 GiB)" in plan.errors[0].message
     assert "estimated maximum model length is 158560." in plan.errors[0].message
-    assert "--max-model-len 158560" in plan.errors[0].remedy
+    assert "vllm_max_model_len = 158560" in plan.errors[0].remedy
     assert plan.max_model_len_that_fits == 158_560
     assert plan.kv_cache_bytes_per_token_per_gpu == 63_488
     assert plan.memory_per_gpu.kv_for_max_len == 12_482_248_704
@@ -52,13 +52,13 @@ def test_predicted_seed_memory_is_conservative() -> None:
     assert available > 10_066_657_280 - GiB
     assert codes(plan.errors) == ["KV_DOES_NOT_FIT"]
     # A800 is SM80: vLLM 0.25 has no FP8 KV cache there, so the remedy must not offer it.
-    assert plan.errors[0].remedy == "use --max-model-len 153424, or --gpu-memory-utilization 0.94."
+    assert plan.errors[0].remedy == "set vllm_max_model_len = 153424, or vllm_gpu_memory_utilization = 0.94."
 
 
 def test_fp8_kv_is_offered_only_where_vllm_serves_it() -> None:
     short = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608, gpu_memory_utilization=0.86))
     assert codes(short.errors) == ["KV_DOES_NOT_FIT"]
-    assert "--kv-cache-dtype fp8" in short.errors[0].remedy
+    assert 'vllm_kv_cache_dtype = "fp8"' in short.errors[0].remedy
     refused = make_plan("minimax-m2", "4xA800-80G", PlanOptions(kv_cache_dtype="fp8"))
     assert "FP8_KV_UNSUPPORTED" in codes(refused.errors)
     assert "FP8_KV_UNSUPPORTED" not in codes(make_plan("minimax-m2", "4xH200", PlanOptions(kv_cache_dtype="fp8")).errors)
@@ -84,7 +84,7 @@ def test_fp8_block_rule_at_tp8_without_ep() -> None:
     err = [e for e in plan.errors if e.code == "FP8_BLOCK_TP"]
     assert len(err) == 1
     assert "1536/8=192" in err[0].message
-    assert "TP4" in err[0].remedy and "TP8+EP" in err[0].remedy and "DP8+EP" in err[0].remedy
+    assert "vllm_tensor_parallel_size = 4" in err[0].remedy and "TP8+EP" in err[0].remedy and "DP8+EP" in err[0].remedy
 
 
 def test_expert_parallel_chosen_where_the_layout_needs_it() -> None:
@@ -261,7 +261,7 @@ def test_other_profiles_plan_on_8xh200(model: str) -> None:
 def test_suggested_utilization_makes_the_length_fit() -> None:
     plan = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608))
     err = [e for e in plan.errors if e.code == "KV_DOES_NOT_FIT"][0]
-    util = float(err.remedy.split("--gpu-memory-utilization ")[1].split(",")[0].split(" ")[0].rstrip("."))
+    util = float(err.remedy.split("vllm_gpu_memory_utilization = ")[1].split(",")[0].split(" ")[0].rstrip("."))
     again = make_plan("minimax-m2", "4xH100-80G", PlanOptions(max_model_len=196_608, gpu_memory_utilization=util))
     assert again.ok, again.errors
 

@@ -341,3 +341,48 @@ def test_state_reads_the_paths_the_layout_sends(tmp_path):
     assert [v.name for v in state.venvs] == ["vllm-0.25.0-cpu"] and state.wheelhouse == {}
     assert parse_state(proc.stdout.strip()) == parse_state(json.dumps(venvctl.state(str(tmp_path / "base"))))
     assert VenvState().command(paths).endswith(f"state {__import__('shlex').quote(paths)}")
+
+
+# ------------------------------------------------ the rollback target is never pruned (issue 13, item 3) --
+
+
+def test_prune_never_removes_the_venvs_of_the_live_and_the_last_good_unit():
+    venvs = [_v("vllm-0.23.0-cu130", 1), _v("vllm-0.24.0-cu130", 2), _v("vllm-0.25.0-cu130", 3)]
+    # keep 1: without in_use everything but the current goes, the last known good (0.23) included
+    assert to_prune("vllm-0.26.0-cu130", venvs, keep=1) == ["vllm-0.25.0-cu130", "vllm-0.24.0-cu130", "vllm-0.23.0-cu130"]
+    assert to_prune("vllm-0.26.0-cu130", venvs, keep=1, in_use=["vllm-0.23.0-cu130"]) == [
+        "vllm-0.25.0-cu130", "vllm-0.24.0-cu130"]
+    # a third build with keep 2: the live unit still runs 0.24 and the last good is 0.23: both stay
+    assert to_prune("vllm-0.26.0-cu130", venvs, keep=2, in_use=["vllm-0.24.0-cu130", "vllm-0.23.0-cu130"]) == [
+        "vllm-0.25.0-cu130"]
+    # a unit naming a venv that is gone takes no slot
+    assert to_prune("vllm-0.26.0-cu130", venvs, keep=2, in_use=["vllm-0.20.0-cu130"]) == [
+        "vllm-0.24.0-cu130", "vllm-0.23.0-cu130"]
+
+
+def test_state_names_the_venvs_the_live_and_the_last_good_unit_run(tmp_path):
+    """The venv program reads the units the layout sends, as render writes them (ExecStart= with the venv's vllm)."""
+    from vllm_fleet.layout import HostLayout
+    from vllm_fleet.planner.plan import make_plan
+    from vllm_fleet.service.render import render
+
+    base = tmp_path / "base"
+    lay = HostLayout("vllm", "vllm", str(base), str(tmp_path / "data"), config_dir=str(tmp_path / "etc"),
+                     unit_dir=str(tmp_path / "units"))
+    for name in ("vllm-0.23.0-cpu", "vllm-0.24.0-cpu", "vllm-0.25.0-cpu"):
+        (base / "venvs" / name).mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[3]
+    # the settings only render the units (the venv path is given): default dirs, as tmp dirs are refused as toolkit dirs
+    settings = load_settings({"vllm_model": str(repo / "tests/fixtures/tiny-minimax-m2"), "vllm_api_key": "sk-unit-test-key-0001"})
+    plan = make_plan(settings.model, "4xA800-80G", settings.plan_options(lay.model("tiny-minimax-m2")))
+    (tmp_path / "units").mkdir()
+    (tmp_path / "etc").mkdir()
+    Path(lay.unit_path).write_text(render(settings, plan, lay.venv("vllm-0.25.0-cpu")).unit)
+    Path(lay.prev(lay.unit_path)).write_text(render(settings, plan, lay.venv("vllm-0.23.0-cpu")).unit)
+    paths = json.dumps(lay.venv_state_paths(), sort_keys=True)
+    proc = subprocess.run([sys.executable, str(Path(venvctl.__file__)), "state", paths], capture_output=True, text=True,
+                          check=True)
+    state = parse_state(proc.stdout.strip())
+    assert state.in_use == ["vllm-0.25.0-cpu", "vllm-0.23.0-cpu"]
+    Path(lay.prev(lay.unit_path)).unlink()  # first install: no last good yet
+    assert venvctl.state(json.loads(paths))["in_use"] == ["vllm-0.25.0-cpu"]

@@ -55,6 +55,29 @@ CASES = {
     "v025_fp8_marlin_healthy.log": (["fp8_weight_only_marlin"], {}, "healthy"),
     "restart_then_healthy.log": ([], None, "healthy"),
     "unknown_nccl_failure.log": (["engine_core_init_failed"], {}, "unknown"),
+    # Configuration errors vLLM 0.25.0 raises at startup that a setting causes (texts in the fixtures' README).
+    "v025_config_tp_heads.log": (["tensor_parallel_heads"], {"vllm_tensor_parallel_size": 4}, "failed"),
+    "v025_config_expert_parallel_dense.log": (
+        ["expert_parallel_dense_model"], {"vllm_enable_expert_parallel": False}, "failed"),
+    "v025_config_pp_unsupported.log": (["pipeline_parallel_unsupported"], {"vllm_pipeline_parallel_size": 1}, "failed"),
+    "v025_config_batched_below_len.log": (
+        ["max_num_batched_tokens_below_max_model_len"], {"vllm_max_num_batched_tokens": 8192}, "failed"),
+    "v025_config_batched_below_seqs.log": (
+        ["max_num_batched_tokens_below_max_num_seqs"], {"vllm_max_num_batched_tokens": 256}, "failed"),
+    "v025_config_world_size.log": (["more_ranks_than_gpus"], {"vllm_tensor_parallel_size": 4}, "failed"),
+    "v025_config_kv_dtype.log": (["invalid_kv_cache_dtype"], {"vllm_kv_cache_dtype": "auto"}, "failed"),
+    # Crash classes, from vLLM's, systemd 252's and the toolkit's journal lines.
+    "v025_max_model_len_restart_loop_journal.log": (
+        ["max_model_len_above_model", "restart_loop"], {"vllm_max_model_len": 8192}, "failed"),
+    "v025_engine_sigkill_journal.log": (["engine_died"], {}, "failed"),
+    "v025_engine_sigkill_restarted_journal.log": (["engine_died", "restart_loop"], {}, "healthy"),
+    "v025_oom_kill_journal.log": (["oom_killed", "engine_died"], {}, "failed"),
+    "v025_engine_fatal_journal.log": (
+        ["engine_fatal_error", "cuda_illegal_memory_access", "engine_died"], {}, "failed"),
+    "watchdog_restart_journal.log": (["watchdog_restart"], {"vllm_watchdog_deadline_s": 60}, "failed"),
+    "start_limit_journal.log": (
+        ["max_model_len_above_model", "start_limit_hit", "restart_loop"], {"vllm_max_model_len": 8192}, "failed"),
+    "gpu_held_journal.log": (["gpu_held_by_other", "restart_loop"], {"vllm_gpus": None}, "failed"),
 }
 
 
@@ -213,3 +236,45 @@ def test_cli_reads_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
     monkeypatch.setattr("sys.stdin", io.StringIO(log("seed_address_in_use.log")))
     assert cli.main(["doctor", "-"]) == 3
     assert "address_in_use" in capsys.readouterr().out
+
+
+def test_an_engine_killed_without_a_python_error_says_where_to_look() -> None:
+    died = diagnose(log("v025_engine_sigkill_journal.log"))[0]
+    assert "died without a Python error: it was killed by a signal" in died.summary
+    assert "exit status 0" in died.summary and "journalctl -k" in died.remedy and "dmesg" in died.remedy
+    oom, engine = diagnose(log("v025_oom_kill_journal.log"))
+    assert "OOM killer" in oom.summary and "host ran out of RAM" in oom.summary and "journalctl -k" in oom.remedy
+    assert "the OOM killer killed it (oom_killed)" in engine.summary
+    fatal, _, engine = diagnose(log("v025_engine_fatal_journal.log"))
+    assert fatal.remedy.endswith("torch.AcceleratorError: CUDA error: an illegal memory access was encountered")
+    assert "after the Python error logged above it" in engine.summary
+
+
+def test_a_crash_the_service_came_back_from_is_a_warning() -> None:
+    report = examine(log("v025_engine_sigkill_restarted_journal.log"))
+    died = report.diagnoses[0]
+    assert died.severity == "warning" and died.summary.startswith("Earlier in this journal (before the last start)")
+    assert report.exit_code == 0
+
+
+def test_watchdog_restart_restart_loop_start_limit_and_a_foreign_gpu_holder() -> None:
+    watchdog = diagnose(log("watchdog_restart_journal.log"))[0]
+    assert "The engine hung: 3 completions in a row got no answer within 30 s" in watchdog.summary
+    assert "vllm_watchdog_deadline_s" in watchdog.remedy
+    loop = [d for d in diagnose(log("v025_max_model_len_restart_loop_journal.log")) if d.code == "restart_loop"][0]
+    assert "restarted the service 3 time(s)" in loop.summary
+    limit = [d for d in diagnose(log("start_limit_journal.log")) if d.code == "start_limit_hit"][0]
+    assert "systemctl reset-failed" in limit.remedy and "StartLimitIntervalSec=0" in limit.remedy
+    held = diagnose(log("gpu_held_journal.log"))[0]
+    assert "pid 7311 (python3, user alice, cgroup /user.slice/user-1001.slice/session-12.scope)" in held.summary
+    assert "70000 MiB on GPU 1" in held.summary and "vllm_gpus" in held.remedy
+
+
+def test_config_errors_name_the_setting_and_the_value_that_works() -> None:
+    too_long = diagnose(log("v025_max_model_len_restart_loop_journal.log"))[0]
+    assert "vllm_max_model_len (999999) is longer than the model's own limit (max_position_embeddings=8192" in too_long.summary
+    assert too_long.remedy.startswith('set vllm_max_model_len = 8192 or "auto"')
+    heads = diagnose(log("v025_config_tp_heads.log"))[0]
+    assert heads.remedy.startswith("set vllm_tensor_parallel_size = 4 (the largest size up to 5 that divides 48)")
+    world = diagnose(log("v025_config_world_size.log"))[0]
+    assert "needs 8 GPUs" in world.summary and "sees 4" in world.summary and "vllm_gpus" in world.remedy

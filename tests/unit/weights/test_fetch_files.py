@@ -40,5 +40,5 @@ def test_fetch_files_paths_owners_and_modes():
     assert program.data() == weights.PROGRAM_SRC.read_bytes()
     assert (config.path, config.group, config.mode) == (plan.config_path, s.service_user, "640")
     assert json.loads(config.data()) == plan.config and config.data().endswith(b"\n")
-    assert env.secret and (env.path, env.group, env.mode) == (plan.env_path, s.service_user, SECRET_MODE)
+    assert env.secret and (env.path, env.user, env.group, env.mode) == (plan.env_path, "root", "root", SECRET_MODE) == (plan.env_path, "root", "root", "600")
     assert (unit.path, unit.mode) == (plan.unit_path, "644") and unit.data().decode().startswith(f"# {plan.unit}:")

@@ -28,8 +28,13 @@ def settings(**data):
 
 
 def test_serve_path_is_the_snapshot_dir_never_a_cache_root():
-    plan = weights.fetch_plan(settings(weights_sources=[HF], data_dir="/data"))
-    assert plan.serve_path == "/data/models/MiniMaxAI/MiniMax-M2"
+    plan = weights.fetch_plan(settings(weights_sources=[HF], data_dir="/data/vllm"))
+    assert plan.serve_path == "/data/vllm/models/MiniMaxAI/MiniMax-M2/main"  # one directory per revision
+    pinned = weights.fetch_plan(settings(weights_sources=[{**HF, "revision": "c" * 40}], data_dir="/data/vllm"))
+    assert pinned.serve_path == f"/data/vllm/models/MiniMaxAI/MiniMax-M2/{'c' * 40}"
+    assert pinned.config["state_dir"] == f"/data/vllm/weights-state/MiniMaxAI--MiniMax-M2/{'c' * 40}"
+    assert pinned.marker == pinned.config["marker"] == f"{pinned.config['state_dir']}/verified.json"
+    assert pinned.config["keep_units"] == ["/etc/systemd/system/vllm.service", "/etc/vllm-fleet/vllm.service.prev"]
     with pytest.raises(ValueError, match="cache root"):
         weights.check_serve_path("/root/.cache/huggingface/hub/models--MiniMaxAI--MiniMax-M2")
 
@@ -74,9 +79,9 @@ def test_backoff_doubles_and_is_capped():
     assert fw.backoff_delays(1, 10, 30) == []
 
 
-def test_progress_line_has_bytes_rate_and_eta():
-    line = fw.progress_line(12 * 2**20, 24 * 2**20, 3 * 2**20)
-    assert line == "12.0/24.0 MiB (50.0%), 3.0 MiB/s, ETA 4 s"
+def test_progress_line_has_bytes_rate_eta_and_files():
+    line = fw.progress_line(12 * 2**20, 24 * 2**20, 3 * 2**20, 2, 6)
+    assert line == "12.0/24.0 MiB (50.0%), 3.0 MiB/s, ETA 4 s, files 2/6"
 
 
 # --- the worker against the mirror ---------------------------------------------------
@@ -232,11 +237,11 @@ MS = {"kind": "modelscope", "repo": "MiniMax/MiniMax-M2"}
 
 
 def test_modelscope_source_adds_its_client_and_keeps_its_cache_off_home():
-    s = settings(weights_sources=[HF, MS], data_dir="/data")
+    s = settings(weights_sources=[HF, MS], data_dir="/data/vllm")
     plan = weights.fetch_plan(s)
     assert plan.requirements == (weights.HF_HUB_REQUIREMENT, *weights.MODELSCOPE_REQUIREMENTS)
     env = weights.unit_environment(s, plan)
-    assert "MODELSCOPE_CACHE=/data/cache/modelscope" in env and "HOME=/data/cache/modelscope-home" in env
+    assert "MODELSCOPE_CACHE=/data/vllm/cache/modelscope" in env and "HOME=/data/vllm/cache/modelscope-home" in env
     hf_only = weights.fetch_plan(settings(weights_sources=[HF]))
     assert hf_only.requirements == (weights.HF_HUB_REQUIREMENT,)
     assert not any(e.startswith(("MODELSCOPE_", "HOME=")) for e in weights.unit_environment(settings(weights_sources=[HF]), hf_only))
@@ -308,9 +313,10 @@ def test_the_fetch_env_file_is_a_secret_file_like_the_services():
     f = fetch_env_file(s, plan)
     lay = HostLayout.of(s)
     assert f.secret and f.path == plan.env_path == lay.fetch_env_file == "/etc/vllm-fleet/vllm-fetch.env"
-    assert (f.user, f.group, f.mode) == ("root", "vllm", "640") == (lambda g: (g.user, g.group, g.mode))(
-        secret_file(lay.env_file, s.service_user, ""))
+    assert (f.user, f.group, f.mode) == ("root", "root", "600") == (lambda g: (g.user, g.group, g.mode))(
+        secret_file(lay.env_file, ""))
     assert f.data() == b"HF_TOKEN=hf_secret_token_value\n" and "hf_secret" not in repr(f)
     assert (plan.venv, plan.program, plan.config_path, plan.unit_path) == (
-        lay.fetch_venv, lay.fetch_program, lay.fetch_config("MiniMaxAI/MiniMax-M2"), lay.fetch_unit_path)
-    assert plan.config["state_dir"] == lay.weights_state("MiniMaxAI/MiniMax-M2") and plan.serve_path == lay.model("MiniMaxAI/MiniMax-M2")
+        lay.fetch_venv, lay.fetch_program, lay.fetch_config("MiniMaxAI/MiniMax-M2", None), lay.fetch_unit_path)
+    assert plan.config["state_dir"] == lay.weights_revision_state("MiniMaxAI/MiniMax-M2", None)
+    assert plan.serve_path == lay.model_revision("MiniMaxAI/MiniMax-M2", None)

@@ -22,6 +22,8 @@ FAULTS = {
     "address_in_use": "OSError: [Errno 98] Address already in use, exit 1",
     "crash_after_start": "serve healthy, then the engine dies: exit 1 after VLLM_DOUBLE_CRASH_SECONDS (5)",
     "unhealthy": "serve, but /health and completions answer 500",
+    "memory_hog": "serve healthy, then the engine allocates host memory (64 MiB every 0.1 s) until the OOM killer "
+    "(or VLLM_DOUBLE_HOG_MIB) stops it",
     "oom": "torch.OutOfMemoryError while loading weights, exit 1",
 }
 ENGINE_FAILED = "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"

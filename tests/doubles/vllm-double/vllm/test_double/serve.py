@@ -1,9 +1,11 @@
 """`vllm serve` of the TEST DOUBLE: the startup sequence, fault injection, serving, shutdown.
 
 Order as in real vLLM 0.25: bind the port (fails at once when it is taken),
-check the model config, then "initialise the engine" (VLLM_DOUBLE_STARTUP_SECONDS,
-default 1) and log the KV-cache figures, then listen and answer. SIGTERM or
-SIGINT ends it with status 0 within a second, at any stage.
+check the model config, then start the engine process (vllm.test_double.engine:
+it "initialises" for VLLM_DOUBLE_STARTUP_SECONDS, default 1, and logs the KV-cache
+figures), then listen and answer, forwarding each completion to the engine.
+SIGTERM or SIGINT ends both with status 0 within a second, at any stage; the
+engine's death ends the API server with status 0 (as vLLM 0.25 does).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import errno
 import os
 import signal
 import threading
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional
 
 import vllm
 from vllm.test_double import faults
 from vllm.test_double.cli import non_default_args
 from vllm.test_double.logs import ProcLog, set_uvicorn_log_level, stderr
-from vllm.test_double.model import GIB, EngineError, ModelInfo, env_float, kv_cache_error, load_model, plan_kv
+from vllm.test_double.client import ENGINE_EXITED, EngineClient
+from vllm.test_double.model import EngineError, env_float, load_model
 from vllm.test_double.server import DoubleServer, ServeState
 
 TRACEBACK_HEAD = "Traceback (most recent call last):\n  [frames not shown: this is the vLLM test double]"
@@ -31,16 +34,8 @@ def _fail_api_server(error: EngineError) -> int:
     return 1
 
 
-def _fail_engine_core(engine: ProcLog, error: EngineError, workers: Sequence[str] = ()) -> int:
-    """An exception in the engine core (or in each of its TP workers): logged there, then the API
-    server's RuntimeError; status 1."""
-    if workers:
-        for worker in workers:
-            ProcLog(worker).error("multiproc_executor.py", "WorkerProc failed to start.")
-            ProcLog(worker).error("multiproc_executor.py", f"{TRACEBACK_HEAD}\n{error.text}")
-    else:
-        engine.error("core.py", "EngineCore failed to start.")
-        engine.error("core.py", f"{TRACEBACK_HEAD}\n{error.text}")
+def _fail_engine_core() -> int:
+    """The engine process failed to start (it logged its own error): the API server's RuntimeError; status 1."""
     stderr(f"{TRACEBACK_HEAD}\n{faults.ENGINE_FAILED}")
     return 1
 
@@ -52,53 +47,10 @@ def _bind(host: str, port: int, state: ServeState, api: ProcLog, fault: Optional
     return DoubleServer(host, port, state, api)
 
 
-def _worker_names(tp: int, pp: int) -> List[str]:
-    """vLLM's worker process names; a single GPU has none (the engine core runs the model)."""
-    if tp * pp == 1:
-        return []
-    return [f"Worker_PP{p}_TP{t}" if pp > 1 else f"Worker_TP{t}" for p in range(pp) for t in range(tp)]
-
-
-def _engine_start(model: ModelInfo, args: argparse.Namespace, env: Mapping[str, str],
-                  fault: Optional[str], engine: ProcLog) -> Tuple[Optional[EngineError], List[str]]:
-    """Log what vLLM's engine core logs while it starts; return the error that stops it (if any)
-    and the worker processes that report it (none: the engine core does)."""
-    tp, pp, dp = args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size
-    engine.info("core.py", (
-        f"Initializing a V1 LLM engine (v{vllm.__version__}) with config: model='{model.path}', "
-        f"tokenizer='{model.path}', trust_remote_code={args.trust_remote_code}, max_seq_len={model.max_model_len}, "
-        f"download_dir={args.download_dir!r}, tensor_parallel_size={tp}, pipeline_parallel_size={pp}, "
-        f"data_parallel_size={dp}, kv_cache_dtype={args.kv_cache_dtype}, enforce_eager={args.enforce_eager}, "
-        f"served_model_name={(args.served_model_name or [model.path])[0]}, seed={args.seed}"
-    ))
-    workers = _worker_names(tp, pp)
-    if fault == "free_memory":
-        error = faults.free_memory_error(args.gpu_memory_utilization, env)
-        if error:
-            return error, workers[:1]
-    engine.info("gpu_model_runner.py", f"Starting to load model {model.path}...")
-    if fault == "oom":
-        return faults.oom_error(env), workers[:1]
-    engine.info("gpu_model_runner.py", "Model loading took 0.01 GiB memory and 0.366406 seconds")
-    plan = plan_kv(model, args, env)
-    available = faults.forced_kv_available(plan) if fault == "kv_cache" else plan.available_bytes
-    for worker in workers or [engine.proc]:
-        ProcLog(worker).info("gpu_worker.py", f"Available KV cache memory: {available / GIB:.2f} GiB")
-    if (plan.explicit or fault == "kv_cache") and plan.needed_bytes > available:
-        return kv_cache_error(plan, available), []
-    engine.info("kv_cache_utils.py", f"GPU KV cache size: {plan.num_tokens:,} tokens")
-    engine.info("kv_cache_utils.py",
-                f"Maximum concurrency for {plan.max_model_len:,} tokens per request: {plan.concurrency:.2f}x")
-    if fault == "illegal_memory" and faults.uses_full_cudagraphs(args.compilation_config, args.enforce_eager):
-        return faults.illegal_memory_error(), workers[:1]
-    engine.info("core.py", "init engine (profile, create kv cache, warmup model) took 1.00 seconds")
-    return None, []
-
-
 def serve(args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> int:
     """Run `vllm serve`; returns the process exit status."""
     env = os.environ if env is None else env
-    api, engine = ProcLog("APIServer"), ProcLog("EngineCore_DP0")
+    api = ProcLog("APIServer")
     set_uvicorn_log_level(args.uvicorn_log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,14 +73,18 @@ def serve(args: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> 
     except OSError as exc:
         return _fail_api_server(EngineError(f"OSError: [Errno {exc.errno}] {exc.strerror}"))
     try:
-        return _run(server, args, env, fault, stop, api, engine)
+        return _run(server, args, env, fault, stop, api)
     finally:
         server.server_close()
 
 
 def _run(server: DoubleServer, args: argparse.Namespace, env: Mapping[str, str], fault: Optional[str],
-         stop: threading.Event, api: ProcLog, engine: ProcLog) -> int:
-    """Everything after the bind: model checks, engine start, serving until a signal or a crash."""
+         stop: threading.Event, api: ProcLog) -> int:
+    """Everything after the bind: model checks, the engine process, serving until a signal or the engine's death.
+
+    As in vLLM 0.25: when the engine process dies, /health answers 503 at once and the API server exits
+    with status 0 at its next watchdog tick (every VLLM_DOUBLE_WATCHDOG_SECONDS, vLLM's 5 s).
+    """
     try:
         model = load_model(args, env)
     except EngineError as exc:
@@ -137,29 +93,36 @@ def _run(server: DoubleServer, args: argparse.Namespace, env: Mapping[str, str],
     server.state.max_model_len = model.max_model_len
     api.info("model.py", f"Resolved architecture: {model.architecture}")
     api.info("model.py", f"Using max model len {model.max_model_len}")
-    if stop.wait(env_float(env, "VLLM_DOUBLE_STARTUP_SECONDS", 1.0)):
+    engine = EngineClient.start(args, env)
+    try:
+        ready = engine.wait_ready(stop)
+        if ready == "stopped":
+            return 0
+        if ready == "failed":
+            engine.proc.wait(5)
+            return _fail_engine_core()
+        server.state.engine = engine
+        engine.monitor(lambda: api.warning("core_client.py", ENGINE_EXITED))
+        port = server.server_address[1]
+        api.info("api_server.py", f"Starting vLLM server on http://{args.host or '0.0.0.0'}:{port}")
+        server.server_activate()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        api.uvicorn(f"Started server process [{os.getpid()}]")
+        api.uvicorn("Waiting for application startup.")
+        api.uvicorn("Application startup complete.")
+        tick = env_float(env, "VLLM_DOUBLE_WATCHDOG_SECONDS", 5.0)
+        while not stop.wait(tick):
+            if engine.dead.is_set():  # vLLM's terminate_if_errored: server.should_exit = True
+                break
+        if engine.dead.is_set() and fault == "crash_after_start":
+            # vLLM's output handler saw the engine's error: EngineDeadError in the API server's log.
+            stderr(f"{TRACEBACK_HEAD}\n{faults.ENGINE_DEAD}")
+        api.uvicorn("Shutting down")
+        server.shutdown()
+        api.uvicorn("Waiting for application shutdown.")
+        api.uvicorn("Application shutdown complete.")
+        api.uvicorn(f"Finished server process [{os.getpid()}]")
         return 0
-    error, workers = _engine_start(model, args, env, fault, engine)
-    if error:
-        return _fail_engine_core(engine, error, workers)
-    port = server.server_address[1]
-    api.info("api_server.py", f"Starting vLLM server on http://{args.host or '0.0.0.0'}:{port}")
-    server.server_activate()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    api.uvicorn(f"Started server process [{os.getpid()}]")
-    api.uvicorn("Waiting for application startup.")
-    api.uvicorn("Application startup complete.")
-    crash_after = env_float(env, "VLLM_DOUBLE_CRASH_SECONDS", 5.0) if fault == "crash_after_start" else None
-    status = 0
-    if not stop.wait(crash_after):
-        engine.error("core.py", "EngineCore encountered a fatal error.")
-        engine.error("core.py", f"{TRACEBACK_HEAD}\n{faults.ENGINE_DEAD}")
-        stderr(f"{TRACEBACK_HEAD}\n{faults.ENGINE_DEAD}")  # the API server's view of the dead engine
-        status = 1
-    api.uvicorn("Shutting down")
-    server.shutdown()
-    api.uvicorn("Waiting for application shutdown.")
-    api.uvicorn("Application shutdown complete.")
-    api.uvicorn(f"Finished server process [{os.getpid()}]")
-    return status
+    finally:
+        engine.stop()

@@ -20,6 +20,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List, Optional
 
+from vllm.test_double.client import EngineClient, EngineDead
 from vllm.test_double.logs import ProcLog
 
 APPEND_THINK_PARSER = "minimax_m2_append_think"
@@ -39,6 +40,7 @@ class ServeState:
     tool_call_parser: Optional[str] = None
     auto_tool_choice: bool = False
     unhealthy: bool = False
+    engine: Optional[EngineClient] = None  # the engine process (None until it is ready)
 
 
 class ApiError(Exception):
@@ -156,6 +158,7 @@ class Handler(BaseHTTPRequestHandler):
         routes = {
             ("GET", "/health"): self._health,
             ("GET", "/version"): self._version,
+            ("GET", "/metrics"): self._metrics,
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
@@ -183,7 +186,37 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------- routes --
     def _health(self) -> None:
+        engine = self.server.state.engine
+        if engine is not None and engine.dead.is_set():
+            self._send(503, None)  # vLLM 0.25: EngineDeadError -> 503
+            return
         self._send(500 if self.server.state.unhealthy else 200, None)
+
+    def _generate(self) -> None:
+        """Have the engine process do the work: blocks while the engine is stopped, 500 once it is dead."""
+        engine = self.server.state.engine
+        if engine is None:
+            return
+        try:
+            engine.generate()
+        except EngineDead:
+            raise _engine_dead() from None
+
+    def _metrics(self) -> None:
+        """Two of vLLM 0.25's gauges in Prometheus text (names and HELP lines as vLLM 0.25.0 serves them;
+        the API server answers them itself, so they stay 200 while the engine hangs)."""
+        name = (self.server.state.served_names or [self.server.state.model_root])[0]
+        text = "".join(
+            f"# HELP vllm:{metric} {help_}\n# TYPE vllm:{metric} gauge\n"
+            f'vllm:{metric}{{engine="0",model_name="{name}"}} 0.0\n'
+            for metric, help_ in (("num_requests_running", "Number of requests in model execution batches."),
+                                  ("num_requests_waiting", "Number of requests waiting to be processed.")))
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _version(self) -> None:
         self._send(200, {"version": self.server.state.version})
@@ -232,6 +265,7 @@ class Handler(BaseHTTPRequestHandler):
             raise _bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
         if st.unhealthy:
             raise _engine_dead()
+        self._generate()
         texts = [_message_text(m.get("content")) for m in messages]
         prompt_tokens = sum(_count_tokens(t) for t in texts) + 4 * len(messages)
         limit = self._max_tokens(body, prompt_tokens, None)
@@ -272,6 +306,7 @@ class Handler(BaseHTTPRequestHandler):
             raise _bad_request("prompt must be a string or a list of strings", "prompt")
         if st.unhealthy:
             raise _engine_dead()
+        self._generate()
         prompt_tokens = _count_tokens(prompt)
         limit = self._max_tokens(body, prompt_tokens, 16)  # vLLM's CompletionRequest default
         pieces = _split_tokens(" and this is the vLLM test double completing it with canned text.")
