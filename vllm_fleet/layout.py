@@ -113,6 +113,8 @@ def toolkit_dir_problem(path: str) -> str | None:
     fix = "use a directory of its own such as /opt/vllm-fleet (base_dir) or /var/lib/vllm-fleet, /data/vllm (data_dir)"
     if not path.startswith("/") or ".." in path.split("/"):
         return f"must be an absolute path without ..|{fix}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return f"holds a control character (newline, tab, ...), which no unit file or host listing can carry|{fix}"
     norm = "/" + posixpath.normpath(path).lstrip("/")
     if norm in ("/", "/."):
         return f"is the root directory, which the toolkit would chown|{fix}"
@@ -128,6 +130,24 @@ def toolkit_dir_problem(path: str) -> str | None:
 
 
 #: Trees the units hide from vLLM and the download worker (ProtectHome=yes, PrivateTmp=yes) or that hold no files.
+#: What a venv directory's path may hold (base_dir holds the venvs). pip and uv write each entry-point script of a
+#: venv (bin/pip, bin/vllm, ...) with the interpreter's path in its first line, and where that path is long or holds
+#: a space, as a ``/bin/sh`` trampoline with the path in double quotes: ``$``, a backtick, ``\`` or ``"`` there
+#: would be run by that shell (measured: base_dir ``/srv/x$(touch${IFS}M)`` made ``bin/pip`` run ``touch M``).
+VENV_PATH_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@,:=~")
+
+
+def venv_dir_problem(path: str) -> str | None:
+    """Why ``path`` (base_dir) cannot hold venvs, beyond `toolkit_dir_problem`, or None. ``problem|remedy``."""
+    bad = sorted(set(path) - VENV_PATH_CHARACTERS)
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        return (f"holds {shown}: the venvs under it get entry-point scripts whose /bin/sh trampoline carries this path "
+                f"in double quotes, where a shell would expand it|use letters, digits and / . _ - + @ , : = ~ only, "
+                f"e.g. /opt/vllm-fleet")
+    return None
+
+
 HIDDEN_TREES = ("/home", "/root", "/run/user", "/tmp", "/var/tmp", "/proc", "/sys", "/dev")
 
 

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from vllm_fleet.account.settings import AccountSection
-from vllm_fleet.layout import toolkit_dir_problem
+from vllm_fleet.layout import toolkit_dir_problem, venv_dir_problem
 from vllm_fleet.errors import Problem, SettingConflict, SettingsError
 from vllm_fleet.planner import options as vllm_options
 from vllm_fleet.planner import serveargs
@@ -128,6 +128,14 @@ class CoreSection(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return str(PurePosixPath(v))
+
+    @field_validator("base_dir")
+    @classmethod
+    def _venv_safe(cls, v: str) -> str:
+        problem = venv_dir_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("model")
     @classmethod

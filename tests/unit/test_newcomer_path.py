@@ -18,8 +18,8 @@ def _block_after(heading: str) -> list[str]:
 
 
 def test_readme_names_one_setup_one_demo_one_test_command():
-    assert _block_after("Setup") == ["sudo ./setup"]
-    assert _block_after("Try it: the local demo") == ["sudo ./demo"]
+    assert _block_after("Setup") == ["./setup"]
+    assert _block_after("Try it: the local demo") == ["./demo"]
     assert _block_after("Test") == [".venv/bin/python -m pytest"]
     for script in ("setup", "demo"):
         path = ROOT / script

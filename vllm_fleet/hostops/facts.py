@@ -30,13 +30,17 @@ class PathState:
 
 
 def parse_path_states(lines: Sequence[str]) -> dict[str, PathState]:
-    """Parse `path|kind|user|group|mode` lines (`path|missing` for absent paths)."""
+    """Parse `path|kind|user|group|mode` lines (`path|missing` for absent paths).
+
+    Split from the right: the fields after the path never hold a ``|``, a path may (settings refuse only
+    what a unit file or a line-based fact cannot carry: control characters)."""
     out: dict[str, PathState] = {}
     for line in lines:
-        parts = line.split("|")
-        if len(parts) == 2 and parts[1] == MISSING:
-            out[parts[0]] = PathState(MISSING)
-        elif len(parts) == 5:
+        if line.endswith("|" + MISSING):
+            out[line[: -len(MISSING) - 1]] = PathState(MISSING)
+            continue
+        parts = line.rsplit("|", 4)
+        if len(parts) == 5:
             out[parts[0]] = PathState(parts[1], parts[2], parts[3], parts[4])
     return out
 
@@ -45,7 +49,7 @@ class PathStates(FactBase[dict]):
     """
     Type, owner and mode of several paths, in one command.
 
-    + paths: absolute paths (no ``|`` or newline in them)
+    + paths: absolute paths (no newline in them)
 
     .. code:: python
 
@@ -155,10 +159,11 @@ class FileState:
 
 
 def parse_file_states(lines: Sequence[str]) -> dict[str, FileState | None]:
-    """Parse `path|sha256 user group mode` lines (`path|missing` for absent files)."""
+    """Parse `path|sha256 user group mode` lines (`path|missing` for absent files); split at the last ``|``
+    (a path may hold one, the fields after it never do)."""
     out: dict[str, FileState | None] = {}
     for line in lines:
-        path, _, rest = line.partition("|")
+        path, _, rest = line.rpartition("|")
         parts = rest.split(" ")
         if rest == MISSING:
             out[path] = None
@@ -171,7 +176,7 @@ class FileStates(FactBase[dict]):
     """
     sha256, owner and mode of several files, in one command (None for an absent file).
 
-    + paths: absolute paths of regular files (no ``|`` or newline in them)
+    + paths: absolute paths of regular files (no newline in them)
 
     .. code:: python
 

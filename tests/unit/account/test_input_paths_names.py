@@ -79,3 +79,15 @@ def test_a_local_weights_dir_the_units_hide_is_refused(path):
 def test_adopt_settings_default_to_false():
     s = load_settings({})
     assert s.adopt_existing_user is False and s.adopt_existing_unit is False
+
+
+@pytest.mark.parametrize("char", ["$", "`", '"', "\\", ";", "|", "&", "(", "'", "*", "!"])
+def test_a_base_dir_a_venv_trampoline_would_expand_is_refused(char):
+    # pip/uv write a venv's entry points as a /bin/sh trampoline with the path in double quotes when it is long:
+    # the e2e test that found it is tests/e2e/test_hostile_input.py (base_dir).
+    text = _problem({"vllm_base_dir": f"/srv/x{char}y"})
+    assert "vllm_base_dir=" in text and "trampoline" in text and "/opt/vllm-fleet" in text, text
+
+
+def test_a_data_dir_with_shell_characters_is_used_literally():
+    assert load_settings({"vllm_data_dir": "/srv/x$(y)z;w"}).data_dir == "/srv/x$(y)z;w"
