@@ -85,8 +85,9 @@ def _journal(lines: int = 200, unit: str = "vllm.service") -> str:
 
 def _engine_pid() -> int:
     """The engine process of the running service (in its cgroup, not the MainPID)."""
-    props = _props()
-    procs = host_exec(C, f"cat /sys/fs/cgroup{props['ControlGroup']}/cgroup.procs").stdout.split()
+    pid = _props()["MainPID"]  # the unit's processes: those in the MainPID's cgroup (v1 and v2 hosts alike)
+    procs = host_exec(C, ["sh", "-c", f'cg=$(grep -m1 "^0::/" /proc/{pid}/cgroup || grep -m1 ":name=systemd:/" /proc/{pid}/cgroup); '
+                      'for f in /proc/[0-9]*/cgroup; do grep -qxF -- "$cg" "$f" 2>/dev/null && { p=${f#/proc/}; echo "${p%/cgroup}"; }; done']).stdout.split()
     for pid in procs:
         cmdline = host_exec(C, f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
         if "vllm.test_double.engine" in cmdline:
@@ -155,8 +156,15 @@ def test_api_server_sigkill_cgroup_killed_and_restarted(deployed):
     assert host_exec(C, ["test", "-e", f"/proc/{engine}"]).returncode != 0  # systemd killed the old engine
 
 
+def _kernel_oom_kills() -> list[str]:
+    """The kernel's OOM kills in this unit's memory cgroup (the containers share the control machine's kernel)."""
+    kernel = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    return re.findall(r"oom-kill:.*task_memcg=\S*/system\.slice/vllm\.service,task=python,pid=\d+", kernel)
+
+
 def test_an_oom_killed_engine_is_restarted(deployed):
     before = _props()
+    kills_before = len(_kernel_oom_kills())
     host_exec(C, f"echo memory_hog > {FAULT}")
     try:
         assert host_exec(C, ["systemctl", "set-property", "--runtime", "vllm.service", "MemoryMax=400M"]).returncode == 0
@@ -170,9 +178,16 @@ def test_an_oom_killed_engine_is_restarted(deployed):
         host_exec(C, ["systemctl", "set-property", "--runtime", "vllm.service", "MemoryMax=infinity"])
     print(f"OOM kill of the engine -> healthy again in {took:.1f} s after the start that hogged")
     journal = _journal()
-    assert "killed by the OOM killer" in journal, journal
-    assert "oom_killed" in _doctor(journal)
-    assert int(_props()["NRestarts"]) > int(before["NRestarts"])
+    if host_exec(C, ["test", "-f", "/sys/fs/cgroup/cgroup.controllers"]).returncode == 0:
+        # cgroup v2: systemd reads the unit's memory.events and says so in the unit's journal
+        assert "killed by the OOM killer" in journal, journal
+        assert "oom_killed" in _doctor(journal)
+    else:
+        # cgroup v1 (this CI machine's kind): systemd does not see OOM kills; the journal shows an engine that
+        # died without a Python error, the doctor names that and points at the kernel's log, which has the kill
+        assert "engine_died" in _doctor(journal), journal
+        assert len(_kernel_oom_kills()) > kills_before  # this test's kill, in the unit's cgroup
+    assert int(_props()["NRestarts"]) > int(started["NRestarts"])  # systemd's restart (the manual one above resets it)
 
 
 def test_a_hung_engine_is_restarted_by_the_watchdog(deployed):
@@ -200,7 +215,10 @@ def _holder_hardware(marker: str) -> None:
 
 
 def _leftover(user: str, marker: str) -> None:
-    cmd = f"nohup runuser -u {user} -- python3 -c 'import time; time.sleep(600)' {marker} >/dev/null 2>&1 &"
+    # setpriv execs (runuser stays as a root parent whose command line holds the marker too: the nvidia-smi double
+    # would report that root process as a second, foreign holder, which a real nvidia-smi never would)
+    cmd = (f"nohup setpriv --reuid={user} --regid=$(id -g {user}) --clear-groups "
+           f"python3 -c 'import time; time.sleep(600)' {marker} >/dev/null 2>&1 &")
     assert host_exec(C, cmd).returncode == 0
     _wait("the leftover runs", lambda: host_exec(C, ["pgrep", "-f", marker]).returncode == 0, 10)
 

@@ -160,7 +160,7 @@ def test_mirror_down_falls_back_to_the_next_source(mirrors):
         sources = [{"kind": "hf", "repo": repo.REPO_ID, "endpoint": primary.url},
                    {"kind": "hf", "repo": repo.REPO_ID, "endpoint": fallback.url}]
         r = deploy(fallback, sources=sources)
-        assert f"from hf:{repo.REPO_ID} at {fallback.url}" in r.output
+        assert f"from hf:{repo.REPO_ID} at {fallback.url}" in r.output, r.output[-3000:]
         assert sum(fallback.bytes_served.values()) == fallback.total_bytes
         state = json.loads(host_exec(HOST, f"cat {STATE}/state.json").stdout)
         assert state["complete"] and fallback.url in state["source"]

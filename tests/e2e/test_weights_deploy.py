@@ -268,15 +268,6 @@ def test_the_hf_token_and_the_key_never_leak_and_stay_root_only(mirror):
     assert host_exec(HOST, places["gate log mode"]).stdout.strip() == "600"
 
 
-def test_uninstall_removes_both_env_files(mirror):
-    """Issue 14, item 5: uninstall removes the service's and the download unit's secrets."""
-    r = run_pyinfra(["--limit", HOST, "uninstall.py", "--data", f"vllm_service_name={SERVICE}", "--data",
-                     f"vllm_data_dir={DATA}"], timeout=400)
-    assert r.returncode == 0
-    left = host_exec(HOST, ["sh", "-c", f"ls -a /etc/vllm-fleet | grep -- '{SERVICE}' ; true"]).stdout.split()
-    assert not [f for f in left if f.endswith(("env", "env.prev", "vllm-fleet-new", ".tmp"))], left
-
-
 def test_the_service_never_starts_on_a_revision_that_is_not_verified(mirror):
     """Issue 15 item 7: the unit asserts the fetch program's marker (a reboot mid-download starts nothing)."""
     unit = host_exec(HOST, f"cat /etc/systemd/system/{SERVICE}.service").stdout
@@ -288,3 +279,13 @@ def test_the_service_never_starts_on_a_revision_that_is_not_verified(mirror):
         assert host_exec(HOST, f"systemctl is-active {SERVICE}.service").stdout.strip() != "active"
     finally:
         host_exec(HOST, f"mv {STATE}/verified.json.away {STATE}/verified.json; systemctl restart {SERVICE}.service")
+
+
+def test_uninstall_removes_both_env_files(mirror):
+    """Issue 14, item 5: uninstall removes the service's and the download unit's secrets. Last in this module:
+    it removes what the tests above read."""
+    r = run_pyinfra(["--limit", HOST, "uninstall.py", "--data", f"vllm_service_name={SERVICE}", "--data",
+                     f"vllm_data_dir={DATA}"], timeout=400)
+    assert r.returncode == 0
+    left = host_exec(HOST, ["sh", "-c", f"ls -a /etc/vllm-fleet | grep -- '{SERVICE}' ; true"]).stdout.split()
+    assert not [f for f in left if f.endswith(("env", "env.prev", "vllm-fleet-new", ".tmp"))], left

@@ -25,7 +25,7 @@ class ServiceSection(BaseModel):
     restart_sec: int = Field(10, ge=1, le=3600, json_schema_extra={"bounds": "1 to 3600 s"}, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
     restart_max_delay_s: int = Field(300, ge=1, le=3600, description="longest restart delay of the backoff (RestartMaxDelaySec, systemd >= 254; older systemd waits restart_sec every time)")
     watchdog: bool = Field(True, description="run the completion watchdog (<service>-watchdog.service): restarts a hung engine")
-    watchdog_interval_s: int = Field(30, ge=5, le=3600, description="seconds between two watchdog probes (a 1-token completion)")
+    watchdog_interval_s: int = Field(30, ge=1, le=3600, description="seconds between two watchdog probes (a 1-token completion)")
     watchdog_deadline_s: int = Field(30, ge=1, le=600, description="a probe that gets no answer within this many seconds is a miss")
     watchdog_misses: int = Field(3, ge=1, le=100, description="consecutive missed probes after which the watchdog restarts the service")
     reap_gpu_leftovers: bool = Field(True, description="before each start, end GPU processes left by this service (same user or its cgroup) and refuse to start while another program holds its GPUs")

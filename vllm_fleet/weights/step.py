@@ -119,7 +119,7 @@ def parse_poll(lines: list[str], identity: str) -> tuple[dict | None, str]:
 
 def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Interrupt, name: str,
                       log=logger.info, warn=logger.warning, poll_s: float = POLL_S) -> str:
-    """Follow the download unit until it is done (return its last progress line), restart it when `watch` says so, or
+    """Follow the download unit until it is done (return its last progress line, with the source that served it), restart it when `watch` says so, or
     raise WeightsDownloadError (failed, restarts spent, timed out, Ctrl-C).
 
     + run: ``run(command) -> list of output lines`` on the host (with sudo where the deploy uses it)
@@ -139,7 +139,8 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
             now = time.monotonic()
             verdict = watch.observe(now, status, active)
             if verdict.action == "done":
-                return (status or {}).get("line", "")
+                line, source = (status or {}).get("line", ""), (status or {}).get("source", "")
+                return f"{line} from {source}" if source else line
             if verdict.action in ("restart", "fail"):
                 journal = run(f"journalctl -u {q(unit)} -n {JOURNAL_LINES} --no-pager -o cat 2>/dev/null || true")
                 tail = "\n".join(f"    {ln}" for ln in journal if ln.strip()) or "    (no journal lines)"

@@ -7,7 +7,8 @@
 #
 # Facts this depends on (measured on the lent H200 machine, docs/gpu-validation.md):
 # - only files the image lacks are copied in: its own libraries are never overwritten;
-# - systemd-tmpfiles empties /tmp when this systemd boots, so state lives under /srv/vf-systemd;
+# - systemd-tmpfiles empties /tmp when this systemd boots (Debian's tmp.conf, masked below), so state lives
+#   under /srv/vf-systemd anyway;
 # - PIDs systemd reports (MainPID) are PIDs of the namespace: kill/ps them through nsx.
 set -u
 DEBS=${1:?usage: sysd.sh DEBS_DIR}
@@ -33,6 +34,9 @@ echo "copied $n files from $(ls "$DEBS"/*.deb | wc -l) packages"
 missing=$(ldd /lib/systemd/systemd | grep -c "not found")
 [ "$missing" = 0 ] || { ldd /lib/systemd/systemd | grep "not found"; exit 1; }
 [ -s /etc/machine-id ] || systemd-machine-id-setup >/dev/null 2>&1 || dbus-uuidgen > /etc/machine-id
+# Debian's tmpfiles.d/tmp.conf ("D /tmp") empties /tmp when this systemd boots, under the feet of whatever
+# the device call keeps there (its $OUT, the repo copy): masked, the rest of tmpfiles still runs.
+mkdir -p /etc/tmpfiles.d; [ -e /etc/tmpfiles.d/tmp.conf ] || ln -s /dev/null /etc/tmpfiles.d/tmp.conf
 setsid unshare --fork --pid --mount --mount-proc --propagation private \
   env container=vllm-fleet-gpu /lib/systemd/systemd --system --log-level=info > "$ST/sysd.log" 2>&1 < /dev/null &
 UPID=$!
