@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import string
 from dataclasses import dataclass
 
 CONFIG_DIR = "/etc/vllm-fleet"
@@ -134,7 +135,7 @@ def toolkit_dir_problem(path: str) -> str | None:
 #: venv (bin/pip, bin/vllm, ...) with the interpreter's path in its first line, and where that path is long or holds
 #: a space, as a ``/bin/sh`` trampoline with the path in double quotes: ``$``, a backtick, ``\`` or ``"`` there
 #: would be run by that shell (measured: base_dir ``/srv/x$(touch${IFS}M)`` made ``bin/pip`` run ``touch M``).
-VENV_PATH_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+@,:=~")
+VENV_PATH_CHARACTERS = frozenset(string.ascii_letters + string.digits + "/._-+@,:=~")
 
 
 def venv_dir_problem(path: str) -> str | None:

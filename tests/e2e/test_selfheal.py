@@ -25,6 +25,7 @@ import urllib.request
 import pytest
 
 from tests.e2e.harness import REPO, host_exec, run_pyinfra
+from vllm_fleet.hostops.facts import cgroup_peers_script
 
 pytestmark = pytest.mark.e2e
 
@@ -85,9 +86,8 @@ def _journal(lines: int = 200, unit: str = "vllm.service") -> str:
 
 def _engine_pid() -> int:
     """The engine process of the running service (in its cgroup, not the MainPID)."""
-    pid = _props()["MainPID"]  # the unit's processes: those in the MainPID's cgroup (v1 and v2 hosts alike)
-    procs = host_exec(C, ["sh", "-c", f'cg=$(grep -m1 "^0::/" /proc/{pid}/cgroup || grep -m1 ":name=systemd:/" /proc/{pid}/cgroup); '
-                      'for f in /proc/[0-9]*/cgroup; do grep -qxF -- "$cg" "$f" 2>/dev/null && { p=${f#/proc/}; echo "${p%/cgroup}"; }; done']).stdout.split()
+    pid = int(_props()["MainPID"])  # the unit's processes: those in the MainPID's cgroup (v1 and v2 hosts alike)
+    procs = host_exec(C, ["sh", "-c", cgroup_peers_script(str(pid))]).stdout.split()
     for pid in procs:
         cmdline = host_exec(C, f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
         if "vllm.test_double.engine" in cmdline:
@@ -163,7 +163,6 @@ def _kernel_oom_kills() -> list[str]:
 
 
 def test_an_oom_killed_engine_is_restarted(deployed):
-    before = _props()
     kills_before = len(_kernel_oom_kills())
     host_exec(C, f"echo memory_hog > {FAULT}")
     try:

@@ -19,6 +19,14 @@ MEMO_ATTRIBUTE = "_vllm_fleet_fact_memo"
 MISSING = "missing"
 
 
+def cgroup_peers_script(pid: str) -> str:
+    """Shell that prints the PIDs in the cgroup of process ``pid`` (a number, or a shell expansion such as "$pid"),
+    one per line: those whose cgroup line equals its own (cgroup v2's ``0::`` line, else v1's ``name=systemd`` one).
+    No cgroupfs path is assumed: a v1 host mounts one tree per controller, a container's sits elsewhere."""
+    return (f'cg=$(grep -m1 "^0::/" /proc/{pid}/cgroup || grep -m1 ":name=systemd:/" /proc/{pid}/cgroup); '
+            'for f in /proc/[0-9]*/cgroup; do grep -qxF -- "$cg" "$f" 2>/dev/null && { p=${f#/proc/}; echo "${p%/cgroup}"; }; done')
+
+
 @dataclass(frozen=True)
 class PathState:
     """What `stat` says of one path."""

@@ -13,6 +13,7 @@ from pyinfra.facts.server import Command
 
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.hostops.facts import cgroup_peers_script
 from vllm_fleet.preflight import checks as preflight
 from vllm_fleet.errors import FleetError, PreflightError
 from vllm_fleet.preflight.facts import HostSnapshot
@@ -79,11 +80,7 @@ def _ours(settings: Settings) -> preflight.Ours:
     unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, int(settings.port)
     out = host.get_fact(Command, (
         f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
-        f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then '
-        # the unit's processes: those whose cgroup line equals the MainPID's (cgroup v2's 0:: line, or v1's
-        # name=systemd one): no cgroupfs path is assumed (a v1 host mounts it per controller, a container elsewhere)
-        f'cg=$(grep -m1 "^0::/" /proc/$pid/cgroup || grep -m1 ":name=systemd:/" /proc/$pid/cgroup); '
-        f'for f in /proc/[0-9]*/cgroup; do grep -qxF -- "$cg" "$f" 2>/dev/null && {{ p=${{f#/proc/}}; echo "${{p%/cgroup}}"; }}; done; '
+        f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then {cgroup_peers_script("$pid")}; '  # the unit's processes
         f'u=$(id -u {q(user)}); '
         f'ss -Htlne "sport = :{port}" | grep -q " uid:$u " && echo port; fi; true'
     )) or ""
