@@ -65,7 +65,7 @@ STATUS = "status.json"
 LOCK = "fetch.lock"
 PARTIAL_DIR = ".partial"  # in dest: NAME (the bytes so far) + NAME.json (what content they are of)
 HASH_CHUNK = 8 * 1024 * 1024
-READ_BYTES = 1024 * 1024  # at most one read from the socket, one write, one hash update
+READ_BYTES = 256 * 1024  # one read into the reused buffer, one write, one hash update (a kill loses at most this)
 TIMEOUT_S = 60.0  # a connection that sends nothing for this long is dropped and resumed
 FILE_ATTEMPTS = 3  # tries of one file within a source attempt (each resumes) before the source attempt fails
 RATE_WINDOW_S = 10.0
@@ -462,17 +462,19 @@ def http_fetch(url: str, headers: dict, f: RemoteFile, dest: str, on_bytes: Call
                 on_bytes(0, 0)
             etag = resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag")
             write_json(side, {"expect": expected(f), "etag": etag})
+            buf = bytearray(READ_BYTES)  # one buffer per transfer, reused: no allocation (and page faults) per read
+            view = memoryview(buf)
             with open(part, "r+b" if have else "wb", buffering=0) as out:
                 out.seek(have)
                 out.truncate()
                 while True:
-                    # read1: what the socket has, up to READ_BYTES, in one call (readinto would wait for a full buffer);
-                    # the write and the hash release the GIL. A kill loses only what the kernel held.
-                    chunk = resp.read1(READ_BYTES)
-                    if not chunk:
+                    # readinto: up to READ_BYTES into the reused buffer; the write and the hash release the GIL.
+                    # A kill loses at most one buffer plus what the kernel held.
+                    n = resp.readinto(view)
+                    if not n:
                         break
-                    n = len(chunk)
-                    rest = memoryview(chunk)
+                    chunk = view[:n]
+                    rest = chunk
                     while rest:  # a raw write may be short
                         rest = rest[out.write(rest):]
                     if h is not None:
