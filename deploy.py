@@ -19,6 +19,7 @@ from vllm_fleet.service import step as service
 from vllm_fleet.weights import step as weights
 from vllm_fleet.hostops import fleet
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.hostops.facts import read_many
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import load_settings
 
@@ -33,6 +34,11 @@ except (FleetError, ValueError) as exc:
 topology = fleet.topology()
 member = topology.member(host.name)
 fleet.report(topology)
+
+# Every fact the steps read while pyinfra plans, in one round trip (a no-op rerun costs about one command per host);
+# each step then finds its value where it reads it (hostops.facts.read_once).
+read_many(host, [*preflight.reads(settings, model), *service_user.reads(settings), *python_env.reads(settings),
+                 *weights.reads(settings, model), *service.reads(settings)])
 
 # Each step hands the next its typed value (vllm_fleet/handoff.py): nothing is probed, nothing recomputed.
 state = preflight.run(settings, model)

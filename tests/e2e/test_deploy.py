@@ -56,8 +56,11 @@ def test_deploy_converges_then_a_second_run_changes_nothing(test_hosts):
         stat = host_exec(container, ["stat", "-c", "%U:%G %a", "/var/lib/vllm-fleet", "/etc/vllm-fleet", "/opt/vllm-fleet/venvs"])
         assert stat.stdout.split("\n")[:3] == ["vllm:vllm 750", "root:vllm 750", "root:root 755"], stat.stdout
 
-    second = run_pyinfra(["deploy.py"])
+    second = run_pyinfra(["deploy.py", "-vv"])
     assert changed_ops(second) == {h: 0 for h in HOSTS}, second.output
+    # issue 12 item 6: a no-op rerun reads every host in one round trip (-vv prints each command pyinfra sends)
+    sent = {h: len(re.findall(rf"(?m)^\s*\[{re.escape(h)}\]\s+>>> ", second.output)) for h in HOSTS}
+    assert sent == {h: 1 for h in HOSTS}, sent
 
 
 def test_a_drifted_host_is_repaired_and_only_it_changes(test_hosts):

@@ -25,6 +25,7 @@ class FakeRun:
     state: State
     host: object
     reads: list[tuple[str, tuple, str]] = field(default_factory=list)
+    batched: list[tuple[str, tuple, str]] = field(default_factory=list)  # the reads deploy.py's `read_many` made
 
     def keys(self) -> list[tuple[str, str]]:
         """(fact name, arguments) of every read, in order."""
@@ -39,9 +40,23 @@ class FakeRun:
         return sum(1 for n, _, _ in self.reads if n == name)
 
     def run_file(self, path: str | Path) -> None:
-        """Execute a deploy file (deploy.py) for the fake host, as pyinfra's CLI does while planning."""
-        with self.context():
-            runpy.run_path(str(REPO / path), run_name="__pyinfra_deploy__")
+        """Execute a deploy file (deploy.py) for the fake host, as pyinfra's CLI does while planning. Its batch read
+        (`read_many`: one shell command on a real host) reads each fact through the fake ``get_fact``, in order."""
+        from vllm_fleet.hostops import facts
+
+        def read_many(host, reads) -> int:
+            start = len(self.reads)
+            for r in reads:
+                facts.read(host, r)
+            self.batched += self.reads[start:]
+            return 0
+
+        real, facts.read_many = facts.read_many, read_many
+        try:
+            with self.context():
+                runpy.run_path(str(REPO / path), run_name="__pyinfra_deploy__")
+        finally:
+            facts.read_many = real
 
     def execute(self) -> list:
         """Generate every planned operation's commands again, as pyinfra does when it executes them (it runs each

@@ -86,6 +86,14 @@ def test_a_first_deploy_reads_no_fact_twice(no_host_checks, monkeypatch, tmp_pat
     fetch = [kw for n, _, kw in run.reads if n == "FileStates" and "vllm-fetch.service" in kw]
     assert len(fetch) == (1 if "vllm_weights_sources" in extra else 0), run.keys()  # the download's four files: one read
     assert [k for k in run.twice() if k[0] not in STOCK] == []
+    # issue 12 item 6: each step declares what it reads (`reads`), deploy.py reads all of it in one round trip;
+    # a read the step makes with other arguments than it declared would cost a command of its own
+    # (the venv program's own FileStates: read only when VenvState's program digest differs, i.e. on a run that installs it)
+    outside = [k for k in run.reads if k not in run.batched and k[0] not in STOCK | {"Home"}
+               and k != ("FileStates", (), "[('paths', ['/opt/vllm-fleet/bin/vllm-fleet-venv'])]")]
+    assert outside == [], outside
+    assert {n for n, _, _ in run.batched} >= {"HostSnapshot", "Command", "SystemAccount", "PathStates", "VenvState",
+                                              "NvidiaDevices", "FileStates", "CompanionUnits"}
 
 
 def test_a_first_deploy_installs_and_starts_the_watchdog_and_its_units(no_host_checks, monkeypatch, tmp_path):

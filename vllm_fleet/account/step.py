@@ -17,9 +17,19 @@ from __future__ import annotations
 
 from pyinfra.api import deploy
 
-from vllm_fleet.hostops.operations import Dir, directories, system_account
+from vllm_fleet.hostops.facts import Read
+from vllm_fleet.hostops.operations import Dir, account_read, directories, directories_read, system_account
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.settings import Settings
+
+
+def reads(settings: Settings) -> list[Read]:
+    """What `apply` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    return [account_read(settings.service_user), directories_read(_dirs(settings))]
+
+
+def _dirs(settings: Settings) -> list[Dir]:
+    return [Dir(*d) for d in HostLayout.of(settings).account_dirs]
 
 
 @deploy("Service user and directories")
@@ -30,5 +40,5 @@ def apply(settings: Settings):
                    account=user, home=lay.home)
     directories(
         name="Ensure the toolkit's directories exist with their owners and modes",
-        dirs=[Dir(*d) for d in lay.account_dirs],
+        dirs=_dirs(settings),
     )

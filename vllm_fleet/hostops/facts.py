@@ -8,8 +8,9 @@ in vllm_fleet/hostops/operations.py compare against them.
 
 from __future__ import annotations
 
+import secrets
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pyinfra.api import FactBase
@@ -24,7 +25,8 @@ def cgroup_peers_script(pid: str) -> str:
     one per line: those whose cgroup line equals its own (cgroup v2's ``0::`` line, else v1's ``name=systemd`` one).
     No cgroupfs path is assumed: a v1 host mounts one tree per controller, a container's sits elsewhere."""
     return (f'cg=$(grep -m1 "^0::/" /proc/{pid}/cgroup || grep -m1 ":name=systemd:/" /proc/{pid}/cgroup); '
-            'for f in /proc/[0-9]*/cgroup; do grep -qxF -- "$cg" "$f" 2>/dev/null && { p=${f#/proc/}; echo "${p%/cgroup}"; }; done')
+            # one grep over every process's cgroup file (not one per process): the files holding that line
+            'if [ -n "$cg" ]; then grep -lxF -- "$cg" /proc/[0-9]*/cgroup 2>/dev/null | sed -e "s|^/proc/||" -e "s|/cgroup\\$||"; fi')
 
 
 @dataclass(frozen=True)
@@ -201,26 +203,156 @@ class FileStates(FactBase[dict]):
         return parse_file_states(output)
 
 
-def read_once(host, fact: type[FactBase], *args, **kwargs):
-    """``host.get_fact(fact, *args, **kwargs)``, read once per run: the value is kept on the run's State (pyinfra 3.10
-    reads a fact again on every call), keyed by (host, fact class, arguments).
+@dataclass(frozen=True)
+class Read:
+    """One fact read as `read_once` makes it: the fact class and its arguments (``_sudo`` and the other
+    connector arguments included). `Read.of` builds it as ``host.get_fact`` is called."""
 
-    For the facts of our operations (pyinfra runs an operation's function twice in a run: to plan, unless ``-y``,
-    and to execute) and for facts several steps need with the same arguments where handing the value on would
-    couple the steps (the login user's home for secret uploads). In a step, prefer reading a fact once and
-    passing the value on.
+    fact: type[FactBase]
+    args: tuple = ()
+    kwargs: tuple = ()  # sorted (name, value) pairs
 
-    .. code:: python
+    @classmethod
+    def of(cls, fact: type[FactBase], *args, **kwargs) -> "Read":
+        return cls(fact, args, tuple(sorted(kwargs.items())))
 
-        read_once(host, Home, _sudo=False)
-    """
+
+def _memo(host) -> dict:
     run = host.state
     memo = vars(run).get(MEMO_ATTRIBUTE) if run is not None else None
     if memo is None:
         memo = {}
         if run is not None:
             setattr(run, MEMO_ATTRIBUTE, memo)
-    key = (host.name, fact, repr(args), repr(sorted(kwargs.items())))
+    return memo
+
+
+def _key(host, fact: type[FactBase], args: tuple, kwargs: dict) -> tuple:
+    return (host.name, fact, repr(args), repr(sorted(kwargs.items())))
+
+
+def read_once(host, fact: type[FactBase], *args, **kwargs):
+    """``host.get_fact(fact, *args, **kwargs)``, read once per run: the value is kept on the run's State (pyinfra 3.10
+    reads a fact again on every call), keyed by (host, fact class, arguments). A value `read_many` read ahead
+    is taken from there.
+
+    For the facts of our operations (pyinfra runs an operation's function twice in a run: to plan, unless ``-y``,
+    and to execute) and for every fact a step reads while pyinfra plans (so the deploy can read them all ahead in
+    one round trip, `read_many`).
+
+    .. code:: python
+
+        read_once(host, Home, _sudo=False)
+    """
+    memo = _memo(host)
+    key = _key(host, fact, args, kwargs)
     if key not in memo:
         memo[key] = host.get_fact(fact, *args, **kwargs)
     return memo[key]
+
+
+def read(host, r: Read):
+    """`read_once` of a `Read` (the step that declared it in its ``reads`` reads it so: the keys match)."""
+    return read_once(host, r.fact, *r.args, **dict(r.kwargs))
+
+
+def _batch_script(commands: Sequence[str], nonce: str) -> str:
+    """One shell script running each command in its own subshell (an ``exit`` ends only that one), each output
+    between a begin line and an end line carrying its exit status. The end line starts on a line of its own:
+    ``printf '\\n...'`` ends an unterminated last line, and `split_batch` drops the empty line it adds otherwise."""
+    parts = []
+    for i, command in enumerate(commands):
+        parts.append(f"echo '<<{nonce} {i}>>'\n(\n{command}\n)\nprintf '\\n<<{nonce} {i} rc %s>>\\n' \"$?\"")
+    return "\n".join(parts)
+
+
+def split_batch(lines: Sequence[str], count: int, nonce: str) -> dict[int, tuple[int, list[str]]]:
+    """{index: (exit status, output lines)} of `_batch_script`'s output; a command whose end line is missing (the
+    connection broke, the output was cut) is left out."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    current: int | None = None
+    buf: list[str] = []
+    for line in lines:
+        if line.startswith(f"<<{nonce} ") and line.endswith(">>"):
+            words = line[len(nonce) + 3:-2].split(" ")
+            if len(words) == 1 and words[0].isdigit():
+                current, buf = int(words[0]), []
+                continue
+            if current is not None and len(words) == 3 and words[0] == str(current) and words[1] == "rc":
+                if buf and buf[-1] == "":
+                    buf.pop()
+                out[current] = (int(words[2]) if words[2].isdigit() else -1, buf)
+                current, buf = None, []
+                continue
+        if current is not None:
+            buf.append(line)
+    return {i: v for i, v in out.items() if i < count}
+
+
+def read_many(host, reads: Iterable[Read]) -> int:
+    """Read every fact of ``reads`` not yet read in this run, in one command per set of connector arguments
+    (``_sudo``, ...), and keep each value where `read_once` finds it. Returns the number of commands sent.
+
+    Each fact's own ``command`` runs in a subshell and its output goes to its own ``process`` (or ``default``
+    when empty), as ``host.get_fact`` would do. A fact that exits non-zero, cannot be parsed, needs whose binary is absent,
+    or that needs a precondition or another shell is not kept: `read_once` reads it again on its own, and pyinfra
+    reports its error there, as before. A pyinfra deploy reads facts while it plans, before any operation runs,
+    so reading them all at its start gives each step the value it would have read.
+
+    .. code:: python
+
+        read_many(host, [Read.of(SystemAccount, account="vllm"), Read.of(PathStates, paths=["/opt/vllm-fleet"])])
+    """
+    from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
+    from pyinfra.api.command import StringCommand
+    from pyinfra.api.facts import _MISSING_COMMAND_MARKER, _handle_fact_kwargs, _make_command  # pinned pyinfra (pyproject.toml)
+
+    state, memo = host.state, _memo(host)
+    groups: dict[str, list[tuple[tuple, FactBase, str]]] = {}
+    connector: dict[str, dict] = {}
+    seen = set()
+    for r in reads:
+        kwargs = dict(r.kwargs)
+        key = _key(host, r.fact, r.args, kwargs)
+        if key in memo or key in seen:
+            continue
+        fact = r.fact()
+        if fact.shell_executable or fact.check_preconditions(state, host):
+            continue
+        fact_kwargs, global_kwargs = _handle_fact_kwargs(state, host, r.fact, list(r.args), kwargs)
+        command = _make_command(fact.command, dict(fact_kwargs))
+        if isinstance(command, StringCommand):
+            command = command.get_raw_value()
+        needs = _make_command(fact.requires_command, dict(fact_kwargs))
+        if needs:  # as pyinfra guards it: the marker alone says the binary is absent
+            command = (f"if command -v {shlex.quote(str(needs))} >/dev/null 2>&1; then ( {command}\n); "
+                       f"else echo {shlex.quote(_MISSING_COMMAND_MARKER)}; fi")
+        executor = {k: v for k, v in global_kwargs.items() if k in CONNECTOR_ARGUMENT_KEYS}
+        group = repr(sorted(executor.items()))
+        connector[group] = executor
+        groups.setdefault(group, []).append((key, fact, str(command)))
+        seen.add(key)
+    if groups and not host.connected:
+        host.connect(reason="to read the deploy's facts", raise_exceptions=True)
+    sent = 0
+    for group, items in groups.items():
+        nonce = f"vf-{secrets.token_hex(6)}"
+        script = _batch_script([c for _, _, c in items], nonce)
+        try:
+            ok, output = host.run_shell_command(StringCommand(script), print_output=state.print_fact_output,
+                                                print_input=state.print_fact_input, **connector[group])
+        except Exception:  # noqa: BLE001 - a broken read is read again, alone, where pyinfra reports it
+            continue
+        finally:
+            sent += 1
+        if not ok:
+            continue
+        for i, (rc, lines) in split_batch(output.stdout_lines, len(items), nonce).items():
+            key, fact, _ = items[i]
+            if rc != 0 or lines == [_MISSING_COMMAND_MARKER]:
+                continue
+            try:
+                memo[key] = fact.process(lines) if lines else fact.default()
+            except Exception:  # noqa: BLE001 - as above
+                continue
+    return sent

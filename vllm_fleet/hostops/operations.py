@@ -28,8 +28,10 @@ from vllm_fleet.hostops.facts import (
     FileState,
     FileStates,
     PathStates,
+    Read,
     SystemAccount,
     TreeDigests,
+    read,
     read_once,
 )
 
@@ -44,6 +46,21 @@ class Dir:
     mode: str  # octal, e.g. "750"
 
 
+def directories_read(dirs: Sequence[Dir]) -> Read:
+    """What `directories` reads of the host (for a step's ``reads``)."""
+    return Read.of(PathStates, paths=[d.path for d in dirs])
+
+
+def account_read(account: str) -> Read:
+    """What `system_account` reads of the host."""
+    return Read.of(SystemAccount, account=account)
+
+
+def tree_read(dest: str) -> Read:
+    """What `mirror_dir` reads of the host."""
+    return Read.of(TreeDigests, path=dest)
+
+
 @operation()
 def directories(dirs: Sequence[Dir]):
     """
@@ -55,7 +72,7 @@ def directories(dirs: Sequence[Dir]):
 
         directories(name="Ensure the service's directories", dirs=[Dir("/opt/x", "root", "root", "755")])
     """
-    states = read_once(host, PathStates, paths=[d.path for d in dirs])
+    states = read(host, directories_read(dirs))
     changed = False
     for d in dirs:
         st = states.get(d.path)
@@ -91,7 +108,7 @@ def system_account(account: str, home: str, shell: str = "/usr/sbin/nologin", co
 
         system_account(name="Ensure the vllm user", account="vllm", home="/var/lib/vllm-fleet")
     """
-    acct = read_once(host, SystemAccount, account=account)
+    acct = read(host, account_read(account))
     n = shlex.quote(account)
     if acct.group is None:
         yield f"groupadd --system {n}"
@@ -139,7 +156,7 @@ def mirror_dir(src: str, dest: str, user: str, group: str, mode: str = "640", di
     """
     root = Path(src)
     local = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-    tree = read_once(host, TreeDigests, path=dest)
+    tree = read(host, tree_read(dest))
     remote = tree or {}
     q = shlex.quote
     changed = False

@@ -13,7 +13,7 @@ from pyinfra.facts.server import Command
 
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.hostops.abort import abort
-from vllm_fleet.hostops.facts import cgroup_peers_script
+from vllm_fleet.hostops.facts import Read, cgroup_peers_script, read
 from vllm_fleet.preflight import checks as preflight
 from vllm_fleet.errors import FleetError, PreflightError
 from vllm_fleet.preflight.facts import HostSnapshot
@@ -23,6 +23,19 @@ from vllm_fleet.planner.plan import Plan, make_plan
 from vllm_fleet.settings import Settings
 from vllm_fleet.handoff import HostState, ModelSource
 from vllm_fleet.weights.source import FetchPlan
+
+
+def reads(settings: Settings, model: ModelSource) -> list[Read]:
+    """What `run` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    return [_snapshot_read(settings, model), _ours_read(settings)]
+
+
+def _snapshot_read(settings: Settings, model: ModelSource) -> Read:
+    fetch = model.fetch
+    lay = HostLayout.of(settings)
+    return Read.of(HostSnapshot, paths=[lay.base_dir, lay.data_dir],
+                   weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None,
+                   units=(settings.service_name, lay.fetch_unit), user=settings.service_user)
 
 
 def run(settings: Settings, model: ModelSource) -> HostState:
@@ -35,9 +48,7 @@ def run(settings: Settings, model: ModelSource) -> HostState:
     model_path = model.serve_path or None
     lay = HostLayout.of(settings)
     units = (settings.service_name, lay.fetch_unit)
-    snap = host.get_fact(HostSnapshot, paths=[lay.base_dir, lay.data_dir],
-                         weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None,
-                         units=units, user=settings.service_user)
+    snap = read(host, _snapshot_read(settings, model))
     problems = preflight.check(settings, snap, ours=_ours(settings))
     owned, notes = preflight.check_ownership(settings, snap, units)
     problems += owned
@@ -74,16 +85,21 @@ def _weights_present(settings: Settings, snap: Snapshot, fetch: FetchPlan | None
     return present
 
 
-def _ours(settings: Settings) -> preflight.Ours:
-    """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
+def _ours_read(settings: Settings) -> Read:
     q = shlex.quote  # every value from a setting is quoted: this runs under --dry too
     unit, user, port = HostLayout.of(settings).unit_name, settings.service_user, int(settings.port)
-    out = host.get_fact(Command, (
+    return Read.of(Command, (
         f"pid=$(systemctl show -p MainPID --value {q(unit)} 2>/dev/null); "
         f'if [ -n "$pid" ] && [ "$pid" != 0 ]; then {cgroup_peers_script("$pid")}; '  # the unit's processes
         f'u=$(id -u {q(user)}); '
         f'ss -Htlne "sport = :{port}" | grep -q " uid:$u " && echo port; fi; true'
-    )) or ""
+    ))
+
+
+def _ours(settings: Settings) -> preflight.Ours:
+    """What this deploy's own service holds (its PIDs; its port, known from the socket's uid): a rerun must not fail on it."""
+    port = int(settings.port)
+    out = read(host, _ours_read(settings)) or ""
     words = out.split()
     return preflight.Ours(pids=[int(w) for w in words if w.isdigit()], port=port if "port" in words else None)
 

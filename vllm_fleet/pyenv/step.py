@@ -31,6 +31,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import apt, files, server
 
 from vllm_fleet.hostops.abort import abort
+from vllm_fleet.hostops.facts import Read, read
 from vllm_fleet.hostops.operations import ManagedFile, managed_files
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.handoff import HostState, Venv
@@ -84,9 +85,14 @@ def build_spec(settings: Settings, state: HostState, facts: StackState) -> Build
     )
 
 
+def reads(settings: Settings) -> list[Read]:
+    """What `apply` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    return [Read.of(VenvState, paths=json.dumps(HostLayout.of(settings).venv_state_paths(), sort_keys=True))]
+
+
 def apply(settings: Settings, state: HostState) -> Venv:
     """Read the host's stack in one round trip, check the driver against the backend, plan the operations."""
-    facts = host.get_fact(VenvState, paths=json.dumps(HostLayout.of(settings).venv_state_paths(), sort_keys=True))
+    facts = read(host, reads(settings)[0])
     problems = preflight.check_stack(settings, state.snapshot)
     if problems:
         abort(PreflightError(host.name, problems))

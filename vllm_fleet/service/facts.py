@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra.api import FactBase
 from typing_extensions import override
 
@@ -19,7 +21,8 @@ class CompanionUnits(FactBase[dict]):
 
     @override
     def command(self, units: list[str] | tuple[str, ...] = ()) -> str:
-        return "; ".join(f"echo {u} $(systemctl is-active {u} 2>/dev/null) $(systemctl is-enabled {u} 2>/dev/null)"
+        q = shlex.quote
+        return "; ".join(f"echo {q(u)} $(systemctl is-active {q(u)} 2>/dev/null) $(systemctl is-enabled {q(u)} 2>/dev/null)"
                          for u in units) or "true"
 
     @override

@@ -12,6 +12,7 @@ what a user inspects is byte for byte what the host gets (less the secrets).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -147,7 +148,9 @@ def exec_argv(plan: Plan, venv_path: str) -> list[str]:
     return [f"{venv_path.rstrip('/')}/bin/vllm", *argv[1:]]
 
 
+@functools.cache
 def _jinja() -> jinja2.Environment:
+    """One environment per process: jinja2 compiles each template once for every host of a run."""
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         undefined=jinja2.StrictUndefined,

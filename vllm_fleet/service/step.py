@@ -35,7 +35,7 @@ from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, server, systemd
 
-from vllm_fleet.hostops.facts import FileStates, read_once
+from vllm_fleet.hostops.facts import FileStates, Read, read, read_once
 from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
@@ -139,20 +139,37 @@ def gate_url(settings: Settings) -> str:
     return f"http://{addr}:{settings.port}"
 
 
-def _pending(settings: Settings, rendered: Rendered) -> tuple[bool, bool]:
-    """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
-    from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
-    starts at boot."""
+def _pending_read(settings: Settings) -> Read:
     lay, q = HostLayout.of(settings), shlex.quote  # every path and name quoted: this fact runs under --dry too
-    prev, env_prev, unit = q(lay.prev(rendered.unit_path)), q(lay.prev(rendered.env_path)), q(lay.unit_name)
-    unit_path, env_path = q(rendered.unit_path), q(rendered.env_path)
+    prev, env_prev, unit = q(lay.prev(lay.unit_path)), q(lay.prev(lay.env_file)), q(lay.unit_name)
+    unit_path, env_path = q(lay.unit_path), q(lay.env_file)
     script = (f"systemctl is-enabled --quiet {unit} 2>/dev/null && echo enabled || echo disabled; "
               f"test -e {unit_path} || {{ echo fresh; exit 0; }}; "
               f"test -e {q(lay.weights_pending)} && {{ echo pending; exit 0; }}; "
               f"cmp -s {unit_path} {prev} && cmp -s {env_path} {env_prev} "
               f"&& systemctl is-active --quiet {unit} && echo clean || echo pending")
-    words = (host.get_fact(Command, script, _sudo=host.data.get("_sudo", False)) or "").split()
+    return Read.of(Command, script, _sudo=host.data.get("_sudo", False))
+
+
+def _pending(settings: Settings) -> tuple[bool, bool]:
+    """(pending, enabled), read in one command. Pending: a previous run left the service unproven (live files differ
+    from the last good, it is not active, or its restart was held back for incomplete weights). Enabled: the unit
+    starts at boot."""
+    words = (read(host, _pending_read(settings)) or "").split()
     return words[-1:] == ["pending"], words[:1] == ["enabled"]
+
+
+def _files_read(settings: Settings) -> Read:
+    """One FileStates fact for every file `apply` installs (`service_files`, `companion_files`), by the layout's paths."""
+    lay = HostLayout.of(settings)
+    return Read.of(FileStates, paths=sorted({lay.gate_program, lay.gate_config, lay.watchdog_program, lay.watchdog_config,
+                                             lay.unit_path, lay.env_file, lay.devices_unit_path, lay.watchdog_unit_path}))
+
+
+def reads(settings: Settings) -> list[Read]:
+    """What `apply` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    return [Read.of(NvidiaDevices), _files_read(settings), _pending_read(settings),
+            Read.of(CompanionUnits, units=[f"{HostLayout.of(settings).watchdog_unit}.service"])]
 
 
 def _run_gate(state, host, command: str) -> None:
@@ -205,12 +222,12 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
     """
     lay = HostLayout.of(settings)
-    devices = host.get_fact(NvidiaDevices)
+    devices = read(host, Read.of(NvidiaDevices))
     rendered, gate_files, service_files_, secrets = service_files(settings, state, venv, devices)
     companions = companion_files(rendered)
     gate_bin, gate_json = lay.gate_program, lay.gate_config
-    # One FileStates fact for all of them, read here and handed to each (pyinfra does not cache facts).
-    states = host.get_fact(FileStates, paths=sorted(f.path for f in gate_files + service_files_ + secrets + companions))
+    # One FileStates fact for all of them, handed to each (managed_files refuses a file it was not read for).
+    states = read(host, _files_read(settings))
     programs = managed_files(name="Ensure the health-gate and watchdog programs and their configs are current",
                              files=gate_files, states=states)
     units = managed_files(name="Ensure the device-node and watchdog units are current", files=companions, states=states)
@@ -218,7 +235,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     env = managed_files(name="Ensure the secrets file is current (content not shown)",
                         files=secrets, states=states)
 
-    pending, enabled = _pending(settings, rendered)
+    pending, enabled = _pending(settings)
     changed = _changed(unit, env, venv.changed if venv is not None else None, weights.changed)
     marker = lay.weights_pending
     if not weights.ready:
@@ -237,7 +254,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         )
     unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
     watchdog = f"{lay.watchdog_unit}.service"
-    seen = host.get_fact(CompanionUnits, units=[watchdog]) or {}
+    seen = read(host, Read.of(CompanionUnits, units=[watchdog])) or {}
     if settings.watchdog:
         server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
                      commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],

@@ -18,6 +18,7 @@ Layout on the host, for repo ``Org/Name`` at revision ``REV`` (every path from v
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -227,13 +228,18 @@ def pip_args(settings: Settings) -> list[str]:
 UNIT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "vllm-fetch.service.j2"
 
 
+@functools.cache
+def _fetch_unit_template() -> jinja2.Template:
+    """Compiled once per process (a deploy renders it for every host)."""
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              autoescape=False).from_string(UNIT_TEMPLATE.read_text())
+
+
 def render_fetch_unit(settings: Settings, plan: FetchPlan) -> str:
     """The download unit's text, rendered exactly as pyinfra's ``files.template`` renders the template
     (StrictUndefined, trailing newline kept, no block trimming)."""
     parent = str(PurePosixPath(plan.serve_path).parent)
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                  autoescape=False).from_string(UNIT_TEMPLATE.read_text())
-    return template.render(
+    return _fetch_unit_template().render(
         unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
         config=plan.config_path, run_as=settings.service_user, python=f"{plan.venv}/bin/python", program=plan.program,
         environment=unit_environment(settings, plan), env_file=plan.env_path,

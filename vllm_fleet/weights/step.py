@@ -30,8 +30,9 @@ from pyinfra.api import FactBase, FunctionCommand, deploy, operation
 from pyinfra.operations import server, systemd
 
 from vllm_fleet.handoff import HostState, ModelSource, WeightsResult
-from vllm_fleet.hostops.facts import FileStates
-from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, managed_files, mirror_dir, secret_file
+from vllm_fleet.hostops.facts import FileStates, Read, read
+from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, directories_read, managed_files, mirror_dir,
+                                          secret_file, tree_read)
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
 from vllm_fleet.weights.watch import Interrupt, Watch
@@ -207,22 +208,41 @@ def fetch_files(settings: Settings, plan: wplan.FetchPlan) -> tuple[ManagedFile,
     )
 
 
-def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) -> WeightsResult:
-    """+ check: the recorded verification preflight read (``Snapshot.weights_check``; None: none yet)."""
-    user = settings.service_user
-    fact = host.get_fact(FetchState, plan=plan)
-    hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
-    if plan.modelscope:  # modelscope only when a ModelScope source is configured
-        hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
-    q = shlex.quote
-    reqs = " ".join(q(r) for r in plan.requirements)
-    lay = HostLayout.of(settings)
+def reads(settings: Settings, src: ModelSource) -> list[Read]:
+    """What `apply` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    if src.fetch is not None:
+        if not src.fetch.downloads:
+            return []
+        plan = src.fetch
+        return [Read.of(FetchState, plan=plan), directories_read(_fetch_dirs(settings, plan)), _fetch_files_read(plan)]
+    return [tree_read(src.serve_path)] if src.local_dir is not None else []
+
+
+def _fetch_dirs(settings: Settings, plan: wplan.FetchPlan) -> list[Dir]:
+    """The download's directories: its program's, and the state directories the service user writes."""
+    user, lay = settings.service_user, HostLayout.of(settings)
     mine = (lay.weights_state_dir, lay.weights_state(plan.model_name), plan.state_dir)
     if plan.config.get("revisions_root"):  # the revision directories' parent: the program removes unused revisions
         org = plan.model_name.split("/")[0]
         mine += (*((lay.model(org),) if "/" in plan.model_name else ()), plan.config["revisions_root"])
-    directories(name=f"Ensure {plan.fetch_dir} and the fetch state directories exist",
-                dirs=[Dir(plan.fetch_dir, "root", "root", "755"), *(Dir(d, user, user, "750") for d in mine)])
+    return [Dir(plan.fetch_dir, "root", "root", "755"), *(Dir(d, user, user, "750") for d in mine)]
+
+
+def _fetch_files_read(plan: wplan.FetchPlan) -> Read:
+    """One FileStates fact for the download's four files (`fetch_files`), handed to each managed_files."""
+    return Read.of(FileStates, paths=sorted((plan.program, plan.config_path, plan.env_path, plan.unit_path)))
+
+
+def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) -> WeightsResult:
+    """+ check: the recorded verification preflight read (``Snapshot.weights_check``; None: none yet)."""
+    fact = read(host, Read.of(FetchState, plan=plan))
+    hub_ok = fact["hub"] == wplan.HF_HUB_REQUIREMENT.split("==")[1]
+    if plan.modelscope:  # modelscope only when a ModelScope source is configured
+        hub_ok = hub_ok and fact["modelscope"] == wplan.MODELSCOPE_REQUIREMENTS[0].split("==")[1]
+    q = shlex.quote
+    user = settings.service_user
+    reqs = " ".join(q(r) for r in plan.requirements)
+    directories(name=f"Ensure {plan.fetch_dir} and the fetch state directories exist", dirs=_fetch_dirs(settings, plan))
     if not hub_ok:
         server.shell(
             name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
@@ -234,7 +254,7 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
         host.noop(f"{plan.venv} has {' '.join(plan.requirements)}")
     program, config, env, unit_file = fetch_files(settings, plan)
     # One FileStates fact for the four files, handed to each managed_files (pyinfra does not cache facts).
-    states = host.get_fact(FileStates, paths=sorted(f.path for f in (program, config, env, unit_file)))
+    states = read(host, _fetch_files_read(plan))
     managed_files(name=f"Ensure the fetch program {plan.program}", files=[program], states=states)
     managed_files(name=f"Ensure the fetch config {plan.config_path}", files=[config], states=states)
     managed_files(name=f"Ensure the fetch unit's EnvironmentFile {plan.env_path} is current (HF token; content not shown)",

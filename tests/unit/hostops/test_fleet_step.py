@@ -150,11 +150,12 @@ def test_report_logs_the_hosts_plan_line(caplog):
 # -- deploy.py: the topology is computed once and handed on; the steps run as before --
 
 STEPS = {
-    "vllm_fleet.weights.step": ("source", "apply"),
-    "vllm_fleet.preflight.step": ("run",),
-    "vllm_fleet.account.step": ("apply",),
-    "vllm_fleet.pyenv.step": ("apply",),
-    "vllm_fleet.service.step": ("apply",),
+    "vllm_fleet.weights.step": ("source", "reads", "apply"),
+    "vllm_fleet.preflight.step": ("reads", "run"),
+    "vllm_fleet.account.step": ("reads", "apply"),
+    "vllm_fleet.pyenv.step": ("reads", "apply"),
+    "vllm_fleet.service.step": ("reads", "apply"),
+    "vllm_fleet.hostops.facts": ("read_many",),
 }
 
 
@@ -165,7 +166,7 @@ def test_deploy_py_gets_the_fleet_once_and_every_step_runs_as_before(monkeypatch
         for fn in names:
             def record(*args, _where=(module, fn), **kwargs):
                 steps.append((ctx_host.get().name, *_where))
-                return SimpleNamespace(serve_path="/m") if _where[1] == "source" else None
+                return {"source": SimpleNamespace(serve_path="/m"), "reads": []}.get(_where[1])
             monkeypatch.setattr(sys.modules[module], fn, record)
     state = _run()
     with caplog.at_level(logging.INFO, logger="pyinfra"):
@@ -174,7 +175,11 @@ def test_deploy_py_gets_the_fleet_once_and_every_step_runs_as_before(monkeypatch
     for name, g in globals_by_host.items():
         assert g["member"] == g["topology"].member(name) and g["member"].host == name
         assert [s[1:] for s in steps if s[0] == name] == [
-            ("vllm_fleet.weights.step", "source"), ("vllm_fleet.preflight.step", "run"), ("vllm_fleet.account.step", "apply"),
+            ("vllm_fleet.weights.step", "source"),
+            # every step's facts, declared and then read in one round trip, before the first step runs
+            ("vllm_fleet.preflight.step", "reads"), ("vllm_fleet.account.step", "reads"), ("vllm_fleet.pyenv.step", "reads"),
+            ("vllm_fleet.weights.step", "reads"), ("vllm_fleet.service.step", "reads"), ("vllm_fleet.hostops.facts", "read_many"),
+            ("vllm_fleet.preflight.step", "run"), ("vllm_fleet.account.step", "apply"),
             ("vllm_fleet.pyenv.step", "apply"), ("vllm_fleet.weights.step", "apply"), ("vllm_fleet.service.step", "apply")]
     assert len({id(g["topology"]) for g in globals_by_host.values()}) == 1
     assert sum("fleet: replica" in r.getMessage() for r in caplog.records) == 3
