@@ -1,4 +1,4 @@
-"""The playbook: preflight -> service user -> python env -> weights -> service -> verify.
+"""The playbook: preflight -> service user -> python env -> weights -> service -> verify, then the router.
 
     pyinfra inventory/prod.py deploy.py          # converge every host
     pyinfra inventory/prod.py deploy.py --dry    # show the plan and diffs, change nothing
@@ -15,6 +15,7 @@ from pyinfra import host
 from vllm_fleet.account import step as service_user
 from vllm_fleet.preflight import step as preflight
 from vllm_fleet.pyenv import step as python_env
+from vllm_fleet.router import step as router
 from vllm_fleet.service import step as service
 from vllm_fleet.weights import step as weights
 from vllm_fleet.hostops import fleet
@@ -30,19 +31,29 @@ except (FleetError, ValueError) as exc:
     abort(exc if isinstance(exc, FleetError) else FleetError(str(exc)))
 
 # What spans hosts (which hosts serve which model, in what role): computed once per run from
-# every host of the inventory. Steps that span hosts take `topology` or `member`; none does yet.
+# every host of the inventory. A host of the `routers` group runs a router (`route`); one only in that group
+# serves no vLLM; a replica with a router in front of it is drained there before a restart (`behind`).
 topology = fleet.topology()
-member = topology.member(host.name)
-fleet.report(topology)
+route = topology.route_on(host.name)
+serves = topology.serves_vllm(host.name)
+behind = topology.route_of(host.name) if serves else None
+if serves:
+    fleet.report(topology)
 
 # Every fact the steps read while pyinfra plans, in one round trip (a no-op rerun costs about one command per host);
 # each step then finds its value where it reads it (hostops.facts.read_once).
-read_many(host, [*preflight.reads(settings, model), *service_user.reads(settings), *python_env.reads(settings),
-                 *weights.reads(settings, model), *service.reads(settings)])
+if serves:
+    read_many(host, [*preflight.reads(settings, model), *service_user.reads(settings), *python_env.reads(settings),
+                     *weights.reads(settings, model), *service.reads(settings), *router.reads(settings, route)])
+else:
+    read_many(host, router.reads(settings, route))
 
 # Each step hands the next its typed value (vllm_fleet/handoff.py): nothing is probed, nothing recomputed.
-state = preflight.run(settings, model)
-service_user.apply(settings)
-venv = python_env.apply(settings, state)
-fetched = weights.apply(settings, model, state)
-service.apply(settings, state, venv, fetched)
+if serves:
+    state = preflight.run(settings, model)
+    service_user.apply(settings)
+    venv = python_env.apply(settings, state)
+    fetched = weights.apply(settings, model, state)
+    service.apply(settings, state, venv, fetched, behind)
+if route is not None:
+    router.apply(settings, route, serves)

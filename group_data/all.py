@@ -103,3 +103,15 @@ vllm_health_timeout_s = None             # health-gate wait after a restart; Non
 vllm_gate_stability_s = 5                # after the gate's checks, seconds /health must stay 200 with the unit's MainPID and NRestarts unchanged
 vllm_extra_args = []                     # extra `vllm serve` flags the plan does not own, e.g. ["--enable-prefix-caching"]
 vllm_extra_env = {}                      # extra non-secret service environment, e.g. {"SAFETENSORS_FAST_GPU": "1"}
+
+# --- router (vllm_fleet/router/settings.py) ---
+# Read on the hosts of the inventory group `routers` only (docs/router.md).
+vllm_router_model = None                 # served model name the router routes; None = the one model the fleet serves
+vllm_router_replicas = None              # inventory host names behind the router; None = every host serving vllm_router_model
+vllm_router_port = 8000                  # port clients reach the router at
+vllm_router_bind_host = "127.0.0.1"      # loopback only in this version: vllm-router serves /add_worker and /remove_worker without a key
+vllm_router_metrics_port = 8001          # the router's Prometheus /metrics
+vllm_router_policy = "cache_aware"       # cache_aware: a prompt goes to the replica that served its prefix (prefix-cache reuse) unless load is uneven
+vllm_router_health_interval_s = 5        # seconds between the router's health checks of each replica
+vllm_router_version = "0.1.17"           # vllm-router release in the router's own venv
+vllm_rolling_drain_timeout_s = 60        # a rolling change waits this long at most for a drained replica's requests in flight

@@ -34,7 +34,7 @@ from vllm_fleet.errors import FleetError, Problem
 from vllm_fleet.settings import Settings, load_settings
 
 Role = Literal["replica"]
-"""What a member is to its model. Today every member is a vLLM server of its own ("replica")."""
+"""What a member is to its model: a vLLM server of its own ("replica"). Routers are `Route`s, not members."""
 
 ADVERTISE = "vllm_advertise_address"
 BIND = "vllm_bind_host"
@@ -99,11 +99,52 @@ class Member:
         return None if self.endpoint is None else f"http://{self.endpoint}"
 
 
+ROUTERS_GROUP = "routers"
+"""The inventory group whose hosts run a router (vllm_fleet/router/): a host only in it serves no vLLM."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A router in front of the replicas of one model (vllm_fleet/router/, docs/router.md).
+
+    + router: the inventory host name of the host that runs it
+    + model: the served model name it routes
+    + bind_host, port, metrics_port: where it listens (vllm_router_*)
+    + policy: vllm_router_policy
+    + upstreams: (replica member, the URL the router reaches it at), in inventory order
+    """
+
+    router: str
+    model: str
+    bind_host: str
+    port: int
+    metrics_port: int
+    policy: str
+    health_interval_s: int
+    upstreams: tuple[tuple[Member, str], ...]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"http://{host}:{self.port}"
+
+    def upstream_url(self, host: str) -> str | None:
+        """The URL the router reaches replica ``host`` at; None when that host is not behind it."""
+        return next((url for m, url in self.upstreams if m.host == host), None)
+
+
 @dataclass(frozen=True)
 class Topology:
-    """Every member of the fleet, in inventory order (including hosts a --limit leaves out)."""
+    """Every member of the fleet, in inventory order (including hosts a --limit leaves out).
+
+    + members: the hosts that serve vLLM
+    + routes: the routers (hosts of the `routers` group), each in front of its model's replicas
+    + router_only: hosts that only run a router (in `routers` and in no other group): no vLLM step runs there
+    """
 
     members: tuple[Member, ...] = field(default_factory=tuple)
+    routes: tuple[Route, ...] = field(default_factory=tuple)
+    router_only: tuple[str, ...] = field(default_factory=tuple)
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self.members)
@@ -122,6 +163,17 @@ class Topology:
     def replicas(self, model: str) -> tuple[Member, ...]:
         """The members of ``model`` that are vLLM servers of their own, in inventory order."""
         return tuple(m for m in self.members_of(model) if m.role == "replica")
+
+    def serves_vllm(self, host: str) -> bool:
+        return host not in self.router_only
+
+    def route_on(self, host: str) -> Route | None:
+        """The route whose router runs on ``host``; None when it runs none."""
+        return next((r for r in self.routes if r.router == host), None)
+
+    def route_of(self, host: str) -> Route | None:
+        """The route ``host`` is a replica behind; None when no router is in front of it."""
+        return next((r for r in self.routes if r.upstream_url(host) is not None), None)
 
     def member(self, host: str) -> Member:
         """The member of the inventory host named ``host``; KeyError when the fleet has no such host."""
@@ -153,19 +205,32 @@ class TopologyError(FleetError):
             super().__init__(f"fleet: {len(problems)} problems across hosts, nothing was changed:\n{lines}")
 
 
-def topology(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> Topology:
-    """The fleet of ``hosts``: (inventory host name, merged host data) pairs, in inventory order.
+def topology(hosts: Iterable[tuple]) -> Topology:
+    """The fleet of ``hosts``: (inventory host name, merged host data[, the host's inventory groups]) tuples, in
+    inventory order.
 
     Each host's data is validated with `load_settings` (a `SettingsError` names the
     host). Raises `TopologyError` when two hosts serve different models (vllm_model)
-    under one served name, or two hosts are reached at the same address and port.
+    under one served name, two hosts are reached at the same address and port, or a
+    router (a host of the `routers` group) cannot serve its route (`routes`).
     """
     members: list[Member] = []
+    routers: list[tuple[str, Settings]] = []
+    router_only: list[str] = []
     models: dict[str, tuple[str, str]] = {}  # served name -> (first host, its vllm_model)
     endpoints: dict[tuple[str, int], Member] = {}
     problems: list[tuple[str, Problem]] = []
-    for name, data in hosts:
+    keys: dict[str, Any] = {}
+    for entry in hosts:
+        name, data = entry[0], entry[1]
+        groups = set(entry[2]) - {"all"} if len(entry) > 2 else set()
         settings = load_settings(data, host=name)
+        if ROUTERS_GROUP in groups:
+            routers.append((name, settings))
+            if groups == {ROUTERS_GROUP}:
+                router_only.append(name)
+                continue
+        keys[name] = settings.api_key.get_secret_value() if settings.api_key is not None else None
         m = member(name, data, settings)
         first = models.setdefault(m.model, (name, settings.model))
         if first[1] != settings.model:
@@ -186,7 +251,99 @@ def topology(hosts: Iterable[tuple[str, Mapping[str, Any]]]) -> Topology:
         members.append(m)
     if problems:
         raise TopologyError(problems)
-    return Topology(tuple(members))
+    found, problems = routes(tuple(members), routers, keys)
+    if problems:
+        raise TopologyError(problems)
+    return Topology(tuple(members), found, tuple(router_only))
+
+
+def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
+           keys: Mapping[str, Any]) -> tuple[tuple[Route, ...], list[tuple[str, Problem]]]:
+    """The route of each router host, and what makes one impossible (each problem names the router host, the
+    setting and the remedy): no replica serves its model; a listed replica is no host of the fleet or serves
+    another model; a replica the router cannot reach; replicas with different API keys (vllm-router 0.1.17
+    passes the client's key through to the replica: every replica behind a route must accept the same key);
+    a port the host's vLLM, the router's metrics or another router on the host already uses."""
+    out: list[Route] = []
+    problems: list[tuple[str, Problem]] = []
+    served = tuple(dict.fromkeys(m.model for m in members))
+    by_host = {m.host: m for m in members}
+    for name, s in routers:
+        model = s.router_model
+        if model is None:
+            if len(served) != 1:
+                problems.append((name, Problem(
+                    "vllm_router_model", None,
+                    f"the fleet serves {len(served)} models ({', '.join(served) or 'none'}): which one does this router route?",
+                    "set vllm_router_model to the served model name of its replicas")))
+                continue
+            model = served[0]
+        if s.router_replicas is not None:
+            chosen = []
+            for h in s.router_replicas:
+                m = by_host.get(h)
+                if m is None:
+                    problems.append((name, Problem("vllm_router_replicas", s.router_replicas,
+                                                   f"{h} is no host of the fleet that serves vLLM",
+                                                   "list inventory host names of replicas")))
+                elif m.model != model:
+                    problems.append((name, Problem("vllm_router_replicas", s.router_replicas,
+                                                   f"{h} serves {m.model!r}, not {model!r}",
+                                                   "list only replicas of the routed model, or set vllm_router_model")))
+                else:
+                    chosen.append(m)
+        else:
+            chosen = [m for m in members if m.model == model]
+        if not chosen:
+            problems.append((name, Problem("vllm_router_model", model, "no host of the fleet serves this model",
+                                           "give the router replicas: hosts serving it, or another vllm_router_model")))
+            continue
+        upstreams = []
+        for m in chosen:
+            url = _reach(name, m)
+            if url is None:
+                problems.append((name, Problem(
+                    ADVERTISE, None,
+                    f"the router cannot reach replica {m.host}: its vLLM listens on {m.bind_host} "
+                    f"({'loopback: that host only' if m.local_only else 'at no address the fleet knows'})",
+                    f"on {m.host}, set vllm_bind_host to an address the router reaches and {ADVERTISE}, or run the "
+                    f"router on {m.host}")))
+            else:
+                upstreams.append((m, url))
+        distinct = {keys.get(m.host) for m in chosen}
+        if len(distinct) > 1:
+            problems.append((name, Problem(
+                "vllm_api_key", "<secret>",
+                f"the replicas behind this router ({', '.join(m.host for m in chosen)}) have different API keys: "
+                "vllm-router passes each client's key through to the replica it picks",
+                "give every replica of the model the same vllm_api_key (VLLM_FLEET_API_KEY)")))
+        mine = by_host.get(name)
+        taken = {s.router_metrics_port: "vllm_router_metrics_port"}
+        if mine is not None:
+            taken.setdefault(mine.port, "vllm_port")
+        if s.router_port in taken:
+            problems.append((name, Problem("vllm_router_port", s.router_port,
+                                           f"is also this host's {taken[s.router_port]}",
+                                           "give the router a port of its own")))
+        if mine is not None and s.router_metrics_port == mine.port:
+            problems.append((name, Problem("vllm_router_metrics_port", s.router_metrics_port,
+                                           "is also this host's vllm_port", "give the router's metrics a port of its own")))
+        out.append(Route(name, model, s.router_bind_host, s.router_port, s.router_metrics_port, s.router_policy,
+                         s.router_health_interval_s, tuple(upstreams)))
+    return tuple(out), problems
+
+
+def _reach(router: str, m: Member) -> str | None:
+    """The URL a router on host ``router`` reaches replica ``m`` at: its own loopback when the router runs on the
+    replica's host (or the replica is loopback-bound and advertised: test hosts sharing one network namespace);
+    else its advertised endpoint; None when there is none."""
+    if m.host == router:
+        bind = m.bind_host
+        host = "127.0.0.1" if bind in ("0.0.0.0",) else "[::1]" if bind == "::" else (f"[{bind}]" if ":" in bind else bind)
+        return f"http://{host}:{m.port}"
+    if m.local_only and m.address_from != ADVERTISE:
+        return None
+    return m.url
 
 
 def member(name: str, data: Mapping[str, Any], settings: Settings) -> Member:

@@ -332,6 +332,34 @@ class HostLayout:
                 "wheelhouse_dir": self.wheelhouse_dir, "units": [self.unit_path, self.prev(self.unit_path)]}
 
     # -- the weights download ---------------------------------------------------------------
+    # -- the router (vllm_fleet/router/): a host of the `routers` group ----------------------
+    @property
+    def router_unit(self) -> str:
+        """The router unit's name, without .service."""
+        return f"{self.service}-router"
+
+    @property
+    def router_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.router_unit}.service"
+
+    @property
+    def router_dir(self) -> str:
+        """The router's venvs and its launcher (root:root 0755; the router runs as a DynamicUser)."""
+        return f"{self.base_dir}/router"
+
+    def router_venv(self, version: str) -> str:
+        return f"{self.router_dir}/venv-{version}"
+
+    @property
+    def router_program(self) -> str:
+        return f"{self.router_dir}/vllm-fleet-router"
+
+    @property
+    def router_config(self) -> str:
+        """The router's JSON config: upstreams, policy, ports (no secret: clients' keys pass through). Beside its
+        venv, not in config_dir: the router's DynamicUser cannot enter /etc/vllm-fleet (root:<service user> 0750)."""
+        return f"{self.router_dir}/{self.service}-router.json"
+
     @property
     def fetch_dir(self) -> str:
         return f"{self.base_dir}/fetch"
@@ -490,6 +518,8 @@ class HostLayout:
             Target(self.fetch_unit_path, "file", True, "the weights download unit"),
             Target(self.watchdog_unit_path, "file", True, "the watchdog unit"),
             Target(self.devices_unit_path, "file", True, "the NVIDIA device-node unit"),
+            Target(self.router_unit_path, "file", True, "the router unit"),
+            Target(self.router_config, "file", True, "the router's config"),
             Target(self.env_file, "file", True, "the service's secrets"),
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),
@@ -505,6 +535,7 @@ class HostLayout:
             tool(self.venv_program, "file", "the venv program"),
             tool(self.watchdog_program, "file", "the watchdog program"),
             tool(self.fetch_dir, "directory", "the download worker and its venv"),
+            tool(self.router_dir, "directory", "the router's venvs and launcher"),
             tool(self.uv_dir, "directory", "the bootstrap venv holding uv"),
             tool(self.wheelhouse_dir, "directory", "the pushed wheelhouse"),
             tool(self.weights_state_dir, "directory", "the download state and configs"),

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from vllm_fleet.account.settings import AccountSection
+from vllm_fleet.router.settings import RouterSection
 from vllm_fleet.layout import toolkit_dir_problem, venv_dir_problem
 from vllm_fleet.errors import Problem, SettingConflict, SettingsError
 from vllm_fleet.planner import options as vllm_options
@@ -160,12 +161,13 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "pyenv": PyenvSection,
     "weights": WeightsSection,
     "service": ServiceSection,
+    "router": RouterSection,
 }
 
 
 # The bases are SECTIONS reversed: pydantic orders inherited fields from the last base to the first, so
 # Settings.model_fields (and the problems of a SettingsError) follow SECTIONS and group_data/all.py.
-class Settings(ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
+class Settings(RouterSection, ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
     """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
 
     Before the fields' checks, `load_settings` refuses control characters in every string of every

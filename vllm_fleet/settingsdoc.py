@@ -26,6 +26,9 @@ _URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL;
 
 #: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header).
 REFUSED: dict[str, str] = {
+    "router_bind_host": "anything but an IP address; any address that is not loopback (vllm-router 0.1.17 serves "
+                        "/add_worker and /remove_worker without a key: docs/router.md)",
+    "router_version": "anything but a release version X.Y.Z",
     "model": "an empty name or one longer than 1024; a name that is no profile in models/*.yaml and no directory "
              "holding config.json",
     "gpus": "an empty list; negative or duplicate indices; an index above 63 or more than 64 GPUs; a count not "

@@ -3,7 +3,7 @@
     python tests/e2e/wheelhouse.py        # build (or reuse) it; prints its directory
 
 Holds the vLLM TEST DOUBLE as `vllm` 0.25.0 and 0.26.0 (tests/doubles/), uv,
-the real torch 2.13.0 CPU wheel for CPython 3.11 and torch's dependencies, for
+the real torch 2.13.0 CPU wheel for CPython 3.11 and torch's dependencies, vllm-router and its own, for
 the test hosts (Debian 12, Python 3.11, x86_64).
 
 Where each wheel comes from is declared: torch's CPU build from
@@ -44,9 +44,11 @@ TORCH_REQUIREMENT = f"torch=={TORCH_VERSION}+cpu"
 TORCH_SOURCE_ENV = "VLLM_FLEET_TORCH_SOURCE"
 TORCH_SOURCE_DEFAULT = "https://download.pytorch.org/whl/cpu"
 UV_VERSION = "0.13.9"  # the hosts get the uv the control machine's venv pins (pyproject.toml, ./setup)
-# torch 2.13.0's Requires-Dist (METADATA), plus uv; downloaded for the hosts' CPython 3.11 on x86_64.
+ROUTER_VERSION = "0.1.17"  # vllm_fleet/router/settings.py ROUTER_VERSION: the router the e2e router test installs
+# torch 2.13.0's Requires-Dist (METADATA), plus uv and vllm-router (with its dependencies); downloaded for the hosts'
+# CPython 3.11 on x86_64.
 DOWNLOADS = (f"uv=={UV_VERSION}", "filelock", "typing-extensions>=4.10.0", "setuptools>=77.0.3", "sympy>=1.13.3",
-             "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5")
+             "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5", f"vllm-router=={ROUTER_VERSION}")
 TARGET = ["--only-binary", ":all:", "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]
 LINK = CACHE / "wheelhouse"

@@ -14,15 +14,16 @@ SHARED = {"config_dir", "unit_dir", "base_dir", "data_dir", "home", "bin_dir", "
           "state_dir", "venvs_dir", "uv_dir", "uv", "tool_cache_dir", "uv_cache", "wheelhouse_dir", "src_dir",
           "fetch_dir", "fetch_program", "fetch_venv", "weights_state_dir", "models_dir", "cache_dir", "vllm_cache",
           "hf_home", "triton_cache", "torchinductor_cache", "modelscope_cache", "modelscope_home", "watchdog_program",
-          "runtime_home", "cuda_cache"}
+          "runtime_home", "cuda_cache", "router_dir", "router_program"}
 # Names that are not paths, and the same path under two names on purpose.
-NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watchdog_unit", "devices_unit", "gate_unit"}
+NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watchdog_unit", "devices_unit", "gate_unit",
+             "router_unit"}
 # home: the service user's home directory and WorkingDirectory is data_dir; runtime_home: the HOME it runs with
 # is the writable cache dir.
 ALIASES = {"home": "data_dir", "runtime_home": "cache_dir"}
 SAMPLE = {"venv": "vllm-0.25.0-cu130", "source_checkout": "vllm-0.25.0-src.v1-cu130", "weights_state": "Org/Name",
           "fetch_config": ("Org/Name", "abc"), "model": "Org/Name", "model_revision": ("Org/Name", "abc"),
-          "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc")}
+          "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc"), "router_venv": "0.1.17"}
 
 
 def _paths(lay: HostLayout) -> dict[str, str]:
@@ -116,7 +117,8 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
     always = {LAY.unit_path, LAY.fetch_unit_path, LAY.env_file, LAY.fetch_env_file, LAY.gate_config, LAY.gate_state,
               LAY.gate_log, LAY.weights_pending, LAY.prev(LAY.unit_path), LAY.prev(LAY.env_file), LAY.fetch_dir,
               LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program,
-              LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program}
+              LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program,
+              LAY.router_unit_path, LAY.router_config, LAY.router_dir}
     # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
     always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file) for p in write_leftovers(f)}
     assert removed() == always

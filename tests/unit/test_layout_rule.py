@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "vllm_fleet"
-CAPABILITIES = ("preflight", "account", "pyenv", "weights", "service")
+CAPABILITIES = ("preflight", "account", "pyenv", "weights", "service", "router")
 MAY_USE_PYINFRA = {"step.py", "facts.py"}
 PYINFRA_MODULES = {"hostops/operations.py", "hostops/facts.py", "hostops/abort.py", "hostops/fleet.py", "cli/status.py"}
 
@@ -50,8 +50,10 @@ def test_pure_modules_never_import_pyinfra(path: Path):
 def test_host_programs_are_stdlib_only(path: Path):
     outside = {name for name in _imports(path) if name not in sys.stdlib_module_names and name != "__future__"}
     # Lazy imports of what the program runs next to, in a venv of its own: the weights worker's download
-    # client (the fetch venv), the pyenv program's `verify` (run by the venv it just built).
-    allowed = {"weights": {"huggingface_hub", "modelscope", "modelscope_hub"}, "pyenv": {"vllm", "torch"}}.get(
+    # client (the fetch venv), the pyenv program's `verify` (run by the venv it just built), the router's launcher
+    # (the router venv).
+    allowed = {"weights": {"huggingface_hub", "modelscope", "modelscope_hub"}, "pyenv": {"vllm", "torch"},
+               "router": {"vllm_router"}}.get(
         path.parent.name, set())
     assert outside <= allowed, f"{path.relative_to(PACKAGE)} imports {sorted(outside - allowed)}"
 

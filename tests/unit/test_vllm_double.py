@@ -304,6 +304,30 @@ def test_health_needs_no_key_and_answers_200_with_an_empty_body(served):
     assert served.request("/health", key=None) == (200, b"")
 
 
+def test_one_keep_alive_connection_carries_chunked_bodies_and_a_refused_request(served):
+    """What a router's HTTP client sends (vllm-router: keep-alive, chunked bodies): each request is answered
+    on its own, also after a 401 whose body the server had to read and drop (uvicorn does so)."""
+    body = json.dumps({"model": "minimax-m2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        for auth, framing, payload in ((None, f"Content-Length: {len(body)}", body),
+                                       (KEY, "Transfer-Encoding: chunked", chunked),
+                                       (KEY, f"Content-Length: {len(body)}", body)):
+            line = f"Authorization: Bearer {auth}\r\n" if auth else ""
+            sock.sendall((head + line + framing + "\r\n\r\n").encode() + payload)
+            status = f.readline().split()[1]
+            length = 0
+            while (h := f.readline()) not in (b"\r\n", b""):
+                if h.lower().startswith(b"content-length:"):
+                    length = int(h.split(b":", 1)[1])
+            answer = f.read(length)
+            assert status == (b"401" if auth is None else b"200"), answer
+            if auth:
+                assert json.loads(answer)["object"] == "chat.completion"
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_v1_without_the_right_key_is_401_unauthorized(served, key):
     for path in ("/v1/models", "/v1/chat/completions", "/v1/anything"):

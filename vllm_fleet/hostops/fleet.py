@@ -38,7 +38,7 @@ def topology() -> fleet_model.Topology:
     known = getattr(state, _ON_STATE, None)
     if known is None:
         try:
-            known = fleet_model.topology([(h.name, h.data.dict()) for h in inventory])
+            known = fleet_model.topology([(h.name, h.data.dict(), tuple(h.groups)) for h in inventory])
         except SettingsError as exc:
             known = FleetError(f"{exc}\n    (the fleet is every host of the inventory, "
                                "hosts a --limit leaves out too: each must have valid settings)")

@@ -46,6 +46,8 @@ from vllm_fleet.service.facts import CompanionUnits, NvidiaDevices
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
 from vllm_fleet.service.rolling import RollingHalt
+from vllm_fleet.fleet import Route
+from vllm_fleet.router import step as router_step
 from vllm_fleet.service.render import REAP_GRACE_S, Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
 
@@ -172,15 +174,22 @@ def reads(settings: Settings) -> list[Read]:
             Read.of(CompanionUnits, units=[f"{HostLayout.of(settings).watchdog_unit}.service"])]
 
 
-def _run_gate(state, host, command: str) -> None:
-    """Execute the host's gate, streaming its progress; on failure print the doctor's diagnosis and fail."""
+def _run_gate(state, host, command: str, drain: tuple | None = None) -> None:
+    """Execute the host's gate, streaming its progress; on failure print the doctor's diagnosis and fail.
+
+    + drain: (route, the URL the router reaches this replica at, this replica's loopback URL, drain timeout) when
+      a router is in front of it: taken out of rotation first (in-flight requests finish), back once it passed
+      the gate (or its rollback left the previous version healthy)."""
     halt = RollingHalt.of(state)  # this run's record of failed gates (the hosts before this one, gated serially)
     blocked = halt.blocked()
     if blocked:
         raise OperationError(blocked)
     op_data = state.get_op_data_for_host(host, host.executing_op_hash)
     args = {k: op_data.global_arguments[k] for k in CONNECTOR_ARGUMENT_KEYS if k in op_data.global_arguments}
+    drained = drain is not None and router_step.drain(state, host, *drain)
     ok, output = host.run_shell_command(StringCommand(command), print_output=True, **args)
+    if drained and (ok or _answers(host, drain[2])):
+        router_step.undrain(state, host, drain[0], drain[1])
     if ok:
         return
     halt.record_failure(host.name)
@@ -196,6 +205,12 @@ def _run_gate(state, host, command: str) -> None:
         logger.error(f"{host.print_prefix}diagnosis: no known vLLM failure in the journal; last lines above")
     first = f"; diagnosis: {found[0].code}: {found[0].remedy}" if found else ""
     raise OperationError(f"{verdict}{first}")
+
+
+def _answers(host, url: str) -> bool:
+    """/health of the replica's vLLM is 200 (after a failed gate: its rollback left the previous version serving)."""
+    ok, output = host.run_shell_command(StringCommand(router_step.http_script("GET", f"{url}/health", 5)), print_output=False)
+    return ok and output.stdout.startswith("200")
 
 
 def _between(lines: list[str], begin: str, end: str) -> str:
@@ -214,12 +229,14 @@ def _changed(*values: Changed | None):
 
 
 @deploy("vLLM service and health gate")
-def apply(settings: Settings, state: HostState, venv: Venv | None, weights: WeightsResult) -> None:
+def apply(settings: Settings, state: HostState, venv: Venv | None, weights: WeightsResult,
+          route: Route | None = None) -> None:
     """Install the unit and env file, restart + gate when they, the venv or the weights changed, enable it.
 
     + venv: what vllm_fleet/pyenv/step.py built (``.path``, ``.changed``), or None to serve the venv python_env
       would build (``stack.default_venv``)
     + weights: what vllm_fleet/weights/step.py placed (``.changed``, ``.ready``, ``.reason``)
+    + route: the router in front of this replica (`Topology.route_of`), None without one: a restart is drained there
     """
     lay = HostLayout.of(settings)
     devices = read(host, Read.of(NvidiaDevices))
@@ -249,6 +266,8 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
             name=f"Restart {settings.service_name} and pass the health gate (rollback on failure)",
             function=_run_gate,
             command=f"/usr/bin/python3 {shlex.quote(gate_bin)} apply {shlex.quote(gate_json)} && rm -f {shlex.quote(marker)}",
+            drain=(route, route.upstream_url(host.name), gate_url(settings), settings.rolling_drain_timeout_s)
+            if route is not None else None,
             _if=lambda: pending or changed(),
             _serial=True,
         )
@@ -312,7 +331,8 @@ def remove(settings: Settings) -> None:
     if others:
         logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
                     f"download worker, uv, wheelhouse and weights state stay")
-    for unit in (f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service", f"{lay.devices_unit}.service"):
+    for unit in (f"{lay.router_unit}.service", f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service",
+                 f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
     for t in removal(settings, others):
@@ -320,7 +340,7 @@ def remove(settings: Settings) -> None:
             continue
         op = files.file if t.kind == "file" else files.directory
         meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
-        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path):
+        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path, lay.router_unit_path):
             units.append(meta)
     systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 

@@ -75,7 +75,7 @@ def builds(monkeypatch) -> list[list[str]]:
 
     def counted(hosts):
         hosts = list(hosts)
-        calls.append([name for name, _ in hosts])
+        calls.append([entry[0] for entry in hosts])
         return real(hosts)
 
     monkeypatch.setattr(fleet_model, "topology", counted)
@@ -155,6 +155,7 @@ STEPS = {
     "vllm_fleet.account.step": ("reads", "apply"),
     "vllm_fleet.pyenv.step": ("reads", "apply"),
     "vllm_fleet.service.step": ("reads", "apply"),
+    "vllm_fleet.router.step": ("reads",),
     "vllm_fleet.hostops.facts": ("read_many",),
 }
 
@@ -173,12 +174,13 @@ def test_deploy_py_gets_the_fleet_once_and_every_step_runs_as_before(monkeypatch
         globals_by_host = _for_each_active_host(state, lambda: runpy.run_path(str(ROOT / "deploy.py")))
     assert builds == [NAMES]
     for name, g in globals_by_host.items():
-        assert g["member"] == g["topology"].member(name) and g["member"].host == name
+        assert g["serves"] and g["route"] is None and g["behind"] is None  # no `routers` group: replicas only
         assert [s[1:] for s in steps if s[0] == name] == [
             ("vllm_fleet.weights.step", "source"),
             # every step's facts, declared and then read in one round trip, before the first step runs
             ("vllm_fleet.preflight.step", "reads"), ("vllm_fleet.account.step", "reads"), ("vllm_fleet.pyenv.step", "reads"),
-            ("vllm_fleet.weights.step", "reads"), ("vllm_fleet.service.step", "reads"), ("vllm_fleet.hostops.facts", "read_many"),
+            ("vllm_fleet.weights.step", "reads"), ("vllm_fleet.service.step", "reads"), ("vllm_fleet.router.step", "reads"),
+            ("vllm_fleet.hostops.facts", "read_many"),
             ("vllm_fleet.preflight.step", "run"), ("vllm_fleet.account.step", "apply"),
             ("vllm_fleet.pyenv.step", "apply"), ("vllm_fleet.weights.step", "apply"), ("vllm_fleet.service.step", "apply")]
     assert len({id(g["topology"]) for g in globals_by_host.values()}) == 1

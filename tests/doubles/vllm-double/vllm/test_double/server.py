@@ -139,9 +139,29 @@ class Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         return any(secrets.compare_digest(given.encode(), f"Bearer {k}".encode()) for k in keys)
 
+    def _read_body(self) -> bytes:
+        """The whole request body, read once: by Content-Length or chunked (a router's HTTP client sends either;
+        vLLM's uvicorn reads both). Read before any answer, so a keep-alive connection's next request starts where
+        it should, also after a 401."""
+        if getattr(self, "_body", None) is None:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                            pass
+                        break
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()  # the CRLF after each chunk
+                self._body = b"".join(parts)
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                self._body = self.rfile.read(length) if length else b""
+        return self._body
+
     def _json_body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self._read_body()
         try:
             body = json.loads(raw or b"null")
         except ValueError as exc:
@@ -152,6 +172,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        self._body = None
+        self._read_body()
         if not self._authorized():
             self._send(401, {"error": "Unauthorized"})
             return

@@ -1,0 +1,144 @@
+"""One endpoint for the fleet (issue 16): vllm-router on fleet-a in front of the three CI replicas.
+
+The real router (vllm-router 0.1.17 from the wheelhouse, in its own venv, under real systemd), the real pyinfra
+CLI, the vLLM TEST DOUBLE as each replica. The hosts share the control machine's network namespace, so every
+replica listens on 127.0.0.1 at its own port and is advertised as 127.0.0.1 (vllm_advertise_address).
+
+- the deploy installs the router and it routes: every replica answers through it, the client's key reaches
+  the replica, a request without the key is refused by the replica (401), a second run changes nothing;
+- a rolling restart of every replica under a steady request stream through the router: each replica is taken
+  out of rotation first and put back after its gate, and no request fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import PYINFRA, REPO, Result, changed_ops, host_exec
+
+KEY = "sk-e2e-router-" + secrets.token_hex(8)
+ROUTER_PORT, METRICS_PORT = 18000, 18001
+ROUTER = f"http://127.0.0.1:{ROUTER_PORT}"
+HOSTS = ["@docker/fleet-a", "@docker/fleet-b", "fleet-c"]
+MODEL = "tiny-minimax-m2"
+
+
+@pytest.fixture(scope="module")
+def inventory(tmp_path_factory) -> Path:
+    """inventory/ci.py's hosts, advertised on the shared loopback, plus a `routers` group holding fleet-a. The
+    file is named ci.py (pyinfra's group of the file's name: group_data/ci.py applies as for inventory/ci.py)."""
+    path = tmp_path_factory.mktemp("router-inventory") / "ci.py"
+    path.write_text(f'''import os, runpy
+_ci = runpy.run_path({str(REPO / "inventory" / "ci.py")!r})
+_roll = os.environ.get("VLLM_FLEET_E2E_ROLL")  # a value here changes every replica's unit: a rolling restart
+_lo = {{"vllm_advertise_address": "127.0.0.1", **({{"vllm_extra_env": {{"E2E_ROLL": _roll}}}} if _roll else {{}})}}
+docker_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["docker_hosts"]]
+ssh_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["ssh_hosts"]]
+routers = [("@docker/fleet-a", {{"vllm_router_port": {ROUTER_PORT}, "vllm_router_metrics_port": {METRICS_PORT},
+                                 "vllm_router_health_interval_s": 2}})]
+''')
+    return path
+
+
+def deploy(inventory: Path, *args: str, env: dict | None = None) -> Result:
+    proc = subprocess.run([str(PYINFRA), "-y", str(inventory), "deploy.py", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=1200,
+                          env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY, **(env or {})})
+    result = Result(proc.returncode, proc.stdout, proc.stderr, proc.stdout + proc.stderr)
+    assert proc.returncode == 0, result.output[-6000:]
+    return result
+
+
+def chat(key: str | None = KEY, timeout: float = 30) -> tuple[int, str]:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{ROUTER}/v1/chat/completions", body, headers),
+                                    timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, repr(exc)
+
+
+@pytest.fixture(scope="module")
+def routed(test_hosts, inventory):
+    started = time.time()
+    yield deploy(inventory), started
+    # leave the hosts as the other tests expect them: no router unit on fleet-a
+    host_exec("fleet-a", "systemctl disable --now vllm-router.service; rm -f /etc/systemd/system/vllm-router.service "
+                         "; rm -rf /opt/vllm-fleet/router; systemctl daemon-reload")
+
+
+def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, inventory):
+    routed, started = routed
+    assert "router: http://127.0.0.1:18000 -> http://127.0.0.1:8101, http://127.0.0.1:8102, http://127.0.0.1:8103" \
+        in routed.output, routed.output[-4000:]
+    state = host_exec("fleet-a", ["systemctl", "is-active", "vllm-router.service"]).stdout.strip()
+    assert state == "active"
+    with urllib.request.urlopen(f"{ROUTER}/workers", timeout=10) as resp:
+        workers = json.load(resp)["workers"]
+    assert sorted(w["url"] for w in workers) == [f"http://127.0.0.1:{p}" for p in (8101, 8102, 8103)]
+    answers = [chat() for _ in range(12)]
+    assert all(code == 200 for code, _ in answers), answers
+    assert chat(key=None)[0] == 401 and chat(key="sk-wrong")[0] == 401  # the replica refuses; the router passes it on
+    unit = host_exec("fleet-a", ["systemctl", "show", "-p", "User,DynamicUser,ActiveState", "vllm-router.service"]).stdout
+    assert "DynamicUser=yes" in unit
+    journal = host_exec("fleet-a", ["journalctl", "-u", "vllm-router.service", "--since", f"@{int(started) - 1}",
+                                    "--no-pager", "-o", "cat"]).stdout
+    assert "vllm_router_rs" in journal, journal[-2000:]  # this module's lines: the router's own log
+    assert KEY not in journal and "\x1b[" not in journal, journal[-2000:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
+        assert "vllm_router_" in resp.read().decode()
+    again = deploy(inventory)
+    assert changed_ops(again) == {h: 0 for h in HOSTS}, again.output[-4000:]
+
+
+def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
+    failures: list[tuple[int, str]] = []
+    done = {"n": 0}
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            code, text = chat()
+            done["n"] += 1
+            if code != 200:
+                failures.append((code, text[:300]))
+            time.sleep(0.02)
+
+    workers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(1)
+        before = done["n"]
+        # a change of every replica's unit: each is drained at the router, restarted, gated and put back, one by one
+        rolled = deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4)})
+        time.sleep(2)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    out = rolled.output
+    for h in HOSTS:
+        assert re.search(rf"\[{re.escape(h)}\] +router: drained at @docker/fleet-a", out), (h, out[-6000:])
+        assert re.search(rf"\[{re.escape(h)}\] +router: back in rotation at @docker/fleet-a", out), (h, out[-6000:])
+    assert out.count("router: drained at @docker/fleet-a") == 3 and out.count("router: back in rotation") == 3, out[-6000:]
+    assert changed_ops(rolled)["@docker/fleet-a"] > 0
+    drained = re.findall(r"router: drained at \S+ \(out of rotation; (\S+) s until idle\)", out)
+    print(f"\nrolling restart of 3 replicas behind the router: {done['n'] - before} requests during the deploy "
+          f"({done['n']} in all), {len(failures)} failed; waits until idle after each drain: {drained} s")
+    assert done["n"] - before > 50, done
+    assert failures == [], (len(failures), failures[:5])

@@ -1,0 +1,111 @@
+"""The routes of a fleet (vllm_fleet/fleet.py `routes`): which replicas a router fronts, at which URLs, and the one
+clear error for each fleet a router cannot serve (issue 16, items 1, 5, 6)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_fleet.fleet import TopologyError, topology
+from vllm_fleet.router import render
+
+TINY = "tests/fixtures/tiny-minimax-m2"
+KEY = "sk-fleet-0123456789abcdef"
+PUBLIC = {"vllm_bind_host": "0.0.0.0", "vllm_api_key": KEY}
+
+
+def _fleet(*hosts):
+    return topology([(name, data, groups) for name, data, groups in hosts])
+
+
+def test_no_routers_group_no_route_and_every_host_serves():
+    t = _fleet(("a", PUBLIC, ("gpus",)), ("b", PUBLIC, ("gpus",)))
+    assert t.routes == () and t.router_only == () and all(t.serves_vllm(h) for h in ("a", "b"))
+    assert t.route_of("a") is None and t.route_on("a") is None
+
+
+def test_a_router_only_host_fronts_every_replica_of_the_one_model():
+    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("gpus",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("gpus",)))
+    assert t.router_only == ("gw",) and not t.serves_vllm("gw") and [m.host for m in t.members] == ["a", "b"]
+    r = t.route_on("gw")
+    assert r.model == "minimax-m2" and [url for _, url in r.upstreams] == ["http://a:8100", "http://b:8200"]
+    assert t.route_of("b") is r and r.upstream_url("b") == "http://b:8200" and r.url == "http://127.0.0.1:8000"
+    assert render.config(r)["worker_urls"] == ["http://a:8100", "http://b:8200"] and render.config(r)["policy"] == "cache_aware"
+
+
+def test_a_router_on_a_replica_reaches_that_replica_on_loopback():
+    t = _fleet(("a", {"vllm_port": 8101, "vllm_api_key": KEY}, ("gpus", "routers")), ("b", {**PUBLIC, "vllm_port": 8102}, ("gpus",)))
+    assert t.serves_vllm("a") and [url for _, url in t.route_on("a").upstreams] == ["http://127.0.0.1:8101", "http://b:8102"]
+
+
+def test_loopback_replicas_with_an_advertised_address_share_one_network():
+    """The CI hosts: containers on the host network, each vLLM on 127.0.0.1, advertised as 127.0.0.1."""
+    lo = {"vllm_advertise_address": "127.0.0.1"}
+    t = _fleet(("a", {**lo, "vllm_port": 8101}, ("ci", "routers")), ("b", {**lo, "vllm_port": 8102}, ("ci",)))
+    assert [url for _, url in t.route_on("a").upstreams] == ["http://127.0.0.1:8101", "http://127.0.0.1:8102"]
+
+
+@pytest.mark.parametrize("hosts, words", [
+    ([("gw", {}, ("routers",))], ["host gw: vllm_router_model", "the fleet serves 0 models"]),
+    ([("gw", {"vllm_router_model": "other"}, ("routers",)), ("a", PUBLIC, ("g",))],
+     ["host gw: vllm_router_model='other'", "no host of the fleet serves this model", "remedy:"]),
+    ([("gw", {"vllm_router_replicas": ["a", "z"]}, ("routers",)), ("a", PUBLIC, ("g",))],
+     ["host gw: vllm_router_replicas", "z is no host of the fleet that serves vLLM"]),
+    ([("gw", {"vllm_router_model": "minimax-m2", "vllm_router_replicas": ["t"]}, ("routers",)),
+      ("a", PUBLIC, ("g",)), ("t", {**PUBLIC, "vllm_model": TINY, "vllm_port": 8101}, ("g",))],
+     ["host gw: vllm_router_replicas", "t serves 'tiny-minimax-m2', not 'minimax-m2'"]),
+    ([("gw", {}, ("routers",)), ("a", {}, ("g",))],
+     ["host gw: vllm_advertise_address", "cannot reach replica a", "loopback: that host only"]),
+    ([("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_api_key": KEY + "x"}, ("g",))],
+     ["host gw: vllm_api_key='<secret>'", "different API keys", "passes each client's key through"]),
+    ([("a", {"vllm_port": 8000}, ("g", "routers"))], ["host a: vllm_router_port=8000", "is also this host's vllm_port"]),
+    ([("a", {"vllm_router_metrics_port": 8000}, ("g", "routers"))],
+     ["host a: vllm_router_port=8000", "is also this host's vllm_router_metrics_port"]),
+])
+def test_a_fleet_the_router_cannot_serve_names_host_setting_and_remedy(hosts, words):
+    with pytest.raises(TopologyError) as exc:
+        _fleet(*hosts)
+    text = str(exc.value)
+    for w in words:
+        assert w in text, (w, text)
+    assert KEY not in text
+
+
+def test_the_router_listens_on_loopback_only_in_this_version():
+    from vllm_fleet.errors import SettingsError
+
+    with pytest.raises(SettingsError) as exc:
+        _fleet(("gw", {"vllm_router_bind_host": "0.0.0.0"}, ("routers",)), ("a", PUBLIC, ("g",)))
+    assert "vllm_router_bind_host='0.0.0.0'" in str(exc.value) and "/remove_worker" in str(exc.value)
+
+
+def test_the_router_unit_is_hardened_and_runs_the_pinned_venv():
+    from vllm_fleet.settings import Settings
+
+    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)))
+    text = render.unit(Settings(), t.route_on("gw"))
+    for line in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n",
+                 "Restart=always", "ExecStart=/opt/vllm-fleet/router/venv-0.1.17/bin/python "
+                 "/opt/vllm-fleet/router/vllm-fleet-router /opt/vllm-fleet/router/vllm-router.json"):
+        assert line in text, line
+    assert KEY not in text and KEY not in render.config_text(t.route_on("gw"))
+
+
+def test_the_launcher_refuses_an_unknown_config_key():
+    from vllm_fleet.router import hostprog
+
+    assert hostprog.router_args({"port": 1, "policy": "round_robin"}) == {"port": 1, "policy": "round_robin"}
+    with pytest.raises(SystemExit, match="unknown config keys"):
+        hostprog.router_args({"prot": 1})
+
+
+def test_the_launcher_strips_the_routers_colour_codes_from_what_reaches_the_journal():
+    """vllm-router colours its log lines even when its output is no terminal (measured: NO_COLOR does not stop it);
+    the launcher relays the router child's output without the codes."""
+    import io
+
+    from vllm_fleet.router import hostprog
+
+    src = io.BytesIO(b"\x1b[2m2026-12-04\x1b[0m \x1b[32m INFO\x1b[0m Router ready\n\x1b[31mERROR\x1b[0m x\nlast")
+    dst = io.BytesIO()
+    hostprog.relay(src, dst)
+    assert dst.getvalue() == b"2026-12-04  INFO Router ready\nERROR x\nlast"

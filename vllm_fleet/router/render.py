@@ -1,0 +1,59 @@
+"""The router's files, built without a host (pure): its unit and its config (docs/router.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jinja2
+
+from vllm_fleet.fleet import Route
+from vllm_fleet.layout import HostLayout
+from vllm_fleet.settings import Settings
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+PYTHON = "bin/python"
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return env.get_template("vllm-router.service.j2")
+
+
+def config(route: Route) -> dict:
+    """The launcher's config (vllm_fleet/router/hostprog.py: RouterArgs keywords). Retries stay on (a replica
+    that refuses a connection is retried on another one); health checks every vllm_router_health_interval_s,
+    a replica out after 2 failed checks, back after 1 good one."""
+    return {
+        "worker_urls": [url for _, url in route.upstreams],
+        "host": route.bind_host,
+        "port": route.port,
+        "policy": route.policy,
+        "prometheus_host": route.bind_host,
+        "prometheus_port": route.metrics_port,
+        "health_check_interval_secs": route.health_interval_s,
+        "health_check_endpoint": "/health",
+        "health_failure_threshold": 2,
+        "health_success_threshold": 1,
+        "health_check_timeout_secs": 5,
+        "retry_max_retries": 3,
+        # the replicas may still be starting when the router starts: it waits for them, not fails
+        "worker_startup_timeout_secs": 3600,
+        "worker_startup_check_interval": 2,
+        "log_level": "info",
+    }
+
+
+def config_text(route: Route) -> str:
+    return json.dumps(config(route), indent=1, sort_keys=True) + "\n"
+
+
+def unit(settings: Settings, route: Route) -> str:
+    lay = HostLayout.of(settings)
+    return _template().render(
+        unit_name=f"{lay.router_unit}.service", version=settings.router_version, replicas=len(route.upstreams),
+        model=route.model, python=f"{lay.router_venv(settings.router_version)}/{PYTHON}", program=lay.router_program,
+        config=lay.router_config)

@@ -1,0 +1,57 @@
+"""The router's settings section (pure: pydantic only), read on the hosts of the inventory group `routers`.
+
+A host in that group runs `vllm-router` (PyPI ``vllm-router``, the Rust router of vllm-project/router) in
+front of the replicas of one model: docs/router.md. Composed into `vllm_fleet.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ROUTER_VERSION = "0.1.17"
+"""The vllm-router release the toolkit installs and was measured with (docs/router.md)."""
+
+POLICIES = ("cache_aware", "round_robin", "power_of_two", "consistent_hash", "random")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+class RouterSection(BaseModel):
+    """The router of a host in the `routers` group (ignored on other hosts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    router_model: str | None = Field(None, description="served model name the router routes (what clients send as \"model\"); None = the one model the fleet serves")
+    router_replicas: list[str] | None = Field(None, description="inventory host names of the replicas behind the router; None = every host serving vllm_router_model")
+    router_port: int = Field(8000, ge=1024, le=65535, description="port clients reach the router at")
+    router_bind_host: str = Field("127.0.0.1", description="address the router listens on (loopback only in this version: docs/router.md says why)")
+    router_metrics_port: int = Field(8001, ge=1024, le=65535, description="port of the router's Prometheus /metrics (on vllm_router_bind_host)")
+    router_policy: Literal["cache_aware", "round_robin", "power_of_two", "consistent_hash", "random"] = Field(
+        "cache_aware", description="how the router picks a replica: cache_aware sends a prompt to the replica that served its prefix (prefix-cache reuse) unless the load is uneven")
+    router_health_interval_s: int = Field(5, ge=1, le=300, description="seconds between the router's health checks of each replica")
+    router_version: str = Field(ROUTER_VERSION, description="vllm-router release installed in the router's own venv")
+    rolling_drain_timeout_s: int = Field(60, ge=0, le=3600, description="a rolling change waits at most this long for a replica's requests in flight to finish after the router stopped sending it new ones")
+
+    @field_validator("router_bind_host")
+    @classmethod
+    def _router_bind(cls, v: str) -> str:
+        try:
+            addr = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("is not an IP address|use 127.0.0.1 (or ::1)") from None
+        if not addr.is_loopback:
+            raise ValueError(
+                "is not a loopback address: vllm-router 0.1.17 serves /add_worker and /remove_worker to anyone who "
+                "reaches its port, without a key|keep 127.0.0.1 and reach the router through an SSH tunnel or a "
+                "reverse proxy that checks the key (docs/router.md)")
+        return v
+
+    @field_validator("router_version")
+    @classmethod
+    def _router_version(cls, v: str) -> str:
+        if not _VERSION_RE.fullmatch(v):
+            raise ValueError("is not a release version (X.Y.Z)|use a vllm-router release, e.g. " + ROUTER_VERSION)
+        return v

@@ -1,0 +1,192 @@
+"""The router step: vllm-router in its own venv, as a hardened unit, in front of one model's replicas.
+
+Runs on the hosts of the inventory group `routers` (docs/router.md), after the service step (so a first
+deploy starts the router with its replicas up). The drain a rolling change uses is `drain` below, called by
+the service step's gate on each replica.
+
+    {base_dir}/router/venv-<version>     python3 -m venv + pip: vllm-router==<version>   root:root
+    {base_dir}/router/vllm-fleet-router  the launcher (router/hostprog.py)                 root:root 0755
+    {base_dir}/router/<service>-router.json  upstreams, policy, ports (no secret)          root:root 0644
+    /etc/systemd/system/<service>-router.service  DynamicUser, hardened, Restart=always
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from urllib.parse import quote
+
+from pyinfra import host, logger
+from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api.exceptions import OperationError
+from pyinfra.operations import python, server
+
+from vllm_fleet.fleet import Route
+from vllm_fleet.hostops.facts import FileStates, Read, read
+from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, directories_read, managed_files
+from vllm_fleet.layout import HostLayout
+from vllm_fleet.router import render
+from vllm_fleet.router.facts import RouterState
+from vllm_fleet.settings import Settings
+from vllm_fleet.weights.source import pip_args
+
+PROGRAM_SRC = Path(__file__).with_name("hostprog.py")
+READY_TIMEOUT_S = 60
+
+
+def _state_read(settings: Settings) -> Read:
+    lay = HostLayout.of(settings)
+    return Read.of(RouterState, venv=lay.router_venv(settings.router_version), unit=f"{lay.router_unit}.service")
+
+
+def _files(settings: Settings, route: Route) -> list[ManagedFile]:
+    lay = HostLayout.of(settings)
+    return [ManagedFile(lay.router_program, PROGRAM_SRC, "root", "root", "755"),
+            ManagedFile(lay.router_config, render.config_text(route), "root", "root", "644"),
+            ManagedFile(lay.router_unit_path, render.unit(settings, route), "root", "root", "644")]
+
+
+def _files_read(settings: Settings) -> Read:
+    lay = HostLayout.of(settings)
+    return Read.of(FileStates, paths=sorted((lay.router_program, lay.router_config, lay.router_unit_path)))
+
+
+def _dirs(settings: Settings) -> list[Dir]:
+    return [Dir(HostLayout.of(settings).router_dir, "root", "root", "755")]
+
+
+def reads(settings: Settings, route: Route | None) -> list[Read]:
+    """What `apply` reads of the host (deploy.py reads every step's facts in one round trip: `read_many`)."""
+    if route is None:
+        return []
+    return [_state_read(settings), _files_read(settings), directories_read(_dirs(settings))]
+
+
+def index_args(settings: Settings, serves_vllm: bool) -> list[str]:
+    """pip's index options for the router venv: the wheelhouse the python env step pushed (a host that also
+    serves vLLM), else the same indexes as the vLLM venv."""
+    if settings.wheelhouse and serves_vllm:
+        return ["--no-index", "--find-links", HostLayout.of(settings).wheelhouse_dir]
+    return pip_args(settings)
+
+
+@deploy("Router")
+def apply(settings: Settings, route: Route, serves_vllm: bool = True) -> None:
+    """Install or update the router for ``route`` and make sure it runs and answers."""
+    lay = HostLayout.of(settings)
+    q = shlex.quote
+    fact = read(host, _state_read(settings))
+    venv = lay.router_venv(settings.router_version)
+    directories(name=f"Ensure {lay.router_dir} exists", dirs=_dirs(settings))
+    if fact["version"] != settings.router_version:
+        pip = [f"{q(venv)}/bin/pip", "install", "--quiet", "--disable-pip-version-check",
+               *(q(a) for a in index_args(settings, serves_vllm)), q(f"vllm-router=={settings.router_version}")]
+        built = server.shell(
+            name=f"Ensure the router venv {venv} has vllm-router {settings.router_version}",
+            commands=[f"rm -rf {q(venv)} && python3 -m venv {q(venv)} && {' '.join(pip)}"])
+    else:
+        built = server.shell(name=f"{venv} has vllm-router {settings.router_version}", commands=[])
+    states = read(host, _files_read(settings))
+    program, config, unit = _files(settings, route)
+    files_ = managed_files(name=f"Ensure the router's launcher and config ({len(route.upstreams)} replicas of {route.model})",
+                           files=[program, config], states=states)
+    unit_ = managed_files(name=f"Ensure the unit {lay.router_unit}.service is current", files=[unit], states=states)
+    name = f"{lay.router_unit}.service"
+    server.shell(name=f"Reload systemd and restart {name} (its venv, launcher, config or unit changed)",
+                 commands=["systemctl daemon-reload", f"systemctl enable {q(name)}", f"systemctl restart {q(name)}"],
+                 _if=lambda: built.did_change() or files_.did_change() or unit_.did_change())
+    running = router_running(name=f"Ensure {name} is enabled and running", unit=name, seen=(fact["active"], fact["enabled"]))
+    # after a (re)start only: a no-op rerun read the unit active and changes nothing
+    python.call(name=f"Check the router answers at {route.url}", function=_ready, route=route, unit=name,
+                _if=lambda: built.did_change() or files_.did_change() or unit_.did_change() or running.did_change())
+    logger.info(f"{host.print_prefix}router: {route.url} -> {', '.join(url for _, url in route.upstreams)} "
+                f"(policy {route.policy}); metrics on port {route.metrics_port}")
+
+
+@operation()
+def router_running(unit: str, seen: tuple[str, str]):
+    """Ensure the router unit is enabled and active (``seen``: its state before the run)."""
+    active, enabled = seen
+    if enabled != "enabled":
+        yield StringCommand("systemctl", "enable", unit)
+    if active != "active":
+        yield StringCommand("systemctl", "start", unit)
+    if active == "active" and enabled == "enabled":
+        host.noop(f"{unit} is enabled and running")
+
+
+def http_script(method: str, url: str, timeout_s: float) -> str:
+    """A python3 one-liner for the host: ``METHOD url``, prints the status (0 when unreachable), exit 0."""
+    code = ("import sys,urllib.request,urllib.error\n"
+            "try:\n"
+            " r=urllib.request.urlopen(urllib.request.Request(sys.argv[2],method=sys.argv[1]),timeout=float(sys.argv[3]))\n"
+            " print(r.status, r.read(300).decode(errors='replace').replace(chr(10),' '))\n"
+            "except urllib.error.HTTPError as e: print(e.code, e.read(300).decode(errors='replace').replace(chr(10),' '))\n"
+            "except Exception as e: print(0, e)")
+    return f"python3 -c {shlex.quote(code)} {shlex.quote(method)} {shlex.quote(url)} {timeout_s}"
+
+
+def _ready(state, host, route: Route, unit: str) -> None:
+    """Poll the router's /liveness on its host until 200 (READY_TIMEOUT_S); fail with its journal otherwise."""
+    script = (f"for i in $(seq {READY_TIMEOUT_S}); do out=$({http_script('GET', route.url + '/liveness', 2)}); "
+              f'case "$out" in "200 "*) echo "$out"; exit 0;; esac; sleep 1; done; echo "$out"; exit 1')
+    ok, output = host.run_shell_command(StringCommand(script), print_output=False)
+    if not ok:
+        raise OperationError(f"the router did not answer at {route.url} within {READY_TIMEOUT_S} s "
+                             f"(last: {output.stdout[-300:]}); see journalctl -u {unit}")
+
+
+def _call(router_host, route: Route, action: str, upstream: str) -> tuple[int, str]:
+    """POST /<action>?url=<upstream> to the router, on the router's host; (status, body) (0: unreachable)."""
+    url = f"{route.url}/{action}?url={quote(upstream, safe='')}"
+    ok, output = router_host.run_shell_command(StringCommand(http_script("POST", url, 10)), print_output=False)
+    first = (output.stdout or "0 no output").split(" ", 1)
+    status = int(first[0]) if first[0].isdigit() else 0
+    return status, first[1] if len(first) > 1 else ""
+
+
+def _idle_script(metrics_url: str, timeout_s: int) -> str:
+    """Shell for the replica's host: wait until its vLLM has no request running or waiting (/metrics), at most
+    ``timeout_s``; prints how long it waited."""
+    code = ("import sys,time,urllib.request\n"
+            "url,limit=sys.argv[1],float(sys.argv[2]); start=time.monotonic(); busy=None\n"
+            "while True:\n"
+            " try:\n"
+            "  text=urllib.request.urlopen(url,timeout=5).read().decode()\n"
+            "  busy=sum(float(l.rsplit(' ',1)[1]) for l in text.splitlines() if l.startswith(('vllm:num_requests_running','vllm:num_requests_waiting')))\n"
+            " except Exception as e: busy=None\n"
+            " if busy==0 or busy is None or time.monotonic()-start>=limit: break\n"
+            " time.sleep(0.5)\n"
+            "print(f'{time.monotonic()-start:.1f} {busy}')")
+    return f"python3 -c {shlex.quote(code)} {shlex.quote(metrics_url)} {timeout_s}"
+
+
+def drain(state, replica, route: Route, upstream: str, local_url: str, timeout_s: int) -> bool:
+    """Take ``upstream`` out of the router's rotation and wait (on the replica's host, at most ``timeout_s``) until
+    its vLLM has no request in flight. Returns whether the router took it out (False: the router is not running
+    yet, e.g. a first deploy: nothing routes to the replica). Raises OperationError when the router host cannot be
+    reached or refuses: the replica is not restarted under traffic."""
+    router_host = state.inventory.get_host(route.router)
+    if not router_host.connected:
+        router_host.connect(reason="to drain a replica at its router", raise_exceptions=True)
+    status, body = _call(router_host, route, "remove_worker", upstream)
+    if status == 0:
+        logger.warning(f"{replica.print_prefix}router: {route.router} does not answer at {route.url} ({body.strip()}): "
+                       "not drained (nothing routes to this replica)")
+        return False
+    if status != 200:
+        raise OperationError(f"the router on {route.router} refused to take {upstream} out of rotation: {status} {body}")
+    ok, output = replica.run_shell_command(StringCommand(_idle_script(f"{local_url}/metrics", timeout_s)), print_output=False)
+    waited = (output.stdout or "?").split(" ")[0]
+    logger.info(f"{replica.print_prefix}router: drained at {route.router} (out of rotation; {waited} s until idle)")
+    return True
+
+
+def undrain(state, replica, route: Route, upstream: str) -> None:
+    """Put ``upstream`` back into the router's rotation."""
+    router_host = state.inventory.get_host(route.router)
+    status, body = _call(router_host, route, "add_worker", upstream)
+    if status != 200:
+        raise OperationError(f"the router on {route.router} did not take {upstream} back: {status} {body}; "
+                             f"add it with POST {route.url}/add_worker?url={upstream} on {route.router}")
+    logger.info(f"{replica.print_prefix}router: back in rotation at {route.router}")
