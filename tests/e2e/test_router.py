@@ -31,6 +31,7 @@ ROUTER_PORT, METRICS_PORT = 18000, 18001
 ROUTER = f"http://127.0.0.1:{ROUTER_PORT}"
 HOSTS = ["@docker/fleet-a", "@docker/fleet-b", "fleet-c"]
 MODEL = "tiny-minimax-m2"
+REQUEST_S = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,15 @@ def inventory(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("router-inventory") / "ci.py"
     path.write_text(f'''import os, runpy
 _ci = runpy.run_path({str(REPO / "inventory" / "ci.py")!r})
-_roll = os.environ.get("VLLM_FLEET_E2E_ROLL")  # a value here changes every replica's unit: a rolling restart
-_lo = {{"vllm_advertise_address": "127.0.0.1", **({{"vllm_extra_env": {{"E2E_ROLL": _roll}}}} if _roll else {{}})}}
+_roll = os.environ.get("VLLM_FLEET_E2E_ROLL", "")  # a new value changes every replica's unit: a rolling restart
+# each completion stays in flight {REQUEST_S} s in the double (as decoding would); the double ends at once on SIGTERM
+_lo = {{"vllm_advertise_address": "127.0.0.1",
+        "vllm_extra_env": {{"VLLM_DOUBLE_REQUEST_SECONDS": "{REQUEST_S}", "E2E_ROLL": _roll}}}}
 docker_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["docker_hosts"]]
 ssh_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["ssh_hosts"]]
-routers = [("@docker/fleet-a", {{"vllm_router_port": {ROUTER_PORT}, "vllm_router_metrics_port": {METRICS_PORT},
-                                 "vllm_router_health_interval_s": 2}})]
+routers = [] if os.environ.get("VLLM_FLEET_E2E_NO_ROUTERS") else [
+    ("@docker/fleet-a", {{"vllm_router_port": {ROUTER_PORT}, "vllm_router_metrics_port": {METRICS_PORT},
+                         "vllm_router_health_interval_s": 2}})]
 ''')
     return path
 
@@ -105,7 +109,9 @@ def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, 
     assert changed_ops(again) == {h: 0 for h in HOSTS}, again.output[-4000:]
 
 
-def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
+def _roll_under_load(inventory: Path, env: dict) -> tuple[Result, int, list]:
+    """A rolling restart of every replica (a new E2E_ROLL in each unit) while two clients send requests through
+    the router without pause; (the deploy's result, requests sent during it, the failed ones)."""
     failures: list[tuple[int, str]] = []
     done = {"n": 0}
     stop = threading.Event()
@@ -115,8 +121,7 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
             code, text = chat()
             done["n"] += 1
             if code != 200:
-                failures.append((code, text[:300]))
-            time.sleep(0.02)
+                failures.append((code, text[:200]))
 
     workers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
     for w in workers:
@@ -124,21 +129,31 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
     try:
         time.sleep(1)
         before = done["n"]
-        # a change of every replica's unit: each is drained at the router, restarted, gated and put back, one by one
-        rolled = deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4)})
+        rolled = deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4), **env})
+        sent = done["n"] - before
         time.sleep(2)
     finally:
         stop.set()
         for w in workers:
             w.join(timeout=60)
+    return rolled, sent, failures
+
+
+def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
+    rolled, sent, failures = _roll_under_load(inventory, {})
+    # the control, after: the same roll by a deploy that knows no router (no `routers` group), so nothing drains
+    # (after, because the failures it causes open the router's circuit breakers for a while)
+    undrained, sent_undrained, failed_undrained = _roll_under_load(inventory, {"VLLM_FLEET_E2E_NO_ROUTERS": "1"})
+    assert "router: drained" not in undrained.output
     out = rolled.output
     for h in HOSTS:
         assert re.search(rf"\[{re.escape(h)}\] +router: drained at @docker/fleet-a", out), (h, out[-6000:])
         assert re.search(rf"\[{re.escape(h)}\] +router: back in rotation at @docker/fleet-a", out), (h, out[-6000:])
     assert out.count("router: drained at @docker/fleet-a") == 3 and out.count("router: back in rotation") == 3, out[-6000:]
-    assert changed_ops(rolled)["@docker/fleet-a"] > 0
     drained = re.findall(r"router: drained at \S+ \(out of rotation; (\S+) s until idle\)", out)
-    print(f"\nrolling restart of 3 replicas behind the router: {done['n'] - before} requests during the deploy "
-          f"({done['n']} in all), {len(failures)} failed; waits until idle after each drain: {drained} s")
-    assert done["n"] - before > 50, done
+    print(f"\nrolling restart of 3 replicas, 2 clients without pause through the router, {REQUEST_S} s per request: "
+          f"without a drain {len(failed_undrained)} of {sent_undrained} failed {sorted({c for c, _ in failed_undrained})}; "
+          f"drained {len(failures)} of {sent} failed; waits until idle after each drain: {drained} s")
+    assert sent_undrained > 20 and sent > 20, (sent_undrained, sent)
+    assert failed_undrained, "the control roll (no drain) failed no request: this test could not tell a drain from none"
     assert failures == [], (len(failures), failures[:5])

@@ -709,3 +709,22 @@ def test_memory_hog_grows_the_engines_memory_while_serving(tmp_path):
         assert timed_request(double.port, "/health") == 200
     finally:
         double.terminate()
+
+
+def test_a_request_in_flight_counts_as_running_in_metrics(tmp_path):
+    """VLLM_DOUBLE_REQUEST_SECONDS keeps each completion in flight; /metrics counts it as vLLM does."""
+    double = start(tmp_path, VLLM_DOUBLE_REQUEST_SECONDS="1.5")  # no --api-key: the default key=KEY is ignored
+    try:
+        double.wait_for("Application startup complete.")
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(double.request("/v1/completions", body={"prompt": "x", "max_tokens": 1})))
+        t.start()
+        time.sleep(0.5)
+        _, text = double.request("/metrics", key=None)
+        assert re.search(rb'vllm:num_requests_running\{[^}]*\} 1\.0', text), text
+        t.join(timeout=10)
+        assert answers and answers[0][0] == 200
+        _, text = double.request("/metrics", key=None)
+        assert re.search(rb'vllm:num_requests_running\{[^}]*\} 0\.0', text), text
+    finally:
+        double.terminate()

@@ -118,10 +118,25 @@ def _hog(env: Mapping[str, str]) -> None:
 def _serve(conn: socket.socket, env: Mapping[str, str]) -> None:
     """Answer each forwarded request; when the API server is gone (EOF), stay alive like vLLM's engine does."""
     reader = conn.makefile("rb")
+    delay = env_float(env, "VLLM_DOUBLE_REQUEST_SECONDS", 0.0)  # how long each request is in flight (decoding)
+    lock = threading.Lock()
+
+    def done(rid: str) -> None:
+        with lock:
+            try:
+                conn.sendall(f"done {rid}\n".encode())
+            except OSError:
+                pass
+
     for line in reader:
         word, _, rid = line.decode().strip().partition(" ")
         if word == "req":
-            conn.sendall(f"done {rid}\n".encode())
+            if delay > 0:
+                timer = threading.Timer(delay, done, args=(rid,))
+                timer.daemon = True
+                timer.start()
+            else:
+                done(rid)
     # The API server died without stopping us: keep "holding the GPU" until someone kills the process group
     # (systemd does). VLLM_DOUBLE_ORPHAN_SECONDS bounds it for tests run outside systemd.
     limit = env_float(env, "VLLM_DOUBLE_ORPHAN_SECONDS", 0.0)

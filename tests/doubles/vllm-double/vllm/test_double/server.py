@@ -226,13 +226,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _metrics(self) -> None:
         """Two of vLLM 0.25's gauges in Prometheus text (names and HELP lines as vLLM 0.25.0 serves them;
-        the API server answers them itself, so they stay 200 while the engine hangs)."""
+        the API server answers them itself, so they stay 200 while the engine hangs). Running: the requests
+        forwarded to the engine and not yet answered (VLLM_DOUBLE_REQUEST_SECONDS keeps each in flight)."""
         name = (self.server.state.served_names or [self.server.state.model_root])[0]
+        engine = self.server.state.engine
+        running = float(len(engine._waiting)) if engine is not None else 0.0  # requests the engine has not answered
         text = "".join(
             f"# HELP vllm:{metric} {help_}\n# TYPE vllm:{metric} gauge\n"
-            f'vllm:{metric}{{engine="0",model_name="{name}"}} 0.0\n'
-            for metric, help_ in (("num_requests_running", "Number of requests in model execution batches."),
-                                  ("num_requests_waiting", "Number of requests waiting to be processed.")))
+            f'vllm:{metric}{{engine="0",model_name="{name}"}} {value}\n'
+            for metric, help_, value in (("num_requests_running", "Number of requests in model execution batches.", running),
+                                         ("num_requests_waiting", "Number of requests waiting to be processed.", 0.0)))
         data = text.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
