@@ -157,3 +157,40 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
     assert sent_undrained > 20 and sent > 20, (sent_undrained, sent)
     assert failed_undrained, "the control roll (no drain) failed no request: this test could not tell a drain from none"
     assert failures == [], (len(failures), failures[:5])
+
+
+def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed, inventory):
+    """SIGKILL of every process of fleet-b's vLLM while two clients send through the router: at most the two
+    requests in flight on it fail (the router retries a refused connection on another replica), and systemd
+    brings it back."""
+    failures: list[tuple[float, int, str]] = []
+    done = {"n": 0}
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            code, text = chat()
+            done["n"] += 1
+            if code != 200:
+                failures.append((time.monotonic(), code, text[:200]))
+
+    workers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(3)
+        killed = time.monotonic()
+        host_exec("fleet-b", ["systemctl", "kill", "-s", "SIGKILL", "vllm.service"])
+        time.sleep(12)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    late = [f for f in failures if f[0] - killed > 2 * 2 + 1]  # after the router's health checks (2 x 2 s) took it out
+    print(f"\nfleet-b SIGKILLed under load: {len(failures)} of {done['n']} requests failed {[c for _, c, _ in failures]}")
+    assert len(failures) <= 2 and late == [], failures
+    assert done["n"] > 30
+    deadline = time.monotonic() + 60
+    while host_exec("fleet-b", ["systemctl", "is-active", "vllm.service"]).stdout.strip() != "active":
+        assert time.monotonic() < deadline, "systemd did not restart fleet-b's vLLM"
+        time.sleep(1)

@@ -81,6 +81,13 @@ class DoubleServer(ThreadingHTTPServer):
             self.server_close()
             raise
 
+    def get_request(self):
+        """Each connection with TCP_NODELAY, as uvicorn's (asyncio's) are: a keep-alive client (a router) would
+        otherwise wait out a delayed ACK (~40 ms) between the response's header and body writes."""
+        conn, addr = super().get_request()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, addr
+
 
 def _count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
