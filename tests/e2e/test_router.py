@@ -107,6 +107,13 @@ def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, 
         assert "vllm_router_" in resp.read().decode()
     again = deploy(inventory)
     assert changed_ops(again) == {h: 0 for h in HOSTS}, again.output[-4000:]
+    # vllm-fleet status: the router's replicas, in rotation and healthy (issue 16 item 4)
+    status = subprocess.run([str(PYINFRA.parent / "vllm-fleet"), "status", str(inventory), "--json", "--limit", "fleet-a"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY})
+    row = json.loads(status.stdout.splitlines()[0])
+    assert [(u["url"], u["in_rotation"], u["healthy"]) for u in row["router"]["upstreams"]] == [
+        (f"http://127.0.0.1:{p}", True, True) for p in (8101, 8102, 8103)], status.stdout
 
 
 def _roll_under_load(inventory: Path, env: dict) -> tuple[Result, int, list]:
@@ -160,9 +167,13 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
 
 
 def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed, inventory):
-    """SIGKILL of every process of fleet-b's vLLM while two clients send through the router: at most the two
-    requests in flight on it fail (the router retries a refused connection on another replica), and systemd
-    brings it back."""
+    """SIGKILL of every process of fleet-b's vLLM while two clients send through the router: the requests in flight
+    on it and the few the router sends it before its circuit opens fail, all within a second; then traffic goes to
+    the others, and systemd brings it back."""
+    deadline, streak = time.monotonic() + 120, 0
+    while streak < 20:  # settled: the earlier tests' restarts left no open circuit at the router
+        assert time.monotonic() < deadline, "the router did not settle: " + chat()[1][:200]
+        streak = streak + 1 if chat()[0] == 200 else 0
     failures: list[tuple[float, int, str]] = []
     done = {"n": 0}
     stop = threading.Event()
@@ -186,9 +197,11 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed
         stop.set()
         for w in workers:
             w.join(timeout=60)
-    late = [f for f in failures if f[0] - killed > 2 * 2 + 1]  # after the router's health checks (2 x 2 s) took it out
-    print(f"\nfleet-b SIGKILLed under load: {len(failures)} of {done['n']} requests failed {[c for _, c, _ in failures]}")
-    assert len(failures) <= 2 and late == [], failures
+    late = [f for f in failures if f[0] - killed > 1.0]
+    print(f"\nfleet-b SIGKILLed under load: {len(failures)} of {done['n']} requests failed {[c for _, c, _ in failures]}, "
+          f"at {[round(f[0] - killed, 2) for f in failures]} s after the kill")
+    # the two in flight on it, and what the router sent it before its circuit opened: all in the first second
+    assert len(failures) <= 5 and late == [], failures
     assert done["n"] > 30
     deadline = time.monotonic() + 60
     while host_exec("fleet-b", ["systemctl", "is-active", "vllm.service"]).stdout.strip() != "active":

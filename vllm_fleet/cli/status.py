@@ -57,6 +57,7 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
     from pyinfra.facts.server import Command
     from pyinfra_cli.inventory import make_inventory
 
+    from vllm_fleet import fleet as fleet_model
     from vllm_fleet.settings import load_settings
 
     here = os.path.dirname(os.path.abspath(inventory_path))
@@ -70,10 +71,22 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
     ctx_inventory.set(inventory)
     selected = [h for h in inventory if not limit or h.name in limit or h.name.removeprefix("@docker/") in limit]
     state.init(inventory, Config(), initial_limit=selected)
+    try:
+        topo = fleet_model.topology([(h.name, h.data.dict(), tuple(h.groups)) for h in inventory])
+    except FleetError:
+        topo = fleet_model.Topology()  # the per-host rows say what is wrong
     connect_all(state)
     out: dict[str, dict] = {}
     try:
         for host in state.inventory.get_active_hosts():
+            route, router = topo.route_on(host.name), None
+            if route is not None:
+                with ctx_state.use(state), ctx_host.use(host):
+                    text = get_fact(state, host, Command, args=(router_status_command(route.url),))
+                router = router_row(route, text or "")
+            if host.name in topo.router_only:
+                out[host.name] = {"role": "router", "router": router}
+                continue
             try:
                 s = load_settings(host.data.dict(), host=host.name)
             except FleetError as exc:
@@ -89,9 +102,52 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
                 out[host.name] = json.loads(text or "{}")
             except ValueError:
                 out[host.name] = {"error": (text or "")[:200]}
+            if route is not None:
+                out[host.name]["router"] = router
     finally:
         disconnect_all(state)
     return [h.name for h in selected], out
+
+
+def router_status_command(url: str) -> str:
+    """Shell for a router host: the JSON of the router's GET /workers (or {"error": ...})."""
+    code = ("import json,sys,urllib.request\n"
+            "try: print(urllib.request.urlopen(sys.argv[1] + '/workers', timeout=5).read().decode())\n"
+            "except Exception as e: print(json.dumps({'error': str(e)}))")
+    return f"python3 -c {shlex.quote(code)} {shlex.quote(url)}"
+
+
+def router_row(route, text: str) -> dict:
+    """The router's part of its host's row: where it listens, and each configured replica with whether the router
+    has it in rotation (a drained replica is not: a rolling change is on it) and healthy."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = {"error": text[:200] or "no answer"}
+    listed = {w.get("url"): w for w in answer.get("workers", []) if isinstance(w, dict)}
+    return {
+        "url": route.url, "model": route.model, "policy": route.policy,
+        **({"error": str(answer["error"])} if "error" in answer else {}),
+        "upstreams": [{"host": m.host, "url": url, "in_rotation": url in listed,
+                       "healthy": listed[url].get("is_healthy") if url in listed else None}
+                      for m, url in route.upstreams],
+    }
+
+
+def router_lines(rows: dict[str, dict]) -> list[str]:
+    """One block per router under the table: its replicas, in rotation or not, healthy or not."""
+    lines = []
+    for name, item in rows.items():
+        r = item.get("router")
+        if not r:
+            continue
+        head = f"router on {name} at {r['url']} for {r['model']} (policy {r['policy']})"
+        lines.append(head + (f": does not answer ({r['error']})" if "error" in r else ":"))
+        for u in r["upstreams"]:
+            state = ("in rotation, " + ("healthy" if u["healthy"] else "UNHEALTHY")) if u["in_rotation"] \
+                else "OUT OF ROTATION (drained by a rolling change on it, or removed at the router)"
+            lines.append(f"  {u['host']} {u['url']}: {state}")
+    return lines
 
 
 def in_inventory_order(names: list[str], results: Mapping[str, dict]) -> dict[str, dict]:
@@ -170,7 +226,10 @@ def _uptime(seconds: float | None) -> str:
 
 
 def healthy(item: dict) -> bool:
-    """Active and /health 200."""
+    """Active and /health 200; a router-only host: its router answers and has every replica in rotation, healthy."""
+    if item.get("role") == "router":
+        r = item.get("router") or {}
+        return "error" not in r and all(u["in_rotation"] and u["healthy"] for u in r.get("upstreams", []))
     return str(item.get("unit", "")).startswith("active/") and item.get("health") == 200
 
 
@@ -181,6 +240,9 @@ def _cells(name: str, item: dict) -> list[str]:
     """The table row of one host (an error's text goes under "model")."""
     if "error" in item:
         return [name, "error", str(item["error"]), "", "", "", "", "", ""]
+    if item.get("role") == "router":
+        r = item.get("router") or {}
+        return [name, "router only", str(r.get("model", "-")), "-", "-", "-", "-", "-", "-"]
     gpus = " ".join(f"{_text(g.get('index'))}:{_text(g.get('used_mib'))}/{_text(g.get('total_mib'))}"
                     for g in item.get("gpus") or []) or "-"
     last = item.get("last_gate")
@@ -240,4 +302,6 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"host": name, **item}))
     else:
         print(table(rows), end="")
+        for line in router_lines(rows):
+            print(line)
     return 0 if rows and all(healthy(r) for r in rows.values()) else 1

@@ -22,7 +22,7 @@ import sys
 KEYS = ("worker_urls", "host", "port", "policy", "prometheus_host", "prometheus_port", "health_check_interval_secs",
         "health_check_endpoint", "health_failure_threshold", "health_success_threshold", "health_check_timeout_secs",
         "retry_max_retries", "request_timeout_secs", "worker_startup_timeout_secs", "worker_startup_check_interval",
-        "log_level")
+        "cb_timeout_duration_secs", "log_level")
 
 
 def router_args(config: dict) -> dict:

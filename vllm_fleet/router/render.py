@@ -40,6 +40,8 @@ def config(route: Route) -> dict:
         "health_success_threshold": 1,
         "health_check_timeout_secs": 5,
         "retry_max_retries": 3,
+        # a replica whose circuit opened (failures in a row) is tried again after 10 s, not vllm-router's 60 s
+        "cb_timeout_duration_secs": 10,
         # the replicas may still be starting when the router starts: it waits for them, not fails
         "worker_startup_timeout_secs": 3600,
         "worker_startup_check_interval": 2,

@@ -109,3 +109,18 @@ def test_the_launcher_strips_the_routers_colour_codes_from_what_reaches_the_jour
     dst = io.BytesIO()
     hostprog.relay(src, dst)
     assert dst.getvalue() == b"2026-12-04  INFO Router ready\nERROR x\nlast"
+
+
+def test_status_shows_each_replica_in_rotation_or_drained():
+    from vllm_fleet.cli import status
+
+    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("g",)))
+    answer = '{"workers": [{"url": "http://a:8100", "is_healthy": true}], "total": 1}'
+    row = {"role": "router", "router": status.router_row(t.route_on("gw"), answer)}
+    assert [(u["host"], u["in_rotation"], u["healthy"]) for u in row["router"]["upstreams"]] == [
+        ("a", True, True), ("b", False, None)]
+    lines = status.router_lines({"gw": row})
+    assert lines[0] == "router on gw at http://127.0.0.1:8000 for minimax-m2 (policy cache_aware):"
+    assert lines[2].startswith("  b http://b:8200: OUT OF ROTATION") and not status.healthy(row)
+    down = {"role": "router", "router": status.router_row(t.route_on("gw"), '{"error": "Connection refused"}')}
+    assert "does not answer (Connection refused)" in status.router_lines({"gw": down})[0] and not status.healthy(down)
