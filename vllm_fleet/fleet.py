@@ -317,6 +317,13 @@ def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
                 f"the replicas behind this router ({', '.join(m.host for m in chosen)}) have different API keys: "
                 "vllm-router passes each client's key through to the replica it picks",
                 "give every replica of the model the same vllm_api_key (VLLM_FLEET_API_KEY)")))
+        router_key = s.api_key.get_secret_value() if s.api_key is not None else None
+        if len(distinct) == 1 and router_key not in distinct:
+            problems.append((name, Problem(
+                "vllm_api_key", "<secret>",
+                "differs from the key of the replicas behind this router: the router host's prober sends each "
+                "replica a 1-token completion with it (a hung engine keeps /health at 200)",
+                "give the router host the replicas' vllm_api_key (VLLM_FLEET_API_KEY)")))
         mine = by_host.get(name)
         taken = {s.router_metrics_port: "vllm_router_metrics_port"}
         if mine is not None:

@@ -355,6 +355,28 @@ class HostLayout:
         return f"{self.router_dir}/vllm-fleet-router"
 
     @property
+    def prober_unit(self) -> str:
+        """The router prober's unit name, without .service."""
+        return f"{self.service}-router-prober"
+
+    @property
+    def prober_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.prober_unit}.service"
+
+    @property
+    def prober_program(self) -> str:
+        return f"{self.router_dir}/vllm-fleet-router-prober"
+
+    @property
+    def prober_config(self) -> str:
+        return f"{self.router_dir}/{self.service}-router-prober.json"
+
+    @property
+    def router_env_file(self) -> str:
+        """The prober's EnvironmentFile: the replicas' API key (root 0600)."""
+        return f"{self.config_dir}/{self.service}-router.env"
+
+    @property
     def router_config(self) -> str:
         """The router's JSON config: upstreams, policy, ports (no secret: clients' keys pass through). Beside its
         venv, not in config_dir: the router's DynamicUser cannot enter /etc/vllm-fleet (root:<service user> 0750)."""
@@ -520,6 +542,10 @@ class HostLayout:
             Target(self.devices_unit_path, "file", True, "the NVIDIA device-node unit"),
             Target(self.router_unit_path, "file", True, "the router unit"),
             Target(self.router_config, "file", True, "the router's config"),
+            Target(self.prober_unit_path, "file", True, "the router prober's unit"),
+            Target(self.prober_config, "file", True, "the router prober's config"),
+            Target(self.router_env_file, "file", True, "the router prober's API key"),
+            *(Target(p, "file", True, "an interrupted write of a secrets file") for p in write_leftovers(self.router_env_file)),
             Target(self.env_file, "file", True, "the service's secrets"),
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),

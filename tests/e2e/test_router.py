@@ -20,6 +20,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ ROUTER = f"http://127.0.0.1:{ROUTER_PORT}"
 HOSTS = ["@docker/fleet-a", "@docker/fleet-b", "fleet-c"]
 MODEL = "tiny-minimax-m2"
 REQUEST_S = 0.3
+PROBE_S = 2  # the router host's completion probes: every 2 s, 2 s deadline, 2 misses take a replica out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ docker_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["docker_hosts"]]
 ssh_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["ssh_hosts"]]
 routers = [] if os.environ.get("VLLM_FLEET_E2E_NO_ROUTERS") else [
     ("@docker/fleet-a", {{"vllm_router_port": {ROUTER_PORT}, "vllm_router_metrics_port": {METRICS_PORT},
-                         "vllm_router_health_interval_s": 2}})]
+                         "vllm_router_health_interval_s": 2, "vllm_router_probe_interval_s": {PROBE_S},
+                         "vllm_router_probe_deadline_s": {PROBE_S}, "vllm_router_probe_misses": 2}})]
 ''')
     return path
 
@@ -116,33 +120,39 @@ def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, 
         (f"http://127.0.0.1:{p}", True, True) for p in (8101, 8102, 8103)], status.stdout
 
 
-def _roll_under_load(inventory: Path, env: dict) -> tuple[Result, int, list]:
-    """A rolling restart of every replica (a new E2E_ROLL in each unit) while two clients send requests through
-    the router without pause; (the deploy's result, requests sent during it, the failed ones)."""
-    failures: list[tuple[int, str]] = []
-    done = {"n": 0}
-    stop = threading.Event()
+@contextmanager
+def under_load(clients: int = 2) -> Iterator[tuple[dict, list]]:
+    """``clients`` threads sending requests through the router without pause while the block runs; yields
+    ({"n": requests sent so far}, [(time, status, text) of each failed one])."""
+    done, failures, stop = {"n": 0}, [], threading.Event()
 
-    def stream():
+    def stream() -> None:
         while not stop.is_set():
             code, text = chat()
             done["n"] += 1
             if code != 200:
-                failures.append((code, text[:200]))
+                failures.append((time.monotonic(), code, text[:200]))
 
-    workers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+    workers = [threading.Thread(target=stream, daemon=True) for _ in range(clients)]
     for w in workers:
         w.start()
     try:
+        yield done, failures
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+
+
+def _roll_under_load(inventory: Path, env: dict) -> tuple[Result, int, list]:
+    """A rolling restart of every replica (a new E2E_ROLL in each unit) while two clients send requests through
+    the router without pause; (the deploy's result, requests sent during it, the failed ones)."""
+    with under_load() as (done, failures):
         time.sleep(1)
         before = done["n"]
         rolled = deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4), **env})
         sent = done["n"] - before
         time.sleep(2)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
     return rolled, sent, failures
 
 
@@ -159,7 +169,7 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
     assert out.count("router: drained at @docker/fleet-a") == 3 and out.count("router: back in rotation") == 3, out[-6000:]
     drained = re.findall(r"router: drained at \S+ \(out of rotation; (\S+) s until idle\)", out)
     print(f"\nrolling restart of 3 replicas, 2 clients without pause through the router, {REQUEST_S} s per request: "
-          f"without a drain {len(failed_undrained)} of {sent_undrained} failed {sorted({c for c, _ in failed_undrained})}; "
+          f"without a drain {len(failed_undrained)} of {sent_undrained} failed {sorted({c for _, c, _ in failed_undrained})}; "
           f"drained {len(failures)} of {sent} failed; waits until idle after each drain: {drained} s")
     assert sent_undrained > 20 and sent > 20, (sent_undrained, sent)
     assert failed_undrained, "the control roll (no drain) failed no request: this test could not tell a drain from none"
@@ -174,29 +184,11 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed
     while streak < 20:  # settled: the earlier tests' restarts left no open circuit at the router
         assert time.monotonic() < deadline, "the router did not settle: " + chat()[1][:200]
         streak = streak + 1 if chat()[0] == 200 else 0
-    failures: list[tuple[float, int, str]] = []
-    done = {"n": 0}
-    stop = threading.Event()
-
-    def stream():
-        while not stop.is_set():
-            code, text = chat()
-            done["n"] += 1
-            if code != 200:
-                failures.append((time.monotonic(), code, text[:200]))
-
-    workers = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
-    for w in workers:
-        w.start()
-    try:
+    with under_load() as (done, failures):
         time.sleep(3)
         killed = time.monotonic()
         host_exec("fleet-b", ["systemctl", "kill", "-s", "SIGKILL", "vllm.service"])
         time.sleep(12)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
     late = [f for f in failures if f[0] - killed > 1.0]
     print(f"\nfleet-b SIGKILLed under load: {len(failures)} of {done['n']} requests failed {[c for _, c, _ in failures]}, "
           f"at {[round(f[0] - killed, 2) for f in failures]} s after the kill")
@@ -207,3 +199,53 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed
     while host_exec("fleet-b", ["systemctl", "is-active", "vllm.service"]).stdout.strip() != "active":
         assert time.monotonic() < deadline, "systemd did not restart fleet-b's vLLM"
         time.sleep(1)
+
+
+def _in_rotation() -> set[str]:
+    with urllib.request.urlopen(f"{ROUTER}/workers", timeout=10) as resp:
+        return {w["url"] for w in json.load(resp)["workers"]}
+
+
+def _engine_pid(container: str) -> int:
+    out = host_exec(container, "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | "
+                               "grep -q '^/opt/vllm-fleet/venvs/.*vllm.test_double.engine' && echo ${p#/proc/}; done").stdout
+    pids = out.split()
+    assert len(pids) == 1, out
+    return int(pids[0])
+
+
+def test_a_hung_replica_is_taken_out_of_rotation_and_put_back(routed, inventory):
+    """fleet-b's engine SIGSTOPped under load (its /health stays 200): the router host's prober takes it out within
+    its 2 misses; only the requests stuck on it fail; after SIGCONT its next answered probe puts it back."""
+    b = "http://127.0.0.1:8102"
+    deadline = time.monotonic() + 60
+    while b not in _in_rotation():
+        assert time.monotonic() < deadline, _in_rotation()
+        time.sleep(1)
+    engine = _engine_pid("fleet-b")
+    with under_load() as (done, failures):
+        time.sleep(2)
+        host_exec("fleet-b", ["kill", "-STOP", str(engine)])
+        hung = time.monotonic()
+        try:
+            while b in _in_rotation():
+                assert time.monotonic() - hung < 4 * PROBE_S + 10, "the hung replica stayed in rotation"
+                time.sleep(0.2)
+            out_after = time.monotonic() - hung
+            time.sleep(5)
+            sent_while_out = done["n"]
+        finally:
+            host_exec("fleet-b", ["kill", "-CONT", str(engine)])
+        resumed = time.monotonic()
+        while b not in _in_rotation():
+            assert time.monotonic() - resumed < 3 * PROBE_S + 10, "the replica did not come back"
+            time.sleep(0.2)
+        back_after = time.monotonic() - resumed
+        time.sleep(2)
+    journal = host_exec("fleet-a", ["journalctl", "-u", "vllm-router-prober.service", "--no-pager", "-o", "cat", "-n", "50"]).stdout
+    print(f"\nfleet-b hung (SIGSTOP) under load: out of rotation after {out_after:.1f} s, back {back_after:.1f} s after "
+          f"SIGCONT; {len(failures)} of {done['n']} requests failed {[c for _, c, _ in failures]}")
+    assert "out of rotation" in journal and "back in rotation" in journal, journal
+    assert KEY not in journal
+    assert len(failures) <= 2, failures  # the clients' requests stuck on it when it hung (2 clients)
+    assert sent_while_out > 10 and done["n"] > sent_while_out

@@ -272,3 +272,25 @@ def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState |
             changed = True
     if not changed:
         host.noop(f"{len(files)} files are current")
+
+
+@operation()
+def unit_running(unit: str, seen: tuple[str, str]):
+    """
+    Ensure a unit is enabled and active.
+
+    + unit: the unit, with its suffix
+    + seen: (ActiveState, UnitFileState) as read before the run (a run that changed the unit's files restarted it
+      just before: then these commands change nothing)
+
+    .. code:: python
+
+        unit_running(name="Ensure vllm-watchdog.service runs", unit="vllm-watchdog.service", seen=("active", "enabled"))
+    """
+    active, enabled = seen
+    if enabled != "enabled":
+        yield StringCommand("systemctl", "enable", QuoteString(unit))
+    if active != "active":
+        yield StringCommand("systemctl", "start", QuoteString(unit))
+    if enabled == "enabled" and active == "active":
+        host.noop(f"{unit} is enabled and running")

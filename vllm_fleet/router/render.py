@@ -17,10 +17,13 @@ PYTHON = "bin/python"
 
 
 @functools.cache
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+
+
 def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    return env.get_template("vllm-router.service.j2")
+    return _env().get_template("vllm-router.service.j2")
 
 
 def config(route: Route) -> dict:
@@ -51,6 +54,21 @@ def config(route: Route) -> dict:
 
 def config_text(route: Route) -> str:
     return json.dumps(config(route), indent=1, sort_keys=True) + "\n"
+
+
+def prober_config(settings: Settings, route: Route) -> dict:
+    """The prober's config (router/hostprog_prober.py; no secret: the key is in the env file)."""
+    return {"router_url": route.url, "upstreams": [url for _, url in route.upstreams], "model": route.model,
+            "env_path": HostLayout.of(settings).router_env_file, "interval_s": settings.router_probe_interval_s,
+            "deadline_s": settings.router_probe_deadline_s, "misses": settings.router_probe_misses}
+
+
+def prober_unit(settings: Settings, route: Route) -> str:
+    lay = HostLayout.of(settings)
+    return _env().get_template("vllm-router-prober.service.j2").render(
+        unit_name=f"{lay.prober_unit}.service", router_unit=f"{lay.router_unit}.service", program=lay.prober_program,
+        config=lay.prober_config, interval_s=settings.router_probe_interval_s,
+        deadline_s=settings.router_probe_deadline_s, misses=settings.router_probe_misses)
 
 
 def unit(settings: Settings, route: Route) -> str:

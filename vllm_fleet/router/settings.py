@@ -32,6 +32,9 @@ class RouterSection(BaseModel):
     router_policy: Literal["cache_aware", "round_robin", "power_of_two", "consistent_hash", "random"] = Field(
         "cache_aware", description="how the router picks a replica: cache_aware sends a prompt to the replica that served its prefix (prefix-cache reuse) unless the load is uneven")
     router_health_interval_s: int = Field(5, ge=1, le=300, description="seconds between the router's health checks of each replica")
+    router_probe_interval_s: int = Field(10, ge=1, le=600, description="seconds between the router host's 1-token completion probes of each replica (a hung engine keeps /health at 200)")
+    router_probe_deadline_s: int = Field(30, ge=1, le=600, description="a probe not answered within this many seconds is a miss")
+    router_probe_misses: int = Field(2, ge=1, le=100, description="misses in a row that take a replica out of the router's rotation (its next answered probe puts it back)")
     router_version: str = Field(ROUTER_VERSION, description="vllm-router release installed in the router's own venv")
     rolling_drain_timeout_s: int = Field(60, ge=0, le=3600, description="a rolling change waits at most this long for a replica's requests in flight to finish after the router stopped sending it new ones")
 

@@ -12,18 +12,21 @@ the service step's gate on each replica.
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from urllib.parse import quote
 
 from pyinfra import host, logger
-from pyinfra.api import StringCommand, deploy, operation
+from pyinfra.api import StringCommand, deploy
 from pyinfra.api.exceptions import OperationError
 from pyinfra.operations import python, server
 
 from vllm_fleet.fleet import Route
 from vllm_fleet.hostops.facts import FileStates, Read, read
-from vllm_fleet.hostops.operations import Dir, ManagedFile, directories, directories_read, managed_files
+from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, directories_read, managed_files, secret_file,
+                                          unit_running)
+from vllm_fleet.service.render import env_file_value
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.router import render
 from vllm_fleet.router.facts import RouterState
@@ -31,12 +34,14 @@ from vllm_fleet.settings import Settings
 from vllm_fleet.weights.source import pip_args
 
 PROGRAM_SRC = Path(__file__).with_name("hostprog.py")
+PROBER_SRC = Path(__file__).with_name("hostprog_prober.py")
 READY_TIMEOUT_S = 60
 
 
 def _state_read(settings: Settings) -> Read:
     lay = HostLayout.of(settings)
-    return Read.of(RouterState, venv=lay.router_venv(settings.router_version), unit=f"{lay.router_unit}.service")
+    return Read.of(RouterState, venv=lay.router_venv(settings.router_version), unit=f"{lay.router_unit}.service",
+                   prober=f"{lay.prober_unit}.service")
 
 
 def _files(settings: Settings, route: Route) -> list[ManagedFile]:
@@ -46,9 +51,22 @@ def _files(settings: Settings, route: Route) -> list[ManagedFile]:
             ManagedFile(lay.router_unit_path, render.unit(settings, route), "root", "root", "644")]
 
 
+def _prober_files(settings: Settings, route: Route) -> list[ManagedFile]:
+    """The prober's program, config and unit, and its env file (the replicas' key, written as a secret)."""
+    lay = HostLayout.of(settings)
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    return [ManagedFile(lay.prober_program, PROBER_SRC, "root", "root", "755"),
+            ManagedFile(lay.prober_config, json.dumps(render.prober_config(settings, route), indent=1, sort_keys=True) + "\n",
+                        "root", "root", "644"),
+            ManagedFile(lay.prober_unit_path, render.prober_unit(settings, route), "root", "root", "644"),
+            secret_file(lay.router_env_file, f"VLLM_API_KEY={env_file_value('VLLM_API_KEY', key)}\n" if key
+                        else "# no API key set (vllm_api_key)\n")]
+
+
 def _files_read(settings: Settings) -> Read:
     lay = HostLayout.of(settings)
-    return Read.of(FileStates, paths=sorted((lay.router_program, lay.router_config, lay.router_unit_path)))
+    return Read.of(FileStates, paths=sorted((lay.router_program, lay.router_config, lay.router_unit_path, lay.prober_program,
+                                             lay.prober_config, lay.prober_unit_path, lay.router_env_file)))
 
 
 def _dirs(settings: Settings) -> list[Dir]:
@@ -95,24 +113,20 @@ def apply(settings: Settings, route: Route, serves_vllm: bool = True) -> None:
     server.shell(name=f"Reload systemd and restart {name} (its venv, launcher, config or unit changed)",
                  commands=["systemctl daemon-reload", f"systemctl enable {q(name)}", f"systemctl restart {q(name)}"],
                  _if=lambda: built.did_change() or files_.did_change() or unit_.did_change())
-    running = router_running(name=f"Ensure {name} is enabled and running", unit=name, seen=(fact["active"], fact["enabled"]))
+    running = unit_running(name=f"Ensure {name} is enabled and running", unit=name, seen=(fact["active"], fact["enabled"]))
     # after a (re)start only: a no-op rerun read the unit active and changes nothing
     python.call(name=f"Check the router answers at {route.url}", function=_ready, route=route, unit=name,
                 _if=lambda: built.did_change() or files_.did_change() or unit_.did_change() or running.did_change())
+    prober = f"{lay.prober_unit}.service"
+    prober_files = managed_files(name=f"Ensure the replica prober's program, config, unit and key file (content not shown)",
+                                 files=_prober_files(settings, route), states=states)
+    server.shell(name=f"Reload systemd and restart {prober} (its program, config, unit or key changed)",
+                 commands=["systemctl daemon-reload", f"systemctl enable {q(prober)}", f"systemctl restart {q(prober)}"],
+                 _if=prober_files.did_change)
+    unit_running(name=f"Ensure {prober} is enabled and running", unit=prober,
+                 seen=(fact["prober_active"], fact["prober_enabled"]))
     logger.info(f"{host.print_prefix}router: {route.url} -> {', '.join(url for _, url in route.upstreams)} "
                 f"(policy {route.policy}); metrics on port {route.metrics_port}")
-
-
-@operation()
-def router_running(unit: str, seen: tuple[str, str]):
-    """Ensure the router unit is enabled and active (``seen``: its state before the run)."""
-    active, enabled = seen
-    if enabled != "enabled":
-        yield StringCommand("systemctl", "enable", unit)
-    if active != "active":
-        yield StringCommand("systemctl", "start", unit)
-    if active == "active" and enabled == "enabled":
-        host.noop(f"{unit} is enabled and running")
 
 
 def http_script(method: str, url: str, timeout_s: float) -> str:

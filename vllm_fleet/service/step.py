@@ -36,7 +36,7 @@ from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, server, systemd
 
 from vllm_fleet.hostops.facts import FileStates, Read, read, read_once
-from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file
+from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file, unit_running
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
@@ -278,25 +278,12 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
         server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
                      commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],
                      _if=_changed(programs, units))
-        watchdog_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
+        unit_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
                          seen=seen.get(watchdog, ("", "")))
     else:
         unit_stopped(name=f"Ensure {watchdog} is stopped and disabled (vllm_watchdog = False)", unit=watchdog)
         files.file(name=f"Ensure {lay.watchdog_unit_path} is absent (vllm_watchdog = False)", path=lay.watchdog_unit_path,
                    present=False)
-
-
-@operation()
-def watchdog_running(unit: str, seen: tuple[str, str]):
-    """Ensure the watchdog unit is enabled and active. ``seen``: (ActiveState, UnitFileState) before the run (a
-    run that changed its files restarted it just before: then these commands change nothing)."""
-    active, enabled = seen
-    if enabled != "enabled":
-        yield StringCommand("systemctl", "enable", unit)
-    if active != "active":
-        yield StringCommand("systemctl", "start", unit)
-    if enabled == "enabled" and active == "active":
-        host.noop(f"{unit} is enabled and running")
 
 
 @operation()
@@ -331,7 +318,7 @@ def remove(settings: Settings) -> None:
     if others:
         logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
                     f"download worker, uv, wheelhouse and weights state stay")
-    for unit in (f"{lay.router_unit}.service", f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service",
+    for unit in (f"{lay.prober_unit}.service", f"{lay.router_unit}.service", f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service",
                  f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
@@ -340,7 +327,8 @@ def remove(settings: Settings) -> None:
             continue
         op = files.file if t.kind == "file" else files.directory
         meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
-        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path, lay.router_unit_path):
+        if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path, lay.router_unit_path,
+                      lay.prober_unit_path):
             units.append(meta)
     systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 

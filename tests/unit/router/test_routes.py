@@ -11,6 +11,7 @@ from vllm_fleet.router import render
 TINY = "tests/fixtures/tiny-minimax-m2"
 KEY = "sk-fleet-0123456789abcdef"
 PUBLIC = {"vllm_bind_host": "0.0.0.0", "vllm_api_key": KEY}
+GW = {"vllm_api_key": KEY}  # the router host holds the replicas' key for its prober
 
 
 def _fleet(*hosts):
@@ -24,7 +25,7 @@ def test_no_routers_group_no_route_and_every_host_serves():
 
 
 def test_a_router_only_host_fronts_every_replica_of_the_one_model():
-    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("gpus",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("gpus",)))
+    t = _fleet(("gw", GW, ("routers",)), ("a", PUBLIC, ("gpus",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("gpus",)))
     assert t.router_only == ("gw",) and not t.serves_vllm("gw") and [m.host for m in t.members] == ["a", "b"]
     r = t.route_on("gw")
     assert r.model == "minimax-m2" and [url for _, url in r.upstreams] == ["http://a:8100", "http://b:8200"]
@@ -45,18 +46,20 @@ def test_loopback_replicas_with_an_advertised_address_share_one_network():
 
 
 @pytest.mark.parametrize("hosts, words", [
-    ([("gw", {}, ("routers",))], ["host gw: vllm_router_model", "the fleet serves 0 models"]),
-    ([("gw", {"vllm_router_model": "other"}, ("routers",)), ("a", PUBLIC, ("g",))],
+    ([("gw", GW, ("routers",))], ["host gw: vllm_router_model", "the fleet serves 0 models"]),
+    ([("gw", {**GW, "vllm_router_model": "other"}, ("routers",)), ("a", PUBLIC, ("g",))],
      ["host gw: vllm_router_model='other'", "no host of the fleet serves this model", "remedy:"]),
-    ([("gw", {"vllm_router_replicas": ["a", "z"]}, ("routers",)), ("a", PUBLIC, ("g",))],
+    ([("gw", {**GW, "vllm_router_replicas": ["a", "z"]}, ("routers",)), ("a", PUBLIC, ("g",))],
      ["host gw: vllm_router_replicas", "z is no host of the fleet that serves vLLM"]),
-    ([("gw", {"vllm_router_model": "minimax-m2", "vllm_router_replicas": ["t"]}, ("routers",)),
+    ([("gw", {**GW, "vllm_router_model": "minimax-m2", "vllm_router_replicas": ["t"]}, ("routers",)),
       ("a", PUBLIC, ("g",)), ("t", {**PUBLIC, "vllm_model": TINY, "vllm_port": 8101}, ("g",))],
      ["host gw: vllm_router_replicas", "t serves 'tiny-minimax-m2', not 'minimax-m2'"]),
-    ([("gw", {}, ("routers",)), ("a", {}, ("g",))],
+    ([("gw", GW, ("routers",)), ("a", {}, ("g",))],
      ["host gw: vllm_advertise_address", "cannot reach replica a", "loopback: that host only"]),
-    ([("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_api_key": KEY + "x"}, ("g",))],
+    ([("gw", GW, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_api_key": KEY + "x"}, ("g",))],
      ["host gw: vllm_api_key='<secret>'", "different API keys", "passes each client's key through"]),
+    ([("gw", {}, ("routers",)), ("a", PUBLIC, ("g",))],
+     ["host gw: vllm_api_key='<secret>'", "differs from the key of the replicas", "prober"]),
     ([("a", {"vllm_port": 8000}, ("g", "routers"))], ["host a: vllm_router_port=8000", "is also this host's vllm_port"]),
     ([("a", {"vllm_router_metrics_port": 8000}, ("g", "routers"))],
      ["host a: vllm_router_port=8000", "is also this host's vllm_router_metrics_port"]),
@@ -81,7 +84,7 @@ def test_the_router_listens_on_loopback_only_in_this_version():
 def test_the_router_unit_is_hardened_and_runs_the_pinned_venv():
     from vllm_fleet.settings import Settings
 
-    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)))
+    t = _fleet(("gw", GW, ("routers",)), ("a", PUBLIC, ("g",)))
     text = render.unit(Settings(), t.route_on("gw"))
     for line in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n",
                  "Restart=always", "ExecStart=/opt/vllm-fleet/router/venv-0.1.17/bin/python "
@@ -114,7 +117,7 @@ def test_the_launcher_strips_the_routers_colour_codes_from_what_reaches_the_jour
 def test_status_shows_each_replica_in_rotation_or_drained():
     from vllm_fleet.cli import status
 
-    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("g",)))
+    t = _fleet(("gw", GW, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("g",)))
     answer = '{"workers": [{"url": "http://a:8100", "is_healthy": true}], "total": 1}'
     row = {"role": "router", "router": status.router_row(t.route_on("gw"), answer)}
     assert [(u["host"], u["in_rotation"], u["healthy"]) for u in row["router"]["upstreams"]] == [
@@ -124,3 +127,50 @@ def test_status_shows_each_replica_in_rotation_or_drained():
     assert lines[2].startswith("  b http://b:8200: OUT OF ROTATION") and not status.healthy(row)
     down = {"role": "router", "router": status.router_row(t.route_on("gw"), '{"error": "Connection refused"}')}
     assert "does not answer (Connection refused)" in status.router_lines({"gw": down})[0] and not status.healthy(down)
+
+
+def _prober(misses=2):
+    from vllm_fleet.router.hostprog_prober import Config, Prober
+
+    return Prober(Config("http://127.0.0.1:8000", ["http://a:1", "http://b:2"], "m", "/etc/x.env", 1, 2, misses))
+
+
+def test_the_prober_takes_a_hung_replica_out_after_its_misses_and_puts_it_back_on_its_answer():
+    p, calls = _prober(), []
+    router = lambda action, up: calls.append((action, up)) or (200, "ok")  # noqa: E731
+    every = {"http://a:1", "http://b:2"}
+    assert p.round({"http://a:1": True, "http://b:2": False}, every, router) == [] and calls == []  # 1 miss of 2
+    lines = p.round({"http://a:1": True, "http://b:2": False}, every, router)
+    assert calls == [("remove_worker", "http://b:2")] and "out of rotation" in lines[0]
+    p.round({"http://a:1": True, "http://b:2": False}, every - {"http://b:2"}, router)  # still hung: nothing more
+    assert calls == [("remove_worker", "http://b:2")]
+    lines = p.round({"http://a:1": True, "http://b:2": True}, every - {"http://b:2"}, router)
+    assert calls[-1] == ("add_worker", "http://b:2") and "back in rotation" in lines[0] and p.removed == set()
+
+
+def test_the_prober_leaves_a_drained_replica_to_the_deploy_and_ignores_refused_probes():
+    p, calls = _prober(misses=1), []
+    router = lambda action, up: calls.append((action, up)) or (200, "ok")  # noqa: E731
+    # a rolling change drained b (no longer listed) and restarts it: its misses take nothing out, its answer adds nothing
+    p.round({"http://b:2": False}, {"http://a:1"}, router)
+    p.round({"http://b:2": True}, {"http://a:1"}, router)
+    # a 4xx (key refused) is not counted; the router not answering (listed None) changes nothing
+    p.round({"http://a:1": None}, {"http://a:1"}, router)
+    p.round({"http://a:1": False}, None, router)
+    assert calls == []
+
+
+def test_the_prober_counts_the_router_taking_a_replica_back_that_is_already_there_as_back():
+    p = _prober(misses=1)
+    p.round({"http://b:2": False}, {"http://a:1", "http://b:2"}, lambda a, u: (200, "removed"))
+    assert p.removed == {"http://b:2"}
+    p.round({"http://b:2": True}, {"http://a:1", "http://b:2"}, lambda a, u: (400, "Worker http://b:2 already exists"))
+    assert p.removed == set()
+
+
+def test_the_prober_reads_the_key_from_the_env_file_only(tmp_path):
+    from vllm_fleet.router.hostprog_prober import read_key
+
+    f = tmp_path / "r.env"
+    f.write_text('# x\nVLLM_API_KEY="sk-a\\"b"\n')
+    assert read_key(str(f)) == 'sk-a"b' and read_key(str(tmp_path / "absent")) is None
