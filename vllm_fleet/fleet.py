@@ -340,14 +340,20 @@ def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
     return tuple(out), problems
 
 
+def local_url(bind_host: str, port: int) -> str:
+    """``http://ADDR:PORT`` a program on the host itself reaches a server bound to ``bind_host`` at: loopback when it
+    binds every address, the address itself otherwise (IPv6 in brackets)."""
+    addr = ("127.0.0.1" if bind_host == "0.0.0.0" else "[::1]" if bind_host == "::"
+            else f"[{bind_host}]" if ":" in bind_host else bind_host)
+    return f"http://{addr}:{port}"
+
+
 def _reach(router: str, m: Member) -> str | None:
     """The URL a router on host ``router`` reaches replica ``m`` at: its own loopback when the router runs on the
     replica's host (or the replica is loopback-bound and advertised: test hosts sharing one network namespace);
     else its advertised endpoint; None when there is none."""
     if m.host == router:
-        bind = m.bind_host
-        host = "127.0.0.1" if bind in ("0.0.0.0",) else "[::1]" if bind == "::" else (f"[{bind}]" if ":" in bind else bind)
-        return f"http://{host}:{m.port}"
+        return local_url(m.bind_host, m.port)
     if m.local_only and m.address_from != ADVERTISE:
         return None
     return m.url

@@ -46,7 +46,7 @@ from vllm_fleet.service.facts import CompanionUnits, NvidiaDevices
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.pyenv import stack
 from vllm_fleet.service.rolling import RollingHalt
-from vllm_fleet.fleet import Route
+from vllm_fleet.fleet import Route, local_url
 from vllm_fleet.router import step as router_step
 from vllm_fleet.service.render import REAP_GRACE_S, Rendered, render, served_name, start_timeout_s, uses_append_think
 from vllm_fleet.settings import Settings
@@ -90,8 +90,6 @@ def service_files(settings: Settings, state: HostState, venv: Venv | None = None
 def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dict:
     """What the host-side gate needs (no secret: it reads the key from the env file itself)."""
     lay = HostLayout.of(settings)
-    bind = settings.bind_host
-    addr = "127.0.0.1" if bind == "0.0.0.0" else "[::1]" if bind == "::" else f"[{bind}]" if ":" in bind else bind
     return {
         "service": settings.service_name,
         "unit_path": rendered.unit_path,
@@ -100,7 +98,7 @@ def gate_config(settings: Settings, state: HostState, rendered: Rendered) -> dic
         "state_dir": lay.state_dir,
         "log_file": lay.gate_log,
         "result_file": lay.gate_state,
-        "url": f"http://{addr}:{settings.port}",
+        "url": gate_url(settings),
         "served_model_name": served_name(state.plan),
         "check_think": uses_append_think(state.plan),
         "timeout_s": settings.health_timeout_s or start_timeout_s(state.plan.weights_bytes),
@@ -136,9 +134,7 @@ def watchdog_config(settings: Settings, state: HostState) -> dict:
 
 def gate_url(settings: Settings) -> str:
     """http://ADDR:PORT the host's programs reach vLLM at (loopback when it binds every address)."""
-    bind = settings.bind_host
-    addr = "127.0.0.1" if bind == "0.0.0.0" else "[::1]" if bind == "::" else f"[{bind}]" if ":" in bind else bind
-    return f"http://{addr}:{settings.port}"
+    return local_url(settings.bind_host, settings.port)
 
 
 def _pending_read(settings: Settings) -> Read:
