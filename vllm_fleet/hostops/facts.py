@@ -294,7 +294,7 @@ def read_many(host, reads: Iterable[Read]) -> int:
     (``_sudo``, ...), and keep each value where `read_once` finds it. Returns the number of commands sent.
 
     Each fact's own ``command`` runs in a subshell and its output goes to its own ``process`` (or ``default``
-    when empty), as ``host.get_fact`` would do. A fact that exits non-zero, cannot be parsed, needs whose binary is absent,
+    when empty), as ``host.get_fact`` would do. A fact that exits non-zero, cannot be parsed, or whose binary is absent,
     or that needs a precondition or another shell is not kept: `read_once` reads it again on its own, and pyinfra
     reports its error there, as before. A pyinfra deploy reads facts while it plans, before any operation runs,
     so reading them all at its start gives each step the value it would have read.
