@@ -274,6 +274,22 @@ def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState |
         host.noop(f"{len(files)} files are current")
 
 
+def restart_on_change(unit: str, what: str, changed):
+    """Reload systemd, enable and restart ``unit`` when ``changed()`` says so (an ``_if`` callable, e.g.
+    `vllm_fleet.handoff.any_changed` of the operations that wrote its files); ``what`` names them in the
+    operation's name.
+
+    .. code:: python
+
+        restart_on_change("vllm-watchdog.service", "its program, config or unit", any_changed(programs, units))
+    """
+    from pyinfra.operations import server
+
+    q = shlex.quote(unit)
+    return server.shell(name=f"Reload systemd and restart {unit} ({what} changed)",
+                        commands=["systemctl daemon-reload", f"systemctl enable {q}", f"systemctl restart {q}"], _if=changed)
+
+
 @operation()
 def unit_running(unit: str, seen: tuple[str, str]):
     """

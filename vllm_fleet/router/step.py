@@ -24,8 +24,9 @@ from pyinfra.operations import python, server
 
 from vllm_fleet.fleet import Route
 from vllm_fleet.hostops.facts import FileStates, Read, read
-from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, directories_read, managed_files, secret_file,
-                                          unit_running)
+from vllm_fleet.handoff import any_changed
+from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, directories_read, managed_files,
+                                          restart_on_change, secret_file, unit_running)
 from vllm_fleet.service.render import env_file_value
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.router import render
@@ -110,19 +111,15 @@ def apply(settings: Settings, route: Route, serves_vllm: bool = True) -> None:
                            files=[program, config], states=states)
     unit_ = managed_files(name=f"Ensure the unit {lay.router_unit}.service is current", files=[unit], states=states)
     name = f"{lay.router_unit}.service"
-    server.shell(name=f"Reload systemd and restart {name} (its venv, launcher, config or unit changed)",
-                 commands=["systemctl daemon-reload", f"systemctl enable {q(name)}", f"systemctl restart {q(name)}"],
-                 _if=lambda: built.did_change() or files_.did_change() or unit_.did_change())
+    restart_on_change(name, "its venv, launcher, config or unit", any_changed(built, files_, unit_))
     running = unit_running(name=f"Ensure {name} is enabled and running", unit=name, seen=(fact["active"], fact["enabled"]))
     # after a (re)start only: a no-op rerun read the unit active and changes nothing
     python.call(name=f"Check the router answers at {route.url}", function=_ready, route=route, unit=name,
-                _if=lambda: built.did_change() or files_.did_change() or unit_.did_change() or running.did_change())
+                _if=any_changed(built, files_, unit_, running))
     prober = f"{lay.prober_unit}.service"
     prober_files = managed_files(name=f"Ensure the replica prober's program, config, unit and key file (content not shown)",
                                  files=_prober_files(settings, route), states=states)
-    server.shell(name=f"Reload systemd and restart {prober} (its program, config, unit or key changed)",
-                 commands=["systemctl daemon-reload", f"systemctl enable {q(prober)}", f"systemctl restart {q(prober)}"],
-                 _if=prober_files.did_change)
+    restart_on_change(prober, "its program, config, unit or key", any_changed(prober_files))
     unit_running(name=f"Ensure {prober} is enabled and running", unit=prober,
                  seen=(fact["prober_active"], fact["prober_enabled"]))
     logger.info(f"{host.print_prefix}router: {route.url} -> {', '.join(url for _, url in route.upstreams)} "
@@ -153,7 +150,7 @@ def _ready(state, host, route: Route, unit: str) -> None:
 def _call(router_host, route: Route, action: str, upstream: str) -> tuple[int, str]:
     """POST /<action>?url=<upstream> to the router, on the router's host; (status, body) (0: unreachable)."""
     url = f"{route.url}/{action}?url={quote(upstream, safe='')}"
-    ok, output = router_host.run_shell_command(StringCommand(http_script("POST", url, 10)), print_output=False)
+    _, output = router_host.run_shell_command(StringCommand(http_script("POST", url, 10)), print_output=False)
     first = (output.stdout or "0 no output").split(" ", 1)
     status = int(first[0]) if first[0].isdigit() else 0
     return status, first[1] if len(first) > 1 else ""
@@ -190,7 +187,7 @@ def drain(state, replica, route: Route, upstream: str, local_url: str, timeout_s
         return False
     if status != 200:
         raise OperationError(f"the router on {route.router} refused to take {upstream} out of rotation: {status} {body}")
-    ok, output = replica.run_shell_command(StringCommand(_idle_script(f"{local_url}/metrics", timeout_s)), print_output=False)
+    _, output = replica.run_shell_command(StringCommand(_idle_script(f"{local_url}/metrics", timeout_s)), print_output=False)
     waited = (output.stdout or "?").split(" ")[0]
     logger.info(f"{replica.print_prefix}router: drained at {route.router} (out of rotation; {waited} s until idle)")
     return True

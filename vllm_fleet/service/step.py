@@ -33,10 +33,10 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 from pyinfra.facts.server import Command
-from pyinfra.operations import files, python, server, systemd
+from pyinfra.operations import files, python, systemd
 
 from vllm_fleet.hostops.facts import FileStates, Read, read, read_once
-from vllm_fleet.hostops.operations import ManagedFile, managed_files, secret_file, unit_running
+from vllm_fleet.hostops.operations import ManagedFile, managed_files, restart_on_change, secret_file, unit_running
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
@@ -271,9 +271,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
     watchdog = f"{lay.watchdog_unit}.service"
     seen = read(host, Read.of(CompanionUnits, units=[watchdog])) or {}
     if settings.watchdog:
-        server.shell(name=f"Reload systemd and restart {watchdog} (its program, config or unit changed)",
-                     commands=["systemctl daemon-reload", f"systemctl enable {watchdog}", f"systemctl restart {watchdog}"],
-                     _if=_changed(programs, units))
+        restart_on_change(watchdog, "its program, config or unit", _changed(programs, units))
         unit_running(name=f"Ensure {watchdog} is enabled and running", unit=watchdog,
                          seen=seen.get(watchdog, ("", "")))
     else:
