@@ -10,8 +10,9 @@ works before this file is installed). A venv counts as complete only when its
 marker file `.vllm-fleet.json` exists; build writes it last, inside a
 temporary directory `.tmp-NAME` that is renamed into place, so a killed run
 never leaves a half venv that looks complete. A venv is intact when every file
-of every installed distribution's RECORD is there with its recorded size
-(a deleted `bin/vllm` or site-packages file makes it damaged: rebuilt).
+the installed distributions' RECORDs listed at build time is there with the size
+it had then (the manifest `.vllm-fleet-files`, written before the marker; a
+deleted `bin/vllm` or site-packages file makes it damaged: rebuilt).
 
 `verify` never claims what it cannot see: with a CPU build of torch (or the
 vLLM test double) the CUDA check is "skipped", with the reason.
@@ -30,6 +31,7 @@ import sys
 import time
 
 MARKER = ".vllm-fleet.json"
+FILES = ".vllm-fleet-files"  # the build-time manifest: "SIZE\tPATH" per file the RECORDs list (see integrity)
 PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 
@@ -44,36 +46,103 @@ def _site_packages(venv: str) -> list[str]:
         return []
 
 
-def integrity(venv: str) -> str | None:
-    """None when the venv is whole, else the first problem (a missing or resized file, no python)."""
-    py = os.path.join(venv, "bin", "python")
-    if not os.path.exists(py):  # follows the link: a removed interpreter counts
-        return "bin/python is missing or points nowhere"
-    sites = _site_packages(venv)
-    if not sites:
-        return "no lib/pythonX.Y/site-packages"
-    dists = 0
-    for site in sites:
-        for entry in os.listdir(site):
+def _recorded(venv: str):
+    """Yield (path relative to venv, recorded size or None, dist-info name) for every file the RECORDs list (.pyc aside).
+
+    A first element of None for the path means a dist-info without RECORD (its name is the third element).
+    """
+    venv = os.path.normpath(venv)
+    prefix = venv + os.sep
+    for site in _site_packages(venv):
+        for entry in sorted(os.listdir(site)):
             if not entry.endswith(".dist-info"):
                 continue
             record = os.path.join(site, entry, "RECORD")
             if not os.path.isfile(record):
-                return f"{entry} has no RECORD"
-            dists += 1
+                yield None, None, entry
+                continue
             with open(record, newline="", encoding="utf-8") as fh:
                 for row in csv.reader(fh):
                     if not row or row[0].endswith(".pyc"):
                         continue
                     path = os.path.normpath(os.path.join(site, row[0]))
+                    rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, venv)
+                    yield rel, (int(row[2]) if len(row) > 2 and row[2].isdigit() else None), entry
+
+
+def write_files_manifest(venv: str) -> int:
+    """Write FILES: each file the RECORDs list, with the size it has now (at build time); return how many.
+
+    The manifest, not RECORD, is what `integrity` checks later: real venvs hold files that two
+    distributions both install (the later one wins, the other's RECORD keeps a stale size:
+    nvidia-cutlass-dsl-libs-base and -cu13, flashinfer-python and torch-c-dlpack-ext in vLLM 0.25.0's
+    venv) and wheels whose RECORD gives a wrong size (pynvvideocodec 2.0.4). Files a RECORD lists that
+    were not there when the build finished are left out.
+    """
+    sizes = {}
+    for rel, _size, _entry in _recorded(venv):
+        if rel is None or rel in sizes or "\n" in rel:
+            continue
+        try:
+            sizes[rel] = os.stat(os.path.join(venv, rel)).st_size
+        except OSError:
+            continue
+    tmp = os.path.join(venv, FILES + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(f"{size}\t{rel}\n" for rel, size in sorted(sizes.items()))
+    os.replace(tmp, os.path.join(venv, FILES))
+    return len(sizes)
+
+
+def integrity(venv: str) -> str | None:
+    """None when the venv is whole, else the first problem (a missing or resized file, no python).
+
+    Checks the build-time manifest FILES when there is one; a venv built before it existed is checked
+    against its RECORDs, a size recorded by any of the distributions that list a path counting as right.
+    """
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):  # follows the link: a removed interpreter counts
+        return "bin/python is missing or points nowhere"
+    if not _site_packages(venv):
+        return "no lib/pythonX.Y/site-packages"
+    stat = os.stat
+    try:
+        fh = open(os.path.join(venv, FILES), encoding="utf-8")
+    except OSError:
+        fh = None
+    if fh is not None:  # ~2 us a file: each path is looked up from the venv's directory fd
+        fd = os.open(venv, os.O_RDONLY)
+        try:
+            with fh:
+                count = 0
+                for line in fh:
+                    size, _, rel = line[:-1].partition("\t")
+                    count += 1
                     try:
-                        size = os.stat(path).st_size
+                        have = stat(rel, dir_fd=fd).st_size
                     except OSError:
-                        return f"{os.path.relpath(path, venv)} (from {entry}) is missing"
-                    if len(row) > 2 and row[2].isdigit() and int(row[2]) != size:
-                        return f"{os.path.relpath(path, venv)} (from {entry}) has {size} bytes, RECORD says {row[2]}"
-    if not dists:
+                        return f"{rel} is missing"
+                    if str(have) != size:
+                        return f"{rel} has {have} bytes, {size} when the venv was built"
+        finally:
+            os.close(fd)
+        return None if count else "no distribution is installed"
+    claims: dict = {}
+    for rel, size, entry in _recorded(venv):
+        if rel is None:
+            return f"{entry} has no RECORD"
+        sizes, _first = claims.setdefault(rel, (set(), entry))
+        if size is not None:
+            sizes.add(size)
+    if not claims:
         return "no distribution is installed"
+    for rel, (sizes, entry) in claims.items():
+        try:
+            have = stat(os.path.join(venv, rel)).st_size
+        except OSError:
+            return f"{rel} (from {entry}) is missing"
+        if sizes and have not in sizes:
+            return f"{rel} (from {entry}) has {have} bytes, RECORD says {' or '.join(map(str, sorted(sizes)))}"
     return None
 
 
@@ -347,6 +416,8 @@ def build(spec: dict) -> dict:
     if not found.get("ok"):
         _remove(tmp)
         raise SystemExit("vllm-fleet-venv: verification failed, nothing replaced:\n" + "\n".join(f"  - {p}" for p in found["problems"]))
+    files = write_files_manifest(tmp)
+    print(f"files: {files} recorded with their sizes in {FILES}", flush=True)
     key = {k: spec.get(k) for k in ("channel", "version", "backend", "python", "torch_version", "source_url", "source_ref")}
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as fh:
         json.dump({"key": key, "verify": found, "built_at": time.time(), "install": spec["install"],

@@ -265,6 +265,46 @@ def test_integrity_finds_a_missing_or_resized_recorded_file(tmp_path):
     assert venvctl.integrity(str(venv)) == "bin/python is missing or points nowhere"
 
 
+def _overlapping_venv(tmp_path):
+    """A venv where two distributions install one file (the later wins, the other's RECORD keeps a stale size),
+    as nvidia-cutlass-dsl-libs-base and -cu13 do in real vLLM 0.25.0's venv, and one whose RECORD is simply wrong."""
+    venv = tmp_path / "v"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    for dist in ("base-1.0.dist-info", "cu13-1.0.dist-info", "bad-1.0.dist-info"):
+        (site / dist).mkdir(parents=True)
+    (site / "shared").mkdir()
+    (site / "shared" / "lib.py").write_text("cu13 = True\n")  # 12 bytes: cu13's copy won
+    (site / "bad.so").write_bytes(b"x" * 40)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (site / "base-1.0.dist-info" / "RECORD").write_text("shared/lib.py,sha256=a,9\n")
+    (site / "cu13-1.0.dist-info" / "RECORD").write_text("shared/lib.py,sha256=b,12\n")
+    (site / "bad-1.0.dist-info" / "RECORD").write_text("bad.so,sha256=c,30\n")
+    return venv, site
+
+
+def test_integrity_without_manifest_accepts_a_size_any_claimant_recorded(tmp_path):
+    venv, site = _overlapping_venv(tmp_path)
+    assert venvctl.integrity(str(venv)) == "lib/python3.11/site-packages/bad.so (from bad-1.0.dist-info) has 40 bytes, RECORD says 30"
+    (site / "bad.so").write_bytes(b"x" * 30)
+    assert venvctl.integrity(str(venv)) is None
+    (site / "shared" / "lib.py").write_text("x\n")
+    assert venvctl.integrity(str(venv)) == ("lib/python3.11/site-packages/shared/lib.py (from base-1.0.dist-info) has 2 bytes, "
+                                            "RECORD says 9 or 12")
+
+
+def test_integrity_checks_the_build_time_manifest(tmp_path):
+    venv, site = _overlapping_venv(tmp_path)
+    assert venvctl.write_files_manifest(str(venv)) == 2  # shared/lib.py once, bad.so; sizes as built
+    assert (venv / venvctl.FILES).read_text() == ("40\tlib/python3.11/site-packages/bad.so\n"
+                                                  "12\tlib/python3.11/site-packages/shared/lib.py\n")
+    assert venvctl.integrity(str(venv)) is None  # the stale and the wrong RECORD sizes no longer count
+    (site / "shared" / "lib.py").write_text("cu13 = False\n")
+    assert venvctl.integrity(str(venv)) == "lib/python3.11/site-packages/shared/lib.py has 13 bytes, 12 when the venv was built"
+    (site / "shared" / "lib.py").unlink()
+    assert venvctl.integrity(str(venv)) == "lib/python3.11/site-packages/shared/lib.py is missing"
+
+
 def test_state_reads_venvs_leftovers_and_links(tmp_path):
     venvs = tmp_path / "venvs"
     (venvs / ".tmp-vllm-0.26.0-cpu").mkdir(parents=True)
