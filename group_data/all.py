@@ -108,8 +108,10 @@ vllm_extra_env = {}                      # extra non-secret service environment,
 # Read on the hosts of the inventory group `routers` only (docs/router.md).
 vllm_router_model = None                 # served model name the router routes; None = the one model the fleet serves
 vllm_router_replicas = None              # inventory host names behind the router; None = every host serving vllm_router_model
-vllm_router_port = 8000                  # port clients reach the router at
-vllm_router_bind_host = "127.0.0.1"      # loopback only in this version: vllm-router serves /add_worker and /remove_worker without a key
+vllm_router_port = 8000                  # port clients reach the router at: its key-checking front (nginx)
+vllm_router_bind_host = "127.0.0.1"      # where the front listens; anything but loopback requires a router key
+vllm_router_api_key = SecretStr(os.environ["VLLM_FLEET_ROUTER_API_KEY"]) if os.environ.get("VLLM_FLEET_ROUTER_API_KEY") else None  # key clients send to the router; None = the host's vllm_api_key; only in the front's root-only config
+vllm_router_internal_port = 8002         # vllm-router itself, on loopback behind the front (its /add_worker, /remove_worker take no key)
 vllm_router_metrics_port = 8001          # the router's Prometheus /metrics
 vllm_router_policy = "cache_aware"       # cache_aware: a prompt goes to the replica that served its prefix (prefix-cache reuse) unless load is uneven
 vllm_router_health_interval_s = 5        # seconds between the router's health checks of each replica
@@ -117,4 +119,5 @@ vllm_router_probe_interval_s = 10       # seconds between the router host's 1-to
 vllm_router_probe_deadline_s = 30       # a probe not answered within this many seconds is a miss
 vllm_router_probe_misses = 2            # misses in a row take a replica out of rotation (a hung engine keeps /health 200); an answer puts it back
 vllm_router_version = "0.1.17"           # vllm-router release in the router's own venv
+vllm_rolling_batch = 1                   # replicas a rolling change restarts at once (each drained at its router first)
 vllm_rolling_drain_timeout_s = 60        # a rolling change waits this long at most for a drained replica's requests in flight

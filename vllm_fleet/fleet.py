@@ -30,7 +30,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import SecretStr
+
 from vllm_fleet.errors import FleetError, Problem
+from vllm_fleet.router.settings import BEARER_TOKEN
 from vllm_fleet.settings import Settings, load_settings
 
 Role = Literal["replica"]
@@ -112,6 +115,11 @@ class Route:
     + bind_host, port, metrics_port: where it listens (vllm_router_*)
     + policy: vllm_router_policy
     + upstreams: (replica member, the URL the router reaches it at), in inventory order
+    + internal_port: vllm-router's own port, on loopback, behind the front (nginx) that listens on bind_host:port
+    + client_key: what clients must send (the router host's vllm_router_api_key, else its vllm_api_key); None: the
+      front checks nothing and passes the client's Authorization through (loopback only)
+    + upstream_key: the key of the replicas behind it (one for all: vllm-router sends every replica the same
+      header), which the front puts in place of the client's; the prober's completions carry it too
     """
 
     router: str
@@ -122,11 +130,19 @@ class Route:
     policy: str
     health_interval_s: int
     upstreams: tuple[tuple[Member, str], ...]
+    internal_port: int = 8002
+    client_key: SecretStr | None = field(default=None, repr=False)
+    upstream_key: SecretStr | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
-        return f"http://{host}:{self.port}"
+        """Where clients reach the router: its front, on this host (``local_url`` of its bind address)."""
+        return local_url(self.bind_host, self.port)
+
+    @property
+    def admin_url(self) -> str:
+        """vllm-router itself, on the router host's loopback: /workers, /add_worker, /remove_worker (no key)."""
+        return local_url("127.0.0.1", self.internal_port)
 
     def upstream_url(self, host: str) -> str | None:
         """The URL the router reaches replica ``host`` at; None when that host is not behind it."""
@@ -220,7 +236,7 @@ def topology(hosts: Iterable[tuple]) -> Topology:
     models: dict[str, tuple[str, str]] = {}  # served name -> (first host, its vllm_model)
     endpoints: dict[tuple[str, int], Member] = {}
     problems: list[tuple[str, Problem]] = []
-    keys: dict[str, Any] = {}
+    peers: dict[str, Settings] = {}
     for entry in hosts:
         name, data = entry[0], entry[1]
         groups = set(entry[2]) - {"all"} if len(entry) > 2 else set()
@@ -230,7 +246,7 @@ def topology(hosts: Iterable[tuple]) -> Topology:
             if groups == {ROUTERS_GROUP}:
                 router_only.append(name)
                 continue
-        keys[name] = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        peers[name] = settings
         m = member(name, data, settings)
         first = models.setdefault(m.model, (name, settings.model))
         if first[1] != settings.model:
@@ -251,19 +267,20 @@ def topology(hosts: Iterable[tuple]) -> Topology:
         members.append(m)
     if problems:
         raise TopologyError(problems)
-    found, problems = routes(tuple(members), routers, keys)
+    found, problems = routes(tuple(members), routers, peers)
     if problems:
         raise TopologyError(problems)
     return Topology(tuple(members), found, tuple(router_only))
 
 
 def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
-           keys: Mapping[str, Any]) -> tuple[tuple[Route, ...], list[tuple[str, Problem]]]:
+           peers: Mapping[str, Settings]) -> tuple[tuple[Route, ...], list[tuple[str, Problem]]]:
     """The route of each router host, and what makes one impossible (each problem names the router host, the
     setting and the remedy): no replica serves its model; a listed replica is no host of the fleet or serves
-    another model; a replica the router cannot reach; replicas with different API keys (vllm-router 0.1.17
-    passes the client's key through to the replica: every replica behind a route must accept the same key);
-    a port the host's vLLM, the router's metrics or another router on the host already uses."""
+    another model; a replica the router cannot reach; replicas with different API keys (vllm-router 0.1.17 sends
+    every replica the header the front gives it); a key that is no bearer token; a router beyond loopback
+    without a key for clients; a rolling batch that would drain every replica at once; a port the host's vLLM,
+    the router's metrics, vllm-router behind the front or another router on the host already uses."""
     out: list[Route] = []
     problems: list[tuple[str, Problem]] = []
     served = tuple(dict.fromkeys(m.model for m in members))
@@ -310,34 +327,55 @@ def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
                     f"router on {m.host}")))
             else:
                 upstreams.append((m, url))
-        distinct = {keys.get(m.host) for m in chosen}
-        if len(distinct) > 1:
+        replica_keys = {_secret(peers[m.host].api_key) for m in chosen}
+        if len(replica_keys) > 1:
             problems.append((name, Problem(
                 "vllm_api_key", "<secret>",
                 f"the replicas behind this router ({', '.join(m.host for m in chosen)}) have different API keys: "
-                "vllm-router passes each client's key through to the replica it picks",
+                "vllm-router sends every replica the same Authorization header",
                 "give every replica of the model the same vllm_api_key (VLLM_FLEET_API_KEY)")))
-        router_key = s.api_key.get_secret_value() if s.api_key is not None else None
-        if len(distinct) == 1 and router_key not in distinct:
+        upstream_key = next(iter(replica_keys)) if len(replica_keys) == 1 else None
+        client = s.router_api_key if s.router_api_key is not None else s.api_key
+        if client is None and not ipaddress.ip_address(s.router_bind_host).is_loopback:
             problems.append((name, Problem(
-                "vllm_api_key", "<secret>",
-                "differs from the key of the replicas behind this router: the router host's prober sends each "
-                "replica a 1-token completion with it (a hung engine keeps /health at 200)",
-                "give the router host the replicas' vllm_api_key (VLLM_FLEET_API_KEY)")))
+                "vllm_router_api_key", None,
+                f"is missing while the router listens on {s.router_bind_host}, reachable from other machines",
+                "set vllm_router_api_key (or this host's vllm_api_key), or vllm_router_bind_host = \"127.0.0.1\"")))
+        for setting, key in (("vllm_router_api_key" if s.router_api_key is not None else "vllm_api_key", _secret(client)),
+                             ("vllm_api_key", upstream_key)):
+            if key is not None and not BEARER_TOKEN.fullmatch(key):
+                problems.append((name, Problem(
+                    setting, "<secret>",
+                    "is no bearer token (RFC 6750: letters, digits, - . _ ~ + /, = at the end): the router's front "
+                    "checks and sends keys as `Authorization: Bearer KEY`",
+                    "use a random key such as `openssl rand -hex 24`")))
+                break
+        batch = max(peers[m.host].rolling_batch for m in chosen)
+        if len(chosen) > 1 and batch >= len(chosen):
+            problems.append((name, Problem(
+                "vllm_rolling_batch", batch,
+                f"would drain all {len(chosen)} replicas behind this router at once: a rolling change would stop the service",
+                f"set vllm_rolling_batch to at most {len(chosen) - 1}")))
         mine = by_host.get(name)
-        taken = {s.router_metrics_port: "vllm_router_metrics_port"}
-        if mine is not None:
-            taken.setdefault(mine.port, "vllm_port")
-        if s.router_port in taken:
-            problems.append((name, Problem("vllm_router_port", s.router_port,
-                                           f"is also this host's {taken[s.router_port]}",
-                                           "give the router a port of its own")))
-        if mine is not None and s.router_metrics_port == mine.port:
-            problems.append((name, Problem("vllm_router_metrics_port", s.router_metrics_port,
-                                           "is also this host's vllm_port", "give the router's metrics a port of its own")))
+        taken: dict[int, str] = {}
+        for setting, port in (("vllm_port", mine.port if mine is not None else None),
+                              ("vllm_router_port", s.router_port), ("vllm_router_metrics_port", s.router_metrics_port),
+                              ("vllm_router_internal_port", s.router_internal_port)):
+            if port is None:
+                continue
+            if port in taken:
+                problems.append((name, Problem(setting, port, f"is also this host's {taken[port]}",
+                                               f"give {setting.removeprefix('vllm_').replace('_', ' ')} a port of its own")))
+            else:
+                taken[port] = setting
         out.append(Route(name, model, s.router_bind_host, s.router_port, s.router_metrics_port, s.router_policy,
-                         s.router_health_interval_s, tuple(upstreams)))
+                         s.router_health_interval_s, tuple(upstreams), s.router_internal_port,
+                         client, SecretStr(upstream_key) if upstream_key is not None else None))
     return tuple(out), problems
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def local_url(bind_host: str, port: int) -> str:

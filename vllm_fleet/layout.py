@@ -378,9 +378,24 @@ class HostLayout:
 
     @property
     def router_config(self) -> str:
-        """The router's JSON config: upstreams, policy, ports (no secret: clients' keys pass through). Beside its
+        """The router's JSON config: upstreams, policy, ports (no secret: the front holds the keys). Beside its
         venv, not in config_dir: the router's DynamicUser cannot enter /etc/vllm-fleet (root:<service user> 0750)."""
         return f"{self.router_dir}/{self.service}-router.json"
+
+    @property
+    def front_unit(self) -> str:
+        """The router's key-checking front (nginx), without .service."""
+        return f"{self.service}-router-front"
+
+    @property
+    def front_unit_path(self) -> str:
+        return f"{self.unit_dir}/{self.front_unit}.service"
+
+    @property
+    def front_config(self) -> str:
+        """The front's nginx config: it holds the clients' key and the replicas' key (root 0600, written as a
+        secret); systemd hands it to the front's DynamicUser as a credential (LoadCredential)."""
+        return f"{self.config_dir}/{self.front_unit}.conf"
 
     @property
     def fetch_dir(self) -> str:
@@ -545,7 +560,10 @@ class HostLayout:
             Target(self.prober_unit_path, "file", True, "the router prober's unit"),
             Target(self.prober_config, "file", True, "the router prober's config"),
             Target(self.router_env_file, "file", True, "the router prober's API key"),
-            *(Target(p, "file", True, "an interrupted write of a secrets file") for p in write_leftovers(self.router_env_file)),
+            Target(self.front_unit_path, "file", True, "the router front's unit"),
+            Target(self.front_config, "file", True, "the router front's config and keys"),
+            *(Target(p, "file", True, "an interrupted write of a secrets file")
+              for secret in (self.router_env_file, self.front_config) for p in write_leftovers(secret)),
             Target(self.env_file, "file", True, "the service's secrets"),
             Target(self.prev(self.unit_path), "file", True, "the gate's last good unit"),
             Target(self.prev(self.env_file), "file", True, "the gate's last good env file"),

@@ -407,9 +407,13 @@ def _model_problems(settings: Settings) -> list[Problem]:
     return out
 
 
+SECTION_SECRETS = frozenset({"router_api_key"})
+"""Secrets of the capability sections (the options table marks its own: api_key, hf_token)."""
+
+
 def _shown(name: str, value: object) -> object:
     """A value as it may appear in an error: secrets, and argv/env that may hold one, masked."""
-    if name in {r.key for r in vllm_options.rows(secret=True)}:
+    if name in {r.key for r in vllm_options.rows(secret=True)} or name in SECTION_SECRETS:
         return "***"
     if name == "extra_args" and isinstance(value, list):
         if not all(isinstance(a, str) for a in value):

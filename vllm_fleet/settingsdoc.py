@@ -26,8 +26,10 @@ _URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL;
 
 #: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header).
 REFUSED: dict[str, str] = {
-    "router_bind_host": "anything but an IP address; any address that is not loopback (vllm-router 0.1.17 serves "
-                        "/add_worker and /remove_worker without a key: docs/router.md)",
+    "router_bind_host": "anything but an IP address; an address that is not loopback when the router host has no "
+                        "key for clients (vllm_router_api_key or vllm_api_key): the fleet's error names the host",
+    "router_api_key": "anything but a bearer token of 8-512 characters (RFC 6750 b64token: letters, digits, "
+                      "`- . _ ~ + /`, `=` only at the end)",
     "router_version": "anything but a release version X.Y.Z",
     "model": "an empty name or one longer than 1024; a name that is no profile in models/*.yaml and no directory "
              "holding config.json",

@@ -4,10 +4,13 @@ The real router (vllm-router 0.1.17 from the wheelhouse, in its own venv, under 
 CLI, the vLLM TEST DOUBLE as each replica. The hosts share the control machine's network namespace, so every
 replica listens on 127.0.0.1 at its own port and is advertised as 127.0.0.1 (vllm_advertise_address).
 
-- the deploy installs the router and it routes: every replica answers through it, the client's key reaches
-  the replica, a request without the key is refused by the replica (401), a second run changes nothing;
+- the deploy installs the router behind its key-checking front (the distribution's nginx, a DynamicUser unit) and
+  it routes: clients send the router's key (vllm_router_api_key), the replicas get theirs (vllm_api_key), a request
+  without the router's key, with a wrong one or with the replicas' key is refused at the front (401), vllm-router's
+  admin endpoints are not on the client port (404), a second run changes nothing;
 - a rolling restart of every replica under a steady request stream through the router: each replica is taken
-  out of rotation first and put back after its gate, and no request fails.
+  out of rotation first and put back after its gate, and no request fails; the same in batches of 2;
+- a killed replica, a hung replica, a restart of the router itself: what a client sees, measured.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import pytest
 
 from tests.e2e.harness import PYINFRA, REPO, Result, changed_ops, host_exec
 
-KEY = "sk-e2e-router-" + secrets.token_hex(8)
-ROUTER_PORT, METRICS_PORT = 18000, 18001
+KEY = "sk-e2e-router-" + secrets.token_hex(8)  # the replicas' key (vllm_api_key)
+ROUTER_KEY = "sk-e2e-clients-" + secrets.token_hex(8)  # the key clients send to the router (vllm_router_api_key)
+ROUTER_PORT, METRICS_PORT, INTERNAL_PORT = 18000, 18001, 18002
 ROUTER = f"http://127.0.0.1:{ROUTER_PORT}"
 HOSTS = ["@docker/fleet-a", "@docker/fleet-b", "fleet-c"]
 MODEL = "tiny-minimax-m2"
@@ -46,13 +50,13 @@ def inventory(tmp_path_factory) -> Path:
 _ci = runpy.run_path({str(REPO / "inventory" / "ci.py")!r})
 _roll = os.environ.get("VLLM_FLEET_E2E_ROLL", "")  # a new value changes every replica's unit: a rolling restart
 # each completion stays in flight {REQUEST_S} s in the double (as decoding would); the double ends at once on SIGTERM
-_lo = {{"vllm_advertise_address": "127.0.0.1",
+_lo = {{"vllm_advertise_address": "127.0.0.1", "vllm_rolling_batch": int(os.environ.get("VLLM_FLEET_E2E_BATCH", "1")),
         "vllm_extra_env": {{"VLLM_DOUBLE_REQUEST_SECONDS": "{REQUEST_S}", "E2E_ROLL": _roll}}}}
 docker_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["docker_hosts"]]
 ssh_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["ssh_hosts"]]
 routers = [] if os.environ.get("VLLM_FLEET_E2E_NO_ROUTERS") else [
     ("@docker/fleet-a", {{"vllm_router_port": {ROUTER_PORT}, "vllm_router_metrics_port": {METRICS_PORT},
-                         "vllm_router_health_interval_s": 2, "vllm_router_probe_interval_s": {PROBE_S},
+                         "vllm_router_internal_port": {INTERNAL_PORT}, "vllm_router_health_interval_s": 2, "vllm_router_probe_interval_s": {PROBE_S},
                          "vllm_router_probe_deadline_s": {PROBE_S}, "vllm_router_probe_misses": 2}})]
 ''')
     return path
@@ -61,13 +65,14 @@ routers = [] if os.environ.get("VLLM_FLEET_E2E_NO_ROUTERS") else [
 def deploy(inventory: Path, *args: str, env: dict | None = None) -> Result:
     proc = subprocess.run([str(PYINFRA), "-y", str(inventory), "deploy.py", *args], cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=1200,
-                          env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY, **(env or {})})
+                          env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY,
+                               "VLLM_FLEET_ROUTER_API_KEY": ROUTER_KEY, **(env or {})})
     result = Result(proc.returncode, proc.stdout, proc.stderr, proc.stdout + proc.stderr)
     assert proc.returncode == 0, result.output[-6000:]
     return result
 
 
-def chat(key: str | None = KEY, timeout: float = 30) -> tuple[int, str]:
+def chat(key: str | None = ROUTER_KEY, timeout: float = 30) -> tuple[int, str]:
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
@@ -80,33 +85,64 @@ def chat(key: str | None = KEY, timeout: float = 30) -> tuple[int, str]:
         return 0, repr(exc)
 
 
+ROUTER_UNITS = ("vllm-router-front.service", "vllm-router-prober.service", "vllm-router.service")
+
+
 @pytest.fixture(scope="module")
 def routed(test_hosts, inventory):
     started = time.time()
     yield deploy(inventory), started
-    # leave the hosts as the other tests expect them: no router unit on fleet-a
-    host_exec("fleet-a", "systemctl disable --now vllm-router.service; rm -f /etc/systemd/system/vllm-router.service "
-                         "; rm -rf /opt/vllm-fleet/router; systemctl daemon-reload")
+    # leave the hosts as the other tests expect them: no router, front or prober on fleet-a
+    units = " ".join(ROUTER_UNITS)
+    host_exec("fleet-a", f"systemctl disable --now {units}; cd /etc/systemd/system && rm -f {units}; "
+                         "rm -rf /opt/vllm-fleet/router /etc/vllm-fleet/vllm-router.env /etc/vllm-fleet/vllm-router-front.conf; "
+                         "systemctl daemon-reload; systemctl reset-failed")
 
 
-def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, inventory):
+def _get(url: str, key: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def test_the_router_fronts_every_replica_and_checks_the_clients_key(routed, inventory):
     routed, started = routed
-    assert "router: http://127.0.0.1:18000 -> http://127.0.0.1:8101, http://127.0.0.1:8102, http://127.0.0.1:8103" \
-        in routed.output, routed.output[-4000:]
-    state = host_exec("fleet-a", ["systemctl", "is-active", "vllm-router.service"]).stdout.strip()
-    assert state == "active"
-    with urllib.request.urlopen(f"{ROUTER}/workers", timeout=10) as resp:
-        workers = json.load(resp)["workers"]
+    assert ("router: http://127.0.0.1:18000 (checks the clients' key) -> http://127.0.0.1:8101, http://127.0.0.1:8102, "
+            "http://127.0.0.1:8103") in routed.output, routed.output[-4000:]
+    for unit in ROUTER_UNITS:
+        assert host_exec("fleet-a", ["systemctl", "is-active", unit]).stdout.strip() == "active", unit
+    workers = json.loads(_get(f"http://127.0.0.1:{INTERNAL_PORT}/workers")[1])["workers"]  # vllm-router, loopback
     assert sorted(w["url"] for w in workers) == [f"http://127.0.0.1:{p}" for p in (8101, 8102, 8103)]
     answers = [chat() for _ in range(12)]
     assert all(code == 200 for code, _ in answers), answers
-    assert chat(key=None)[0] == 401 and chat(key="sk-wrong")[0] == 401  # the replica refuses; the router passes it on
-    unit = host_exec("fleet-a", ["systemctl", "show", "-p", "User,DynamicUser,ActiveState", "vllm-router.service"]).stdout
-    assert "DynamicUser=yes" in unit
-    journal = host_exec("fleet-a", ["journalctl", "-u", "vllm-router.service", "--since", f"@{int(started) - 1}",
-                                    "--no-pager", "-o", "cat"]).stdout
+    # refused at the front: no key, a wrong one, the replicas' own key (clients hold the router's)
+    refused = {k: chat(key=k) for k in (None, "sk-wrong-key-123", KEY)}
+    assert {k: c for k, (c, _) in refused.items()} == {None: 401, "sk-wrong-key-123": 401, KEY: 401}, refused
+    assert json.loads(refused[None][1]) == {"error": "Unauthorized"}
+    # vllm-router's admin endpoints are not on the client port, with or without the key
+    assert _get(f"{ROUTER}/workers", ROUTER_KEY)[0] == 404
+    req = urllib.request.Request(f"{ROUTER}/remove_worker?url=http://127.0.0.1:8101", method="POST",
+                                 headers={"Authorization": f"Bearer {ROUTER_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 404
+    assert _get(f"{ROUTER}/health")[0] == 200 and _get(f"{ROUTER}/v1/models", ROUTER_KEY)[0] == 200
+    for unit in ("vllm-router.service", "vllm-router-front.service"):
+        shown = host_exec("fleet-a", ["systemctl", "show", "-p", "DynamicUser,ActiveState", unit]).stdout
+        assert "DynamicUser=yes" in shown, (unit, shown)
+    # the distribution's nginx.service, which the package install started, is not left running
+    assert host_exec("fleet-a", "systemctl is-enabled nginx.service; systemctl is-active nginx.service"
+                     ).stdout.split() == ["disabled", "inactive"]
+    conf = host_exec("fleet-a", ["stat", "-c", "%U:%G %a", "/etc/vllm-fleet/vllm-router-front.conf"]).stdout.strip()
+    assert conf == "root:root 600", conf
+    journal = host_exec("fleet-a", ["journalctl", "-u", "vllm-router.service", "-u", "vllm-router-front.service",
+                                    "--since", f"@{int(started) - 1}", "--no-pager", "-o", "cat"]).stdout
     assert "vllm_router_rs" in journal, journal[-2000:]  # this module's lines: the router's own log
-    assert KEY not in journal and "\x1b[" not in journal, journal[-2000:]
+    assert KEY not in journal and ROUTER_KEY not in journal and "\x1b[" not in journal, journal[-2000:]
+    assert KEY not in routed.output and ROUTER_KEY not in routed.output
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
         assert "vllm_router_" in resp.read().decode()
     again = deploy(inventory)
@@ -114,7 +150,7 @@ def test_the_router_fronts_every_replica_and_the_replicas_check_the_key(routed, 
     # vllm-fleet status: the router's replicas, in rotation and healthy (issue 16 item 4)
     status = subprocess.run([str(PYINFRA.parent / "vllm-fleet"), "status", str(inventory), "--json", "--limit", "fleet-a"],
                             cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY})
+                            env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY, "VLLM_FLEET_ROUTER_API_KEY": ROUTER_KEY})
     row = json.loads(status.stdout.splitlines()[0])
     assert [(u["url"], u["in_rotation"], u["healthy"]) for u in row["router"]["upstreams"]] == [
         (f"http://127.0.0.1:{p}", True, True) for p in (8101, 8102, 8103)], status.stdout
@@ -176,14 +212,62 @@ def test_a_rolling_restart_of_every_replica_fails_no_request(routed, inventory):
     assert failures == [], (len(failures), failures[:5])
 
 
+def test_a_rolling_restart_in_batches_of_two_fails_no_request(routed, inventory):
+    """vllm_rolling_batch = 2: fleet-a and fleet-b are drained and restarted together (pyinfra's _parallel batch),
+    then fleet-c; the stream through the router fails no request."""
+    _settle()
+    rolled, sent, failures = _roll_under_load(inventory, {"VLLM_FLEET_E2E_BATCH": "2"})
+    out = rolled.output
+
+    def at(h: str, what: str) -> int:
+        m = re.search(rf"\[{re.escape(h)}\] +router: {what}", out)
+        assert m, (h, what, out[-6000:])
+        return m.start()
+
+    a, b, c = HOSTS
+    # both of the first batch out of rotation before either is back; the second batch only after both are back
+    assert max(at(a, "drained"), at(b, "drained")) < min(at(a, "back in rotation"), at(b, "back in rotation")), out[-6000:]
+    assert at(c, "drained") > max(at(a, "back in rotation"), at(b, "back in rotation")), out[-6000:]
+    print(f"\nrolling restart in batches of 2 (fleet-a + fleet-b, then fleet-c): {len(failures)} of {sent} failed")
+    assert sent > 20 and failures == [], (sent, failures[:5])
+
+
+def _settle() -> None:
+    """Wait until 20 requests in a row pass: the earlier tests' restarts left no open circuit at the router."""
+    deadline, streak = time.monotonic() + 120, 0
+    while streak < 20:
+        assert time.monotonic() < deadline, "the router did not settle: " + chat()[1][:200]
+        streak = streak + 1 if chat()[0] == 200 else 0
+
+
+def test_what_a_client_sees_when_the_router_itself_restarts(routed, inventory):
+    """A change of the router (its venv, config or unit: an upgrade) restarts vllm-router. Measured under load: the
+    requests it holds and those that arrive before it listens again get 502 from the front, within the restart;
+    docs/router.md gives the figures. The front and the replicas are not restarted."""
+    _settle()
+    with under_load() as (done, failures):
+        time.sleep(2)
+        t0 = time.monotonic()
+        host_exec("fleet-a", ["systemctl", "restart", "vllm-router.service"])
+        while chat()[0] != 200:
+            assert time.monotonic() - t0 < 60, "the router did not come back"
+            time.sleep(0.05)
+        back = time.monotonic() - t0
+        time.sleep(3)
+    codes = sorted({c for _, c, _ in failures})
+    window = [round(f[0] - t0, 2) for f in failures]
+    print(f"\nvllm-router restarted under load (2 clients): answering again after {back:.2f} s; {len(failures)} of "
+          f"{done['n']} requests failed {codes}, from {min(window, default=0)} to {max(window, default=0)} s after the restart")
+    assert set(codes) <= {502}, failures[:5]  # the front answers for the router: no hang, no reset connection
+    assert all(w <= back + 0.5 for w in window), (window, back)  # nothing fails once it answers again
+    assert done["n"] > 20
+
+
 def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed, inventory):
     """SIGKILL of every process of fleet-b's vLLM while two clients send through the router: the requests in flight
     on it and the few the router sends it before its circuit opens fail, all within a second; then traffic goes to
     the others, and systemd brings it back."""
-    deadline, streak = time.monotonic() + 120, 0
-    while streak < 20:  # settled: the earlier tests' restarts left no open circuit at the router
-        assert time.monotonic() < deadline, "the router did not settle: " + chat()[1][:200]
-        streak = streak + 1 if chat()[0] == 200 else 0
+    _settle()
     with under_load() as (done, failures):
         time.sleep(3)
         killed = time.monotonic()
@@ -202,7 +286,7 @@ def test_a_replica_killed_under_load_costs_at_most_its_requests_in_flight(routed
 
 
 def _in_rotation() -> set[str]:
-    with urllib.request.urlopen(f"{ROUTER}/workers", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{INTERNAL_PORT}/workers", timeout=10) as resp:
         return {w["url"] for w in json.load(resp)["workers"]}
 
 

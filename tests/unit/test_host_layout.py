@@ -17,7 +17,7 @@ SHARED = {"config_dir", "unit_dir", "base_dir", "data_dir", "home", "bin_dir", "
           "runtime_home", "cuda_cache", "router_dir", "router_program", "prober_program"}
 # Names that are not paths, and the same path under two names on purpose.
 NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watchdog_unit", "devices_unit", "gate_unit",
-             "router_unit", "prober_unit"}
+             "router_unit", "prober_unit", "front_unit"}
 # home: the service user's home directory and WorkingDirectory is data_dir; runtime_home: the HOME it runs with
 # is the writable cache dir.
 ALIASES = {"home": "data_dir", "runtime_home": "cache_dir"}
@@ -119,9 +119,9 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
               LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program,
               LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program,
               LAY.router_unit_path, LAY.router_config, LAY.router_dir, LAY.prober_unit_path, LAY.prober_config,
-              LAY.router_env_file}
+              LAY.router_env_file, LAY.front_unit_path, LAY.front_config}
     # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
-    always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file, LAY.router_env_file)
+    always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file, LAY.router_env_file, LAY.front_config)
                for p in write_leftovers(f)}
     assert removed() == always
     assert removed(purge_venvs=True) == always | {LAY.venvs_dir, LAY.src_dir, LAY.uv_cache}

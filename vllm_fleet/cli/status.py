@@ -82,7 +82,7 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
             route, router = topo.route_on(host.name), None
             if route is not None:
                 with ctx_state.use(state), ctx_host.use(host):
-                    text = get_fact(state, host, Command, args=(router_status_command(route.url),))
+                    text = get_fact(state, host, Command, args=(router_status_command(route.admin_url),))
                 router = router_row(route, text or "")
             if host.name in topo.router_only:
                 out[host.name] = {"role": "router", "router": router}

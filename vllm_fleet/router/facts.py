@@ -10,33 +10,40 @@ from typing_extensions import override
 
 class RouterState(FactBase[dict]):
     """
-    The router venv's vllm-router version and the router unit's state, in one command.
+    The router venv's vllm-router version, the distribution's nginx (the front), and the states of the router,
+    its front and its prober units, in one command.
 
     + venv: the router's venv
     + unit: the router unit (with .service)
     + prober: the replica prober's unit (with .service)
+    + front: the front's unit (with .service)
 
     .. code:: python
 
-        {"version": "0.1.17", "active": "active", "enabled": "enabled"}
+        {"version": "0.1.17", "nginx": "1.22.1-9+deb12u11", "active": "active", "enabled": "enabled", ...}
     """
 
     @override
-    def command(self, venv: str, unit: str, prober: str) -> str:
+    def command(self, venv: str, unit: str, prober: str, front: str = "") -> str:
         q = shlex.quote
+        units = "".join(f"echo {k}_active=$(systemctl is-active {q(u)} 2>/dev/null); "
+                        f"echo {k}_enabled=$(systemctl is-enabled {q(u)} 2>/dev/null); "
+                        for k, u in (("router", unit), ("prober", prober), ("front", front)) if u)
         return (f"echo version=$(ls -d {q(venv)}/lib/python3*/site-packages/vllm_router-*.dist-info 2>/dev/null | head -1); "
-                f"echo active=$(systemctl is-active {q(unit)} 2>/dev/null); "
-                f"echo enabled=$(systemctl is-enabled {q(unit)} 2>/dev/null); "
-                f"echo prober_active=$(systemctl is-active {q(prober)} 2>/dev/null); "
-                f"echo prober_enabled=$(systemctl is-enabled {q(prober)} 2>/dev/null)")
+                "echo nginx=$(dpkg-query -W -f '${db:Status-Status} ${Version}' nginx 2>/dev/null); " + units).rstrip("; ")
 
     @override
     def process(self, output: list[str]) -> dict:
-        out = {"version": None, "active": "", "enabled": "", "prober_active": "", "prober_enabled": ""}
+        out = {"version": None, "nginx": None, "active": "", "enabled": "", "prober_active": "", "prober_enabled": "",
+               "front_active": "", "front_enabled": ""}
         for line in output:
             key, _, value = line.partition("=")
             if key == "version" and value:
                 out["version"] = value.rsplit("vllm_router-", 1)[-1].removesuffix(".dist-info")
-            elif key in ("active", "enabled", "prober_active", "prober_enabled"):
+            elif key == "nginx" and value.startswith("installed "):
+                out["nginx"] = value.split(" ", 1)[1]
+            elif key in ("router_active", "router_enabled"):
+                out[key.removeprefix("router_")] = value
+            elif key in out:
                 out[key] = value
         return out

@@ -1,4 +1,4 @@
-"""The router's files, built without a host (pure): its unit and its config (docs/router.md)."""
+"""The router's files, built without a host (pure): its unit and config, its front's, its prober's (docs/router.md)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def config(route: Route) -> dict:
     a replica out after 2 failed checks, back after 1 good one."""
     return {
         "worker_urls": [url for _, url in route.upstreams],
-        "host": route.bind_host,
-        "port": route.port,
+        # behind the front only: vllm-router answers /add_worker and /remove_worker without a key
+        "host": "127.0.0.1",
+        "port": route.internal_port,
         "policy": route.policy,
         "prometheus_host": route.bind_host,
         "prometheus_port": route.metrics_port,
@@ -58,7 +59,7 @@ def config_text(route: Route) -> str:
 
 def prober_config(settings: Settings, route: Route) -> dict:
     """The prober's config (router/hostprog_prober.py; no secret: the key is in the env file)."""
-    return {"router_url": route.url, "upstreams": [url for _, url in route.upstreams], "model": route.model,
+    return {"router_url": route.admin_url, "upstreams": [url for _, url in route.upstreams], "model": route.model,
             "env_path": HostLayout.of(settings).router_env_file, "interval_s": settings.router_probe_interval_s,
             "deadline_s": settings.router_probe_deadline_s, "misses": settings.router_probe_misses}
 
@@ -77,3 +78,35 @@ def unit(settings: Settings, route: Route) -> str:
         unit_name=f"{lay.router_unit}.service", version=settings.router_version, replicas=len(route.upstreams),
         model=route.model, python=f"{lay.router_venv(settings.router_version)}/{PYTHON}", program=lay.router_program,
         config=lay.router_config)
+
+
+FRONT_WORKER_USER = "www-data"
+"""The account nginx's worker runs as: Debian's and Ubuntu's nginx user (base-passwd, uid 33), on every host."""
+NGINX = "/usr/sbin/nginx"
+"""The front's server: nginx from the distribution's package (Debian 12: 1.22.1; Ubuntu 22.04: 1.18; 24.04: 1.24)."""
+
+
+def front_config(settings: Settings, route: Route) -> str:
+    """The front's nginx config (a secret: it holds the clients' key and the replicas' key; written root 0600).
+
+    Clients reach only /v1/* (with the key) and /health, /liveness, /readiness (without, as vLLM's /health);
+    vllm-router's admin endpoints are not served. The keys are bearer tokens (`fleet.routes` checks them), so
+    they go into the config verbatim: no quote, space or `$` nginx would read."""
+    lay = HostLayout.of(settings)
+    client = route.client_key.get_secret_value() if route.client_key is not None else None
+    upstream = route.upstream_key.get_secret_value() if route.upstream_key is not None else None
+    listen = f"[{route.bind_host}]:{route.port}" if ":" in route.bind_host else f"{route.bind_host}:{route.port}"
+    return _env().get_template("vllm-router-front.conf.j2").render(
+        unit_name=f"{lay.front_unit}.service", runtime=f"/run/{lay.front_unit}", listen=listen,
+        upstream=f"127.0.0.1:{route.internal_port}", client_key=client, upstream_key=upstream, model=route.model,
+        worker_user=FRONT_WORKER_USER)
+
+
+def front_unit(settings: Settings, route: Route) -> str:
+    """The front's unit: nginx's master as root with three capabilities (it reads the root-only config and starts
+    its worker as FRONT_WORKER_USER), hardened like the router's."""
+    lay = HostLayout.of(settings)
+    return _env().get_template("vllm-router-front.service.j2").render(
+        unit_name=f"{lay.front_unit}.service", router_unit=f"{lay.router_unit}.service", nginx=NGINX,
+        config=lay.front_config, runtime=lay.front_unit, model=route.model, listen=route.url,
+        worker_user=FRONT_WORKER_USER)

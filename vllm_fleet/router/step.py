@@ -7,7 +7,10 @@ the service step's gate on each replica.
     {base_dir}/router/venv-<version>     python3 -m venv + pip: vllm-router==<version>   root:root
     {base_dir}/router/vllm-fleet-router  the launcher (router/hostprog.py)                 root:root 0755
     {base_dir}/router/<service>-router.json  upstreams, policy, ports (no secret)          root:root 0644
-    /etc/systemd/system/<service>-router.service  DynamicUser, hardened, Restart=always
+    /etc/systemd/system/<service>-router.service  DynamicUser, hardened, Restart=always; on 127.0.0.1 only
+    /etc/vllm-fleet/<service>-router-front.conf  nginx config: the clients' and replicas' keys  root:root 0600
+    /etc/systemd/system/<service>-router-front.service  nginx (distribution package) as a DynamicUser: the port
+                                          clients reach; checks their key, serves /v1/* and health only
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from urllib.parse import quote
 from pyinfra import host, logger
 from pyinfra.api import StringCommand, deploy
 from pyinfra.api.exceptions import OperationError
-from pyinfra.operations import python, server
+from pyinfra.operations import apt, python, server
 
 from vllm_fleet.fleet import Route
 from vllm_fleet.hostops.facts import FileStates, Read, read
@@ -42,7 +45,7 @@ READY_TIMEOUT_S = 60
 def _state_read(settings: Settings) -> Read:
     lay = HostLayout.of(settings)
     return Read.of(RouterState, venv=lay.router_venv(settings.router_version), unit=f"{lay.router_unit}.service",
-                   prober=f"{lay.prober_unit}.service")
+                   prober=f"{lay.prober_unit}.service", front=f"{lay.front_unit}.service")
 
 
 def _files(settings: Settings, route: Route) -> list[ManagedFile]:
@@ -55,7 +58,7 @@ def _files(settings: Settings, route: Route) -> list[ManagedFile]:
 def _prober_files(settings: Settings, route: Route) -> list[ManagedFile]:
     """The prober's program, config and unit, and its env file (the replicas' key, written as a secret)."""
     lay = HostLayout.of(settings)
-    key = settings.api_key.get_secret_value() if settings.api_key is not None else ""
+    key = route.upstream_key.get_secret_value() if route.upstream_key is not None else ""
     return [ManagedFile(lay.prober_program, PROBER_SRC, "root", "root", "755"),
             ManagedFile(lay.prober_config, json.dumps(render.prober_config(settings, route), indent=1, sort_keys=True) + "\n",
                         "root", "root", "644"),
@@ -67,7 +70,15 @@ def _prober_files(settings: Settings, route: Route) -> list[ManagedFile]:
 def _files_read(settings: Settings) -> Read:
     lay = HostLayout.of(settings)
     return Read.of(FileStates, paths=sorted((lay.router_program, lay.router_config, lay.router_unit_path, lay.prober_program,
-                                             lay.prober_config, lay.prober_unit_path, lay.router_env_file)))
+                                             lay.prober_config, lay.prober_unit_path, lay.router_env_file,
+                                             lay.front_config, lay.front_unit_path)))
+
+
+def _front_files(settings: Settings, route: Route) -> list[ManagedFile]:
+    """The front's nginx config (it holds keys: written as a secret, never shown in a diff) and its unit."""
+    lay = HostLayout.of(settings)
+    return [secret_file(lay.front_config, render.front_config(settings, route)),
+            ManagedFile(lay.front_unit_path, render.front_unit(settings, route), "root", "root", "644")]
 
 
 def _dirs(settings: Settings) -> list[Dir]:
@@ -113,16 +124,31 @@ def apply(settings: Settings, route: Route, serves_vllm: bool = True) -> None:
     name = f"{lay.router_unit}.service"
     restart_on_change(name, "its venv, launcher, config or unit", any_changed(built, files_, unit_))
     running = unit_running(name=f"Ensure {name} is enabled and running", unit=name, seen=(fact["active"], fact["enabled"]))
-    # after a (re)start only: a no-op rerun read the unit active and changes nothing
-    python.call(name=f"Check the router answers at {route.url}", function=_ready, route=route, unit=name,
-                _if=any_changed(built, files_, unit_, running))
+    front = f"{lay.front_unit}.service"
+    if fact["nginx"] is None:
+        nginx = apt.packages(name="Ensure nginx is installed (the router's key-checking front)", packages=["nginx"],
+                             update=True, no_recommends=True)
+        # the package starts the distribution's own nginx.service (port 80, a default site): not ours to run
+        server.shell(name="Ensure the distribution's nginx.service, started by the package install, is stopped and disabled",
+                     commands=["systemctl disable --now nginx.service"], _if=nginx.did_change)
+    else:
+        nginx = server.shell(name=f"nginx {fact['nginx']} is installed", commands=[])
+    front_files = managed_files(name=f"Ensure the router's front (nginx) config and unit (content not shown: it holds keys)",
+                                files=_front_files(settings, route), states=states)
+    restart_on_change(front, "its config or unit", any_changed(nginx, front_files))
+    front_running = unit_running(name=f"Ensure {front} is enabled and running", unit=front,
+                                 seen=(fact["front_active"], fact["front_enabled"]))
+    # after a (re)start only: a no-op rerun read the units active and changes nothing
+    python.call(name=f"Check the router answers at {route.url}", function=_ready, route=route, units=(name, front),
+                _if=any_changed(built, files_, unit_, running, nginx, front_files, front_running))
     prober = f"{lay.prober_unit}.service"
     prober_files = managed_files(name=f"Ensure the replica prober's program, config, unit and key file (content not shown)",
                                  files=_prober_files(settings, route), states=states)
     restart_on_change(prober, "its program, config, unit or key", any_changed(prober_files))
     unit_running(name=f"Ensure {prober} is enabled and running", unit=prober,
                  seen=(fact["prober_active"], fact["prober_enabled"]))
-    logger.info(f"{host.print_prefix}router: {route.url} -> {', '.join(url for _, url in route.upstreams)} "
+    checks = "checks the clients' key" if route.client_key is not None else "no key for clients: loopback only"
+    logger.info(f"{host.print_prefix}router: {route.url} ({checks}) -> {', '.join(url for _, url in route.upstreams)} "
                 f"(policy {route.policy}); metrics on port {route.metrics_port}")
 
 
@@ -137,19 +163,20 @@ def http_script(method: str, url: str, timeout_s: float) -> str:
     return f"python3 -c {shlex.quote(code)} {shlex.quote(method)} {shlex.quote(url)} {timeout_s}"
 
 
-def _ready(state, host, route: Route, unit: str) -> None:
-    """Poll the router's /liveness on its host until 200 (READY_TIMEOUT_S); fail with its journal otherwise."""
+def _ready(state, host, route: Route, units: tuple[str, ...]) -> None:
+    """Poll the router's /liveness through its front, on its host, until 200 (READY_TIMEOUT_S); fail naming the
+    units' journals otherwise."""
     script = (f"for i in $(seq {READY_TIMEOUT_S}); do out=$({http_script('GET', route.url + '/liveness', 2)}); "
               f'case "$out" in "200 "*) echo "$out"; exit 0;; esac; sleep 1; done; echo "$out"; exit 1')
     ok, output = host.run_shell_command(StringCommand(script), print_output=False)
     if not ok:
         raise OperationError(f"the router did not answer at {route.url} within {READY_TIMEOUT_S} s "
-                             f"(last: {output.stdout[-300:]}); see journalctl -u {unit}")
+                             f"(last: {output.stdout[-300:]}); see journalctl -u {' -u '.join(units)}")
 
 
 def _call(router_host, route: Route, action: str, upstream: str) -> tuple[int, str]:
     """POST /<action>?url=<upstream> to the router, on the router's host; (status, body) (0: unreachable)."""
-    url = f"{route.url}/{action}?url={quote(upstream, safe='')}"
+    url = f"{route.admin_url}/{action}?url={quote(upstream, safe='')}"
     _, output = router_host.run_shell_command(StringCommand(http_script("POST", url, 10)), print_output=False)
     first = (output.stdout or "0 no output").split(" ", 1)
     status = int(first[0]) if first[0].isdigit() else 0
@@ -182,7 +209,7 @@ def drain(state, replica, route: Route, upstream: str, local_url: str, timeout_s
         router_host.connect(reason="to drain a replica at its router", raise_exceptions=True)
     status, body = _call(router_host, route, "remove_worker", upstream)
     if status == 0:
-        logger.warning(f"{replica.print_prefix}router: {route.router} does not answer at {route.url} ({body.strip()}): "
+        logger.warning(f"{replica.print_prefix}router: {route.router} does not answer at {route.admin_url} ({body.strip()}): "
                        "not drained (nothing routes to this replica)")
         return False
     if status != 200:
@@ -199,5 +226,5 @@ def undrain(state, replica, route: Route, upstream: str) -> None:
     status, body = _call(router_host, route, "add_worker", upstream)
     if status != 200:
         raise OperationError(f"the router on {route.router} did not take {upstream} back: {status} {body}; "
-                             f"add it with POST {route.url}/add_worker?url={upstream} on {route.router}")
+                             f"add it with POST {route.admin_url}/add_worker?url={upstream} on {route.router}")
     logger.info(f"{replica.print_prefix}router: back in rotation at {route.router}")

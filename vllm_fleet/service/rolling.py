@@ -1,6 +1,7 @@
 """The rolling deploy's halt (pure): once a host fails its health gate, the hosts gated after it are not restarted.
 
-Hosts are gated one at a time (``_serial``). The record lives in the pyinfra run
+Hosts are gated one at a time (``_serial``), or in batches of vllm_rolling_batch hosts (``_parallel``: a batch
+finishes before the next starts, so a failure halts every later batch). The record lives in the pyinfra run
 (`RollingHalt.of(state)` keeps one on the run's ``State`` object), never in a
 module global: two runs in one process (tests, an API user) do not share it.
 """

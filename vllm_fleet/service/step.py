@@ -17,7 +17,7 @@ Every path comes from vllm_fleet/layout.py (``HostLayout``).
    files differ from the last known good ones, or the service is not active).
    The gate runs on the host, detached from SSH; this side follows its
    progress, and on failure runs the doctor on the journal it returns and
-   fails the host. Hosts are gated one at a time (``_serial``) and a failed
+   fails the host. Hosts are gated one at a time (``_serial``), or vllm_rolling_batch at a time, and a failed
    gate halts the rolling deploy: later hosts are not restarted (`service/rolling.py`: the record lives on the run's State);
 4. the unit enabled at boot; the watchdog unit enabled and running (restarted when its files changed).
 """
@@ -265,7 +265,9 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
             drain=(route, route.upstream_url(host.name), gate_url(settings), settings.rolling_drain_timeout_s)
             if route is not None else None,
             _if=lambda: pending or changed(),
-            _serial=True,
+            # a rolling change: one host at a time, or batches of vllm_rolling_batch hosts in inventory order
+            # (pyinfra's _parallel: each batch finishes before the next starts; a failed gate halts the rest)
+            **({"_serial": True} if settings.rolling_batch == 1 else {"_parallel": settings.rolling_batch}),
         )
     unit_enabled(name=f"Ensure {lay.unit_name} starts at boot", service=lay.unit_name, enabled=enabled)
     watchdog = f"{lay.watchdog_unit}.service"
@@ -312,8 +314,8 @@ def remove(settings: Settings) -> None:
     if others:
         logger.info(f"{host.print_prefix}uninstall: {', '.join(others)} also deployed here: the shared programs, "
                     f"download worker, uv, wheelhouse and weights state stay")
-    for unit in (f"{lay.prober_unit}.service", f"{lay.router_unit}.service", f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service",
-                 f"{lay.devices_unit}.service"):
+    for unit in (f"{lay.front_unit}.service", f"{lay.prober_unit}.service", f"{lay.router_unit}.service",
+                 f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service", f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
     for t in removal(settings, others):
@@ -322,7 +324,7 @@ def remove(settings: Settings) -> None:
         op = files.file if t.kind == "file" else files.directory
         meta = op(name=f"Ensure {t.path} is absent ({t.why})", path=t.path, present=False)
         if t.path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path, lay.router_unit_path,
-                      lay.prober_unit_path):
+                      lay.prober_unit_path, lay.front_unit_path):
             units.append(meta)
     systemd.daemon_reload(name="Reload systemd after removing the units", _if=_changed(*units))
 

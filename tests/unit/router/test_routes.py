@@ -57,12 +57,19 @@ def test_loopback_replicas_with_an_advertised_address_share_one_network():
     ([("gw", GW, ("routers",)), ("a", {}, ("g",))],
      ["host gw: vllm_advertise_address", "cannot reach replica a", "loopback: that host only"]),
     ([("gw", GW, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_api_key": KEY + "x"}, ("g",))],
-     ["host gw: vllm_api_key='<secret>'", "different API keys", "passes each client's key through"]),
-    ([("gw", {}, ("routers",)), ("a", PUBLIC, ("g",))],
-     ["host gw: vllm_api_key='<secret>'", "differs from the key of the replicas", "prober"]),
+     ["host gw: vllm_api_key='<secret>'", "different API keys", "sends every replica the same Authorization header"]),
+    ([("gw", {"vllm_router_bind_host": "10.0.0.5"}, ("routers",)), ("a", PUBLIC, ("g",))],
+     ["host gw: vllm_router_api_key=None", "is missing while the router listens on 10.0.0.5",
+      "remedy: set vllm_router_api_key (or this host's vllm_api_key)"]),
+    ([("gw", GW, ("routers",)), ("a", {**PUBLIC, "vllm_api_key": "sk-dollar$and\"quote;"}, ("g",))],
+     ["host gw: vllm_api_key='<secret>'", "is no bearer token", "openssl rand -hex 24"]),
+    ([("gw", GW, ("routers",)), ("a", {**PUBLIC, "vllm_rolling_batch": 2}, ("g",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("g",))],
+     ["host gw: vllm_rolling_batch=2", "would drain all 2 replicas behind this router at once", "at most 1"]),
     ([("a", {"vllm_port": 8000}, ("g", "routers"))], ["host a: vllm_router_port=8000", "is also this host's vllm_port"]),
     ([("a", {"vllm_router_metrics_port": 8000}, ("g", "routers"))],
-     ["host a: vllm_router_port=8000", "is also this host's vllm_router_metrics_port"]),
+     ["host a: vllm_router_metrics_port=8000", "is also this host's vllm_router_port"]),
+    ([("a", {"vllm_router_internal_port": 8100}, ("g", "routers"))],
+     ["host a: vllm_router_internal_port=8100", "is also this host's vllm_port"]),
 ])
 def test_a_fleet_the_router_cannot_serve_names_host_setting_and_remedy(hosts, words):
     with pytest.raises(TopologyError) as exc:
@@ -73,12 +80,37 @@ def test_a_fleet_the_router_cannot_serve_names_host_setting_and_remedy(hosts, wo
     assert KEY not in text
 
 
-def test_the_router_listens_on_loopback_only_in_this_version():
+def test_the_router_key_is_a_bearer_token_and_never_shown():
     from vllm_fleet.errors import SettingsError
 
     with pytest.raises(SettingsError) as exc:
-        _fleet(("gw", {"vllm_router_bind_host": "0.0.0.0"}, ("routers",)), ("a", PUBLIC, ("g",)))
-    assert "vllm_router_bind_host='0.0.0.0'" in str(exc.value) and "/remove_worker" in str(exc.value)
+        _fleet(("gw", {"vllm_router_api_key": "short$"}, ("routers",)), ("a", PUBLIC, ("g",)))
+    assert "vllm_router_api_key='***'" in str(exc.value) and "short$" not in str(exc.value)
+
+
+def test_clients_send_the_router_key_and_the_replicas_get_theirs():
+    """The front checks the router host's key (vllm_router_api_key, else its vllm_api_key) and sends the replicas'
+    key in its place; a router beyond loopback is fine with a key; the front config holds both, nothing else does."""
+    from vllm_fleet.settings import Settings
+
+    client = "sk-router-clients-0123456789"
+    t = _fleet(("gw", {"vllm_router_bind_host": "10.0.0.5", "vllm_router_api_key": client}, ("routers",)),
+               ("a", PUBLIC, ("g",)))
+    r = t.route_on("gw")
+    assert r.client_key.get_secret_value() == client and r.upstream_key.get_secret_value() == KEY
+    assert r.url == "http://10.0.0.5:8000" and r.admin_url == "http://127.0.0.1:8002"
+    assert client not in repr(r) and KEY not in repr(r)
+    conf = render.front_config(Settings(), r)
+    assert f'"Bearer {client}" 1;' in conf and f'proxy_set_header Authorization "Bearer {KEY}";' in conf
+    assert "listen 10.0.0.5:8000" in conf and "server 127.0.0.1:8002" in conf
+    cfg = render.config(r)
+    assert (cfg["host"], cfg["port"]) == ("127.0.0.1", 8002)
+    for text in (render.config_text(r), render.unit(Settings(), r), render.front_unit(Settings(), r)):
+        assert client not in text and KEY not in text
+    # no key on the router host (loopback only): the front checks nothing and passes the client's header on
+    t = _fleet(("gw", {}, ("routers",)), ("a", PUBLIC, ("g",)))
+    conf = render.front_config(Settings(), t.route_on("gw"))
+    assert "map $http_authorization" not in conf and "proxy_set_header Authorization" not in conf
 
 
 def test_the_router_unit_is_hardened_and_runs_the_pinned_venv():
@@ -91,6 +123,11 @@ def test_the_router_unit_is_hardened_and_runs_the_pinned_venv():
                  "/opt/vllm-fleet/router/vllm-fleet-router /opt/vllm-fleet/router/vllm-router.json"):
         assert line in text, line
     assert KEY not in text and KEY not in render.config_text(t.route_on("gw"))
+    front = render.front_unit(Settings(), t.route_on("gw"))
+    for line in ("ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_CHOWN\n",
+                 "ExecStart=/usr/sbin/nginx -e stderr -c /etc/vllm-fleet/vllm-router-front.conf"):
+        assert line in front, line
+    assert "user www-data;" in render.front_config(Settings(), t.route_on("gw"))
 
 
 def test_the_launcher_refuses_an_unknown_config_key():
