@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import SecretStr
 
 from vllm_fleet.errors import FleetError, Problem
+from vllm_fleet.layout import HostLayout
 from vllm_fleet.router.settings import BEARER_TOKEN
 from vllm_fleet.settings import Settings, load_settings
 
@@ -118,6 +119,7 @@ class Route:
     + internal_port: vllm-router's own port, on loopback, behind the front (nginx) that listens on bind_host:port
     + client_key: what clients must send (the router host's vllm_router_api_key, else its vllm_api_key); None: the
       front checks nothing and passes the client's Authorization through (loopback only)
+    + rolling_dir: on the router host, the record of replicas a rolling change drained (HostLayout.router_rolling_dir)
     + upstream_key: the key of the replicas behind it (one for all: vllm-router sends every replica the same
       header), which the front puts in place of the client's; the prober's completions carry it too
     """
@@ -131,6 +133,7 @@ class Route:
     health_interval_s: int
     upstreams: tuple[tuple[Member, str], ...]
     internal_port: int = 8002
+    rolling_dir: str = ""
     client_key: SecretStr | None = field(default=None, repr=False)
     upstream_key: SecretStr | None = field(default=None, repr=False)
 
@@ -370,7 +373,7 @@ def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],
                 taken[port] = setting
         out.append(Route(name, model, s.router_bind_host, s.router_port, s.router_metrics_port, s.router_policy,
                          s.router_health_interval_s, tuple(upstreams), s.router_internal_port,
-                         client, SecretStr(upstream_key) if upstream_key is not None else None))
+                         HostLayout.of(s).router_rolling_dir, client, SecretStr(upstream_key) if upstream_key is not None else None))
     return tuple(out), problems
 
 

@@ -383,6 +383,12 @@ class HostLayout:
         return f"{self.router_dir}/{self.service}-router.json"
 
     @property
+    def router_rolling_dir(self) -> str:
+        """On the router host: one file per replica a rolling change has drained (taken out of rotation) and not
+        yet put back, holding its host name and since when: what `vllm-fleet status` shows."""
+        return f"{self.state_dir}/{self.service}-router-rolling"
+
+    @property
     def front_unit(self) -> str:
         """The router's key-checking front (nginx), without .service."""
         return f"{self.service}-router-front"
@@ -562,6 +568,7 @@ class HostLayout:
             Target(self.router_env_file, "file", True, "the router prober's API key"),
             Target(self.front_unit_path, "file", True, "the router front's unit"),
             Target(self.front_config, "file", True, "the router front's config and keys"),
+            Target(self.router_rolling_dir, "directory", True, "the router's record of replicas a rolling change drained"),
             *(Target(p, "file", True, "an interrupted write of a secrets file")
               for secret in (self.router_env_file, self.front_config) for p in write_leftovers(secret)),
             Target(self.env_file, "file", True, "the service's secrets"),

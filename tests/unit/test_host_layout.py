@@ -119,7 +119,7 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
               LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program,
               LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program,
               LAY.router_unit_path, LAY.router_config, LAY.router_dir, LAY.prober_unit_path, LAY.prober_config,
-              LAY.router_env_file, LAY.front_unit_path, LAY.front_config}
+              LAY.router_env_file, LAY.front_unit_path, LAY.front_config, LAY.router_rolling_dir}
     # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
     always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file, LAY.router_env_file, LAY.front_config)
                for p in write_leftovers(f)}

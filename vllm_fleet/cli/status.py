@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import time
 from collections.abc import Mapping
 
 from vllm_fleet.layout import HostLayout
@@ -82,7 +83,7 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
             route, router = topo.route_on(host.name), None
             if route is not None:
                 with ctx_state.use(state), ctx_host.use(host):
-                    text = get_fact(state, host, Command, args=(router_status_command(route.admin_url),))
+                    text = get_fact(state, host, Command, args=(router_status_command(route.admin_url, route.rolling_dir),))
                 router = router_row(route, text or "")
             if host.name in topo.router_only:
                 out[host.name] = {"role": "router", "router": router}
@@ -109,12 +110,22 @@ def _gather(inventory_path: str, limit: list[str] | None) -> tuple[list[str], di
     return [h.name for h in selected], out
 
 
-def router_status_command(url: str) -> str:
-    """Shell for a router host: the JSON of the router's GET /workers (or {"error": ...})."""
-    code = ("import json,sys,urllib.request\n"
-            "try: print(urllib.request.urlopen(sys.argv[1] + '/workers', timeout=5).read().decode())\n"
-            "except Exception as e: print(json.dumps({'error': str(e)}))")
-    return f"python3 -c {shlex.quote(code)} {shlex.quote(url)}"
+def router_status_command(url: str, rolling_dir: str = "") -> str:
+    """Shell for a router host: the JSON of the router's GET /workers (or {"error": ...}), with "rolling": the
+    replicas a rolling change has drained and not yet put back ({upstream URL: [record, since]}, from
+    `HostLayout.router_rolling_dir`)."""
+    code = ("import json,os,sys,urllib.parse,urllib.request\n"
+            "try: out=json.loads(urllib.request.urlopen(sys.argv[1] + '/workers', timeout=5).read().decode())\n"
+            "except Exception as e: out={'error': str(e)}\n"
+            "rolling={}\n"
+            "try: names=os.listdir(sys.argv[2])\n"
+            "except OSError: names=[]\n"
+            "for n in names:\n"
+            " try: rec,_,since=open(os.path.join(sys.argv[2],n)).read().strip().rpartition(' '); rolling[urllib.parse.unquote(n)]=[json.loads(rec),int(since)]\n"
+            " except (OSError,ValueError): pass\n"
+            "out['rolling']=rolling\n"
+            "print(json.dumps(out))")
+    return f"python3 -c {shlex.quote(code)} {shlex.quote(url)} {shlex.quote(rolling_dir or '/nonexistent')}"
 
 
 def router_row(route, text: str) -> dict:
@@ -125,13 +136,22 @@ def router_row(route, text: str) -> dict:
     except ValueError:
         answer = {"error": text[:200] or "no answer"}
     listed = {w.get("url"): w for w in answer.get("workers", []) if isinstance(w, dict)}
+    rolling = answer.get("rolling") if isinstance(answer.get("rolling"), dict) else {}
     return {
         "url": route.url, "model": route.model, "policy": route.policy,
         **({"error": str(answer["error"])} if "error" in answer else {}),
         "upstreams": [{"host": m.host, "url": url, "in_rotation": url in listed,
-                       "healthy": listed[url].get("is_healthy") if url in listed else None}
+                       "healthy": listed[url].get("is_healthy") if url in listed else None,
+                       "rolling_since": _since(rolling.get(url))}
                       for m, url in route.upstreams],
     }
+
+
+def _since(record) -> int | None:
+    """The epoch second a rolling change drained the replica ([record, since] from the router host), else None."""
+    if isinstance(record, list) and len(record) == 2 and isinstance(record[1], int):
+        return record[1]
+    return None
 
 
 def router_lines(rows: dict[str, dict]) -> list[str]:
@@ -144,8 +164,14 @@ def router_lines(rows: dict[str, dict]) -> list[str]:
         head = f"router on {name} at {r['url']} for {r['model']} (policy {r['policy']})"
         lines.append(head + (f": does not answer ({r['error']})" if "error" in r else ":"))
         for u in r["upstreams"]:
-            state = ("in rotation, " + ("healthy" if u["healthy"] else "UNHEALTHY")) if u["in_rotation"] \
-                else "OUT OF ROTATION (drained by a rolling change on it, or removed at the router)"
+            since = u.get("rolling_since")
+            if since is not None:
+                when = time.strftime("%H:%M:%S", time.localtime(since))
+                state = f"OUT OF ROTATION: a rolling change is on it (drained at {when})"
+            elif u["in_rotation"]:
+                state = "in rotation, " + ("healthy" if u["healthy"] else "UNHEALTHY")
+            else:
+                state = "OUT OF ROTATION (no rolling change: taken out by the prober after missed probes, or at the router)"
             lines.append(f"  {u['host']} {u['url']}: {state}")
     return lines
 

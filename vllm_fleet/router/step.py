@@ -214,6 +214,7 @@ def drain(state, replica, route: Route, upstream: str, local_url: str, timeout_s
         return False
     if status != 200:
         raise OperationError(f"the router on {route.router} refused to take {upstream} out of rotation: {status} {body}")
+    _record(router_host, route, upstream, replica.name)
     _, output = replica.run_shell_command(StringCommand(_idle_script(f"{local_url}/metrics", timeout_s)), print_output=False)
     waited = (output.stdout or "?").split(" ")[0]
     logger.info(f"{replica.print_prefix}router: drained at {route.router} (out of rotation; {waited} s until idle)")
@@ -227,4 +228,22 @@ def undrain(state, replica, route: Route, upstream: str) -> None:
     if status != 200:
         raise OperationError(f"the router on {route.router} did not take {upstream} back: {status} {body}; "
                              f"add it with POST {route.admin_url}/add_worker?url={upstream} on {route.router}")
+    _record(router_host, route, upstream, None)
     logger.info(f"{replica.print_prefix}router: back in rotation at {route.router}")
+
+
+def rolling_record(route: Route, upstream: str) -> str:
+    """The file on the router host that says a rolling change drained ``upstream`` (`HostLayout.router_rolling_dir`)."""
+    return f"{route.rolling_dir}/{quote(upstream, safe='')}"
+
+
+def _record(router_host, route: Route, upstream: str, replica: str | None) -> None:
+    """Write (``replica`` given: its host name and the time) or remove the router host's record of a drain."""
+    path = shlex.quote(rolling_record(route, upstream))
+    if replica is None:
+        command = f"rm -f {path}"
+    else:
+        line = shlex.quote(json.dumps({"host": replica}))
+        command = (f"mkdir -p {shlex.quote(route.rolling_dir)} && "
+                   f"printf '%s %s\\n' {line} \"$(date +%s)\" > {path}.tmp && mv {path}.tmp {path}")
+    router_host.run_shell_command(StringCommand(command), print_output=False)

@@ -161,9 +161,32 @@ def test_status_shows_each_replica_in_rotation_or_drained():
         ("a", True, True), ("b", False, None)]
     lines = status.router_lines({"gw": row})
     assert lines[0] == "router on gw at http://127.0.0.1:8000 for minimax-m2 (policy cache_aware):"
-    assert lines[2].startswith("  b http://b:8200: OUT OF ROTATION") and not status.healthy(row)
+    assert lines[2].startswith("  b http://b:8200: OUT OF ROTATION (no rolling change: taken out by the prober") \
+        and not status.healthy(row)
     down = {"role": "router", "router": status.router_row(t.route_on("gw"), '{"error": "Connection refused"}')}
     assert "does not answer (Connection refused)" in status.router_lines({"gw": down})[0] and not status.healthy(down)
+
+
+def test_status_says_which_replica_a_rolling_change_is_on(tmp_path):
+    """The drain's record on the router host (router_rolling_dir), read by the same host command status runs."""
+    import json
+    import subprocess
+    import urllib.parse
+
+    from vllm_fleet.cli import status
+
+    t = _fleet(("gw", GW, ("routers",)), ("a", PUBLIC, ("g",)), ("b", {**PUBLIC, "vllm_port": 8200}, ("g",)))
+    (tmp_path / urllib.parse.quote("http://b:8200", safe="")).write_text('{"host": "b"} 1764820800\n')
+    out = subprocess.run(["sh", "-c", status.router_status_command("http://127.0.0.1:9", str(tmp_path))],
+                         capture_output=True, text=True, check=True).stdout
+    answer = json.loads(out)
+    assert answer["rolling"] == {"http://b:8200": [{"host": "b"}, 1764820800]} and "error" in answer
+    answer = {"workers": [{"url": "http://a:8100", "is_healthy": True}], "rolling": answer["rolling"]}
+    row = {"role": "router", "router": status.router_row(t.route_on("gw"), json.dumps(answer))}
+    lines = status.router_lines({"gw": row})
+    assert lines[1] == "  a http://a:8100: in rotation, healthy"
+    assert lines[2].startswith("  b http://b:8200: OUT OF ROTATION: a rolling change is on it (drained at "), lines
+    assert row["router"]["upstreams"][1]["rolling_since"] == 1764820800
 
 
 def _prober(misses=2):
