@@ -38,10 +38,10 @@ class RouterState(FactBase[dict]):
                "front_active": "", "front_enabled": ""}
         for line in output:
             key, _, value = line.partition("=")
-            if key == "version" and value:
-                out["version"] = value.rsplit("vllm_router-", 1)[-1].removesuffix(".dist-info")
-            elif key == "nginx" and value.startswith("installed "):
-                out["nginx"] = value.split(" ", 1)[1]
+            if key == "version":
+                out["version"] = value.rsplit("vllm_router-", 1)[-1].removesuffix(".dist-info") if value else None
+            elif key == "nginx":
+                out["nginx"] = value.split(" ", 1)[1] if value.startswith("installed ") else None
             elif key in ("router_active", "router_enabled"):
                 out[key.removeprefix("router_")] = value
             elif key in out:
