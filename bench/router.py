@@ -5,9 +5,12 @@ does: replicas on the shared loopback, each completion kept in flight --request-
 then, alternating N rounds:
 
   direct:  R requests from C clients straight to one replica (fleet-a's vLLM, 127.0.0.1:8101)
-  router:  R requests from C clients through the router (127.0.0.1:18000), spread over three replicas
+  router:  R requests from C clients through the router's key-checking front (nginx, 127.0.0.1:18000) and
+           vllm-router, spread over three replicas: what clients use
+  bare:    the same straight to vllm-router on its loopback port (127.0.0.1:18002), without the front
 
-and prints requests/s and p50/p99 latency of each, with their ratios (router / direct); then the drain time
+and prints requests/s and p50/p99 latency of each, with their ratios (router / direct, router / bare: the
+front's own cost); then the drain time
 of each replica under the same load: from the router's /remove_worker until the replica has no request in
 flight (its vllm:num_requests_running), and the router's /add_worker after.
 
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYINFRA = str(Path(sys.executable).parent / "pyinfra")
 KEY = "sk-bench-router-" + secrets.token_hex(8)
 ROUTER = "http://127.0.0.1:18000"
+BARE = "http://127.0.0.1:18002"  # vllm-router itself, behind the front (vllm_router_internal_port)
 DIRECT = "http://127.0.0.1:8101"
 REPLICAS = {"@docker/fleet-a": 8101, "@docker/fleet-b": 8102, "fleet-c": 8103}
 MODEL = "tiny-minimax-m2"
@@ -51,7 +55,7 @@ _lo = {{"vllm_advertise_address": "127.0.0.1", "vllm_extra_env": {{"VLLM_DOUBLE_
 docker_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["docker_hosts"]]
 ssh_hosts = [(name, {{**data, **_lo}}) for name, data in _ci["ssh_hosts"]]
 routers = [("@docker/fleet-a", {{"vllm_router_port": 18000, "vllm_router_metrics_port": 18001,
-                                 "vllm_router_health_interval_s": 2}})]
+                                 "vllm_router_internal_port": 18002, "vllm_router_health_interval_s": 2}})]
 ''')
     return path
 
@@ -110,7 +114,7 @@ def running(port: int) -> float:
 
 
 def post(path: str) -> int:
-    req = urllib.request.Request(f"{ROUTER}{path}", method="POST")
+    req = urllib.request.Request(f"{BARE}{path}", method="POST")  # admin endpoints: on vllm-router's loopback port only
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status
 
@@ -129,12 +133,14 @@ def main() -> int:
                               env={**os.environ, "VLLM_FLEET_API_KEY": KEY})
         if proc.returncode != 0:
             sys.exit(f"deploy failed:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}")
-    load(ROUTER, 20, 2)  # warm both paths
+    load(ROUTER, 20, 2)  # warm every path
+    load(BARE, 20, 2)
     load(DIRECT, 20, 2)
-    series: dict[str, list] = {"direct": [], "router": []}
+    series: dict[str, list] = {"direct": [], "router": [], "bare": []}
     for _ in range(args.n):
         series["direct"].append(load(DIRECT, args.requests, args.clients))
         series["router"].append(load(ROUTER, args.requests, args.clients))
+        series["bare"].append(load(BARE, args.requests, args.clients))
     med = statistics.median
     print(f"{args.n} rounds of {args.requests} requests from {args.clients} clients, alternating; the double keeps each "
           f"completion {args.request_seconds} s")
@@ -146,9 +152,10 @@ def main() -> int:
         rows[name] = (rps, pct(lat, 0.5), pct(lat, 0.99))
         print(f"{name:7s} {rps:8.1f} req/s  p50 {rows[name][1] * 1000:7.1f} ms  p99 {rows[name][2] * 1000:7.1f} ms  "
               f"failed {fails}  (req/s per round: {', '.join(f'{r[0]:.1f}' for r in runs)})")
-    d, r = rows["direct"], rows["router"]
+    d, r, b = rows["direct"], rows["router"], rows["bare"]
     print(f"router / direct: req/s {r[0] / d[0]:.2f}x, p50 {r[1] / d[1]:.2f}x, p99 {r[2] / d[2]:.2f}x "
           "(the router spreads over 3 replicas; direct is one)")
+    print(f"router / bare (the front's cost): req/s {r[0] / b[0]:.2f}x, p50 {r[1] / b[1]:.2f}x, p99 {r[2] / b[2]:.2f}x")
     # the drain of each replica under the same load
     stop = threading.Event()
     background = threading.Thread(target=lambda: [load(ROUTER, args.clients * 5, args.clients) for _ in iter(stop.is_set, True)])

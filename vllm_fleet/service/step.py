@@ -265,7 +265,7 @@ def apply(settings: Settings, state: HostState, venv: Venv | None, weights: Weig
             drain=(route, route.upstream_url(host.name), gate_url(settings), settings.rolling_drain_timeout_s)
             if route is not None else None,
             _if=lambda: pending or changed(),
-            # a rolling change: one host at a time, or batches of vllm_rolling_batch hosts in inventory order
+            # a rolling change: one host at a time, or batches of vllm_rolling_batch hosts
             # (pyinfra's _parallel: each batch finishes before the next starts; a failed gate halts the rest)
             **({"_serial": True} if settings.rolling_batch == 1 else {"_parallel": settings.rolling_batch}),
         )
