@@ -198,6 +198,7 @@ def test_a_hung_engine_is_restarted_by_the_watchdog(deployed):
     took = _wait("the watchdog restarts it and it is healthy", lambda: _recovered_from(before),
                  MISSES * INTERVAL + DEADLINE + INTERVAL + RESTART_SEC + START_S)
     print(f"hung engine (SIGSTOP) -> healthy again in {time.monotonic() - hung:.1f} s (waited {took:.1f} s)")
+    assert int(_props()["NRestarts"]) == int(before["NRestarts"]) + 1  # systemd's restart, counted (status shows it)
     journal = _journal()
     assert f"consecutive completion probes missed their {DEADLINE} s deadline" in journal  # in the service's journal
     assert "watchdog_restart" in _doctor(journal)

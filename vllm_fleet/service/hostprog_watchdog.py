@@ -14,7 +14,7 @@ while no completion is ever answered. Only a real inference request with a
 deadline notices. Every ``interval_s`` the watchdog sends a 1-token completion
 (``max_tokens=1``; the API key read from the service's root-only env file, never
 in argv) with a ``deadline_s`` deadline; ``misses`` misses in a row restart the
-service (``systemctl restart``). It does nothing while the service is not
+service (SIGKILL of its main process: Restart=always restarts it and counts it). It does nothing while the service is not
 active/running, while the health gate runs (its transient unit is active), and
 after each (re)start until ``/health`` first answers 200 (or ``start_grace_s``
 passed): it never fights a start or the gate. Each verdict is one line on stdout
@@ -244,13 +244,19 @@ def gate_running(cfg: Config) -> bool:
 
 
 def restart(cfg: Config) -> None:
-    """Restart the service, saying so in its own journal first."""
+    """Have systemd restart the service, saying so in its own journal first.
+
+    SIGKILL to the main process (the API server), not `systemctl restart`: the unit's Restart=always then restarts
+    it as it does after any crash (systemd kills the rest of the cgroup, the engine included, and counts the
+    restart in NRestarts, which `vllm-fleet status` shows; a `systemctl restart` resets NRestarts to 0). A hung
+    engine may not act on SIGTERM at all (a stopped process does not), so there is nothing graceful to wait for.
+    `--kill-who` (not 252's new `--kill-whom`) works on systemd 249 (Ubuntu 22.04) too."""
     line = RESTART_LINE.format(prog=PROG, unit=cfg.unit, misses=cfg.misses, deadline=cfg.deadline_s)
     say(line)
     journal_send(line, cfg.unit)
-    done = systemctl("restart", "--no-block", cfg.unit)
+    done = systemctl("kill", "--kill-who=main", "--signal=SIGKILL", cfg.unit)
     if done.returncode != 0:
-        say(f"{PROG}: systemctl restart {cfg.unit} failed: {done.stderr.strip()}")
+        say(f"{PROG}: systemctl kill --kill-who=main --signal=SIGKILL {cfg.unit} failed: {done.stderr.strip()}")
 
 
 def cmd_watch(cfg: Config) -> int:

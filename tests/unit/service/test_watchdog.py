@@ -97,6 +97,18 @@ def test_the_restart_line_is_what_the_doctor_reads():
     assert [d.code for d in doctor.diagnose(line)] == ["watchdog_restart"]
 
 
+def test_the_restart_is_a_sigkill_of_the_main_process_that_systemd_restarts_and_counts(tmp_path, monkeypatch):
+    """Not `systemctl restart`, which resets NRestarts (seen on the H200: status showed 0 restarts after the
+    watchdog's); the kill is what Restart=always restarts, as after any crash (tests/e2e/test_selfheal.py checks
+    NRestarts moves)."""
+    calls, sent = [], []
+    monkeypatch.setattr(wd, "systemctl", lambda *a: calls.append(a) or subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(wd, "journal_send", lambda message, unit, priority=4: sent.append((unit, message)) or True)
+    wd.restart(_cfg(tmp_path))
+    assert calls == [("kill", "--kill-who=main", "--signal=SIGKILL", "vllm.service")]
+    assert sent and sent[0][0] == "vllm.service" and "consecutive completion probes missed" in sent[0][1]
+
+
 # ----------------------------------------------------- against the vLLM double --
 
 def test_probes_of_a_real_double_answer_then_miss_while_its_engine_is_stopped(tmp_path):
