@@ -4,12 +4,14 @@ The real router (vllm-router 0.1.17 from the wheelhouse, in its own venv, under 
 CLI, the vLLM TEST DOUBLE as each replica. The hosts share the control machine's network namespace, so every
 replica listens on 127.0.0.1 at its own port and is advertised as 127.0.0.1 (vllm_advertise_address).
 
-- the deploy installs the router behind its key-checking front (the distribution's nginx, a DynamicUser unit) and
+- the deploy installs the router behind its key-checking front (the distribution's nginx, its master root with
+  three capabilities, its worker www-data) and
   it routes: clients send the router's key (vllm_router_api_key), the replicas get theirs (vllm_api_key), a request
   without the router's key, with a wrong one or with the replicas' key is refused at the front (401), vllm-router's
   admin endpoints are not on the client port (404), a second run changes nothing;
 - a rolling restart of every replica under a steady request stream through the router: each replica is taken
-  out of rotation first and put back after its gate, and no request fails; the same in batches of 2;
+  out of rotation first and put back after its gate, and no request fails; the same in batches of 2; a change
+  whose first replica fails its gate: that replica is rolled back and put back, the others are not touched;
 - a killed replica, a hung replica, a restart of the router itself: what a client sees, measured.
 """
 
@@ -62,13 +64,13 @@ routers = [] if os.environ.get("VLLM_FLEET_E2E_NO_ROUTERS") else [
     return path
 
 
-def deploy(inventory: Path, *args: str, env: dict | None = None) -> Result:
+def deploy(inventory: Path, *args: str, env: dict | None = None, check: bool = True) -> Result:
     proc = subprocess.run([str(PYINFRA), "-y", str(inventory), "deploy.py", *args], cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=1200,
                           env={**__import__("os").environ, "VLLM_FLEET_API_KEY": KEY,
                                "VLLM_FLEET_ROUTER_API_KEY": ROUTER_KEY, **(env or {})})
     result = Result(proc.returncode, proc.stdout, proc.stderr, proc.stdout + proc.stderr)
-    assert proc.returncode == 0, result.output[-6000:]
+    assert proc.returncode == 0 or not check, result.output[-6000:]
     return result
 
 
@@ -231,6 +233,47 @@ def test_a_rolling_restart_in_batches_of_two_fails_no_request(routed, inventory)
     assert {h for h, _ in events[:2]} == {h for h, _ in events[2:4]} and kinds[4:] == ["drained", "back in rotation"], events
     print(f"rolling restart in batches of 2: {len(failures)} of {sent} failed")
     assert sent > 20 and failures == [], (sent, failures[:5])
+
+
+FAULT = "/etc/vllm-fleet-test/engine-fault"  # the vLLM double's engine crashes at start with the named fault
+CONTAINERS = {"@docker/fleet-a": "fleet-a", "@docker/fleet-b": "fleet-b", "fleet-c": "fleet-c"}
+
+
+def test_a_failed_gate_behind_the_router_rolls_back_puts_the_replica_back_and_stops_the_roll(routed, inventory):
+    """Every replica runs --enforce-eager; the next version drops it and every engine crashes at start (the double's
+    CUDA-graph illegal-memory fault, the seed log's crash): the first replica of the roll
+    is drained, fails its gate, is rolled back to the previous unit and put back in rotation; the roll stops there,
+    the other replicas keep running untouched, and the stream through the router fails no request."""
+    eager = deploy(inventory, "--data", "vllm_enforce_eager=True")  # the version to roll back to: no CUDA graphs
+    assert eager.output.count("router: back in rotation") == 3, eager.output[-6000:]
+    _settle()
+    pids = {h: host_exec(c, ["systemctl", "show", "-p", "MainPID", "--value", "vllm.service"]).stdout.strip()
+            for h, c in CONTAINERS.items()}
+    for c in CONTAINERS.values():
+        assert host_exec(c, f"mkdir -p {Path(FAULT).parent} && echo illegal_memory > {FAULT}").returncode == 0
+    try:
+        with under_load() as (done, failures):
+            time.sleep(1)
+            before = done["n"]
+            failed = deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4)}, check=False)
+            sent = done["n"] - before
+            time.sleep(2)
+    finally:
+        for c in CONTAINERS.values():
+            host_exec(c, f"rm -f {FAULT}")
+    out = failed.output
+    assert failed.returncode != 0, out[-6000:]
+    events = re.findall(r"\[(\S+)\] +router: (drained|back in rotation) at ", out)
+    culprit = events[0][0] if events else None
+    print(f"\nfailed gate behind the router: {events}; {len(failures)} of {sent} requests failed")
+    assert events == [(culprit, "drained"), (culprit, "back in rotation")], (events, out[-6000:])
+    assert re.search(rf"\[{re.escape(culprit)}\].*rolled back: the previous version is running and healthy", out), out[-6000:]
+    assert f"rolling deploy halted after {culprit} failed its health gate" in out, out[-6000:]
+    for h, c in CONTAINERS.items():
+        pid = host_exec(c, ["systemctl", "show", "-p", "MainPID", "--value", "vllm.service"]).stdout.strip()
+        assert (pid != pids[h]) == (h == culprit), (h, pid, pids[h])  # only the culprit was restarted (and rolled back)
+    assert sent > 20 and failures == [], (sent, failures[:5])
+    deploy(inventory, env={"VLLM_FLEET_E2E_ROLL": secrets.token_hex(4)})  # fixed: every replica on the new unit
 
 
 def _settle() -> None:
