@@ -67,7 +67,9 @@ PARTIAL_DIR = ".partial"  # in dest: NAME (the bytes so far) + NAME.json (what c
 HASH_CHUNK = 8 * 1024 * 1024
 READ_BYTES = 256 * 1024  # one read into the reused buffer, one write, one hash update (a kill loses at most this)
 TIMEOUT_S = 60.0  # a connection that sends nothing for this long is dropped and resumed
-FILE_ATTEMPTS = 3  # tries of one file within a source attempt (each resumes) before the source attempt fails
+FILE_ATTEMPTS = 8  # tries in a row without a new byte of one file (each resumes) before the source attempt fails
+FILE_BACKOFF_S = 1.0  # wait before the 2nd such try; doubled each time, at most FILE_BACKOFF_MAX_S (1+2+4+...: ~90 s)
+FILE_BACKOFF_MAX_S = 30.0
 RATE_WINDOW_S = 10.0
 MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
 
@@ -856,15 +858,24 @@ class Worker:
                 p.fetched += n
 
         def one(f: RemoteFile) -> None:
-            for attempt in range(FILE_ATTEMPTS):
+            # A dropped connection or a restarting mirror: resume from the partial's last byte, waiting
+            # FILE_BACKOFF_S, 2x, 4x ... (capped); a try that brought bytes resets the count, so a flaky link that
+            # keeps delivering never exhausts it, while a source that stays away fails after FILE_ATTEMPTS tries.
+            fails = 0
+            while True:
+                before = resumable(self.dest, f)
                 try:
                     fetch_file(src, listing, f, self.dest, self.token, lambda have, n: on_bytes(f.name, have, n))
                     break
-                except Exception as exc:  # noqa: BLE001 - resumed at once when worth it, else the source attempt fails
-                    if attempt + 1 == FILE_ATTEMPTS or not retryable(exc):
+                except Exception as exc:  # noqa: BLE001 - resumed when worth it, else the source attempt fails
+                    fails = 1 if resumable(self.dest, f) > before else fails + 1
+                    if fails >= FILE_ATTEMPTS or not retryable(exc):
                         raise
-                    self.log(f"{f.name}: {type(exc).__name__}: {exc}; resuming it")
-                    self.sleep(min(2.0 ** attempt, 10.0))
+                    wait = min(FILE_BACKOFF_S * 2.0 ** (fails - 1), FILE_BACKOFF_MAX_S)
+                    self.log(f"{f.name}: {type(exc).__name__}: {exc}; resuming it from byte "
+                             f"{resumable(self.dest, f)} in {wait:.0f} s (try {fails + 1} of at most {FILE_ATTEMPTS} "
+                             f"without progress)")
+                    self.sleep(wait)
             st = file_stat(os.path.join(self.dest, f.name))
             with self._lock:
                 records[f.name] = record(st, f)
