@@ -240,16 +240,18 @@ def check_state(config: dict, state: dict) -> dict:
 
     Also ``verified_bytes``: the bytes of the recorded files (for this identity, complete or
     not) whose stat still matches what was verified, i.e. weights already on the disk that a
-    download will keep; the planning-time disk check subtracts them (vllm_fleet/preflight/step.py);
+    download will keep, and ``partial_bytes``: the bytes of this revision's partial files a download
+    continues (`partial_bytes`); the planning-time disk check subtracts both (vllm_fleet/preflight);
     and ``leftovers``: the toolkit's weights of other revisions, with what `prune` does with each.
     """
     problems = []
-    verified = 0
+    verified = partial = 0
     if state.get("identity") == config["identity"]:
         for name, rec in (state.get("files") or {}).items():
             st = file_stat(os.path.join(config["dest"], name))
             if st is not None and (st.size, st.mtime_ns, st.ino) == (rec.get("size"), rec.get("mtime_ns"), rec.get("ino")):
                 verified += st.size
+        partial = partial_bytes(config["dest"])
     if state.get("identity") != config["identity"]:
         problems.append("no complete download recorded for this model and revision")
     elif not state.get("complete"):
@@ -268,7 +270,27 @@ def check_state(config: dict, state: dict) -> dict:
     if config.get("verify") == "full":
         problems.append("a full re-verification is asked for (vllm_weights_reverify)")
     return {"complete": not problems, "commit": state.get("commit"), "source": state.get("source"), "problems": problems,
-            "identity": config["identity"], "verified_bytes": verified, "leftovers": leftovers(config)}
+            "identity": config["identity"], "verified_bytes": verified, "partial_bytes": partial,
+            "leftovers": leftovers(config)}
+
+
+def partial_bytes(dest: str) -> int:
+    """Bytes in dest's partial files that a download can continue (no listing here: those whose JSON names the content
+    and that are not longer than it; the worker drops partials of changed content before it fetches)."""
+    root, total = os.path.join(dest, PARTIAL_DIR), 0
+    for d, _, names in os.walk(root):
+        for n in names:
+            if n.endswith(".json"):
+                continue
+            part = os.path.join(d, n)
+            want = (read_json(part + ".json", {}).get("expect") or {}).get("size")
+            try:
+                size = os.path.getsize(part)
+            except OSError:
+                continue
+            if isinstance(want, int) and size <= want:
+                total += size
+    return total
 
 
 # -- other revisions: what the units use, what is left over ------------------------
