@@ -35,7 +35,9 @@ At the end: leftovers removed, the verification state recorded, the
 unverified weights), and the toolkit's other revisions that neither the unit
 nor its last known good copy (``keep_units``) uses are removed. Progress goes
 to ``{state_dir}/status.json`` every second: bytes of this model on disk,
-rate over the last 10 s, ETA, files done/total.
+rate over the last 10 s, ETA, files done/total; and ``changed``: whether this run changed any byte of the
+revision's files (fetched, hard-linked or removed a file: a re-verify that finds every file good changes nothing,
+and the deploy then does not restart vLLM for the weights).
 
 Exit codes: 0 complete; 1 every source failed; 2 usage; 3 another worker holds the lock;
 4 not enough disk.
@@ -663,6 +665,8 @@ class Progress:
     source: str = ""
     error: str = ""
     refetched_files: list = field(default_factory=list)
+    changed_files: list = field(default_factory=list)  # files of dest whose bytes this run changed (fetched, linked, removed)
+    unmarked: bool = False  # the marker was absent at the start: an earlier run began changing files and did not finish
     leftovers: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # (time, bytes received)
 
@@ -702,6 +706,7 @@ class Worker:
         return {"phase": p.phase, "source": p.source, "error": p.error, "done": done, "total": p.total,
                 "fetched": fetched, "rate": rate, "eta_s": eta, "files_done": p.files_done,
                 "files_total": p.files_total, "line": line, "updated": now, "pid": os.getpid(),
+                "changed": bool(p.changed_files) or p.unmarked, "changed_files": list(p.changed_files[:20]),
                 "identity": self.c["identity"], "leftovers": p.leftovers}
 
     def _status_loop(self) -> None:
@@ -835,6 +840,7 @@ class Worker:
                     continue
                 self.log(f"{f.name}: same content in {d}; hard-linked, not fetched")
                 records[f.name] = record(file_stat(target), f)
+                self.p.changed_files.append(f.name)
                 break
             else:
                 left.append(f)
@@ -847,6 +853,9 @@ class Worker:
         p = self.p
         p.total, p.files_total = listing.total_bytes, len(listing.files)
         state = read_json(os.path.join(self.state_dir, STATE), {})
+        # The marker goes before any file changes and comes back once all are verified: absent now, an earlier run
+        # (killed, restarted by the deploy) may have changed files that this run finds verified.
+        p.unmarked = bool(self.c.get("marker")) and not os.path.isfile(self.c["marker"])
         self._phase("verifying")
         keep, fetch, records = self._verify(listing, state)
         fetch = self._link_from_other_revisions(fetch, records)
@@ -901,6 +910,7 @@ class Worker:
             st = file_stat(os.path.join(self.dest, f.name))
             with self._lock:
                 records[f.name] = record(st, f)
+                p.changed_files.append(f.name)
                 p.partial.pop(f.name, None)
                 p.verified += f.size
                 p.files_done += 1
@@ -933,6 +943,7 @@ class Worker:
                 if rel not in wanted:
                     self.log(f"removing {rel}: not part of revision {listing.commit}")
                     os.remove(os.path.join(d, n))
+                    self.p.changed_files.append(rel)
         for d, _, _ in sorted(os.walk(self.dest), key=lambda x: -len(x[0])):
             if d != self.dest and os.path.relpath(d, self.dest).split(os.sep)[0] not in revisions and not os.listdir(d):
                 os.rmdir(d)
