@@ -14,6 +14,10 @@ Endpoints (read from huggingface_hub 2.4's hf_api.py / file_download.py):
 Switches for fault tests: ``mode`` "ok" | "fail" (HTTP 500 on every hub call) | "down"
 (the listening socket is closed: connection refused); ``rate`` (bytes/s per response,
 0 = unthrottled: the file is sent with sendfile(2), so the mirror costs little CPU in benchmarks).
+Faults: ``drop_after(n, times)``: each GET of a file sends at most ``n`` bytes of its body and then closes the
+connection (a link dropped mid-body; ``times`` such GETs per file, None: every one); ``restart(down_s)``: every open
+connection is cut, the listening socket closed, and after ``down_s`` seconds (connection refused meanwhile) the
+mirror listens again on the same port (a mirror restart).
 Counters: ``bytes_served`` per file (bytes handed to the socket), ``requests``, ``ranges`` (the
 ``Range`` / ``If-Range`` each file request carried).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -50,6 +55,10 @@ class Mirror:
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[str] = []
         self.ranges: list[tuple[str, str, str]] = []  # (file, Range, If-Range) of every file request
+        self.drop_bytes: int | None = None  # drop_after: body bytes one GET sends before the connection is closed
+        self.drops_left: dict[str, int | None] = {}  # file -> GETs still to cut (None: every one)
+        self.drops: Counter[str] = Counter()  # GETs cut per file
+        self._conns: set[socket.socket] = set()  # open connections, cut by restart()
         self._lock = threading.Lock()
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -91,6 +100,39 @@ class Mirror:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def drop_after(self, n: int | None, times: int | None = 1) -> None:
+        """Cut each file's next `times` GETs (None: every GET) after `n` body bytes (None: no more cuts)."""
+        with self._lock:
+            self.drop_bytes = n
+            self.drops_left = {name: times for name in self.files} if n is not None else {}
+
+    def _take_drop(self, name: str) -> int | None:
+        """The body bytes this GET of `name` may send before the connection is cut (None: no cut; a GET whose body is
+        no longer than that is sent whole but still uses up one of `times`)."""
+        with self._lock:
+            if self.drop_bytes is None or name not in self.drops_left:
+                return None
+            left = self.drops_left[name]
+            if left is not None:
+                if left <= 0:
+                    return None
+                self.drops_left[name] = left - 1
+            return self.drop_bytes
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """A mirror restart: cut every open connection, stop listening, wait `down_s`, listen again on the same port."""
+        self.mode = "down"
+        self.stop()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        time.sleep(down_s)
+        self.start()
 
     def set_mode(self, mode: str) -> None:
         """ok | fail | down (down closes the socket; ok after down listens again on the same port)."""
@@ -134,6 +176,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.owner._lock:
+            self.owner._conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
 
     def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None, *, head: bool = False) -> None:
         self.send_response(code)
@@ -215,25 +270,41 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
+        cut = m._take_drop(f.name)
         with (m.repo_dir / f.name).open("rb") as fh:
             fh.seek(start)
             left = end - start + 1
-            if not m.rate:
-                return self._sendfile(f, fh, start, left)
-            while left > 0:
-                if m.mode != "ok":
-                    self.close_connection = True
-                    return
-                chunk = fh.read(min(CHUNK, left))
-                try:
-                    self.wfile.write(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-                left -= len(chunk)
+            if cut is not None and cut < left:
                 with m._lock:
-                    m.bytes_served[f.name] += len(chunk)
-                if m.rate:
-                    time.sleep(len(chunk) / m.rate)
+                    m.drops[f.name] += 1
+                self._send_body(f, fh, start, cut)
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)  # the link drops mid-body
+                except OSError:
+                    pass
+                return
+            self._send_body(f, fh, start, left)
+
+    def _send_body(self, f: RepoFile, fh, start: int, left: int) -> None:
+        """Send `left` bytes of the open file from `start`: sendfile(2) when unthrottled, else chunks at `rate`."""
+        m = self.owner
+        if not m.rate:
+            return self._sendfile(f, fh, start, left)
+        while left > 0:
+            if m.mode != "ok":
+                self.close_connection = True
+                return
+            chunk = fh.read(min(CHUNK, left))
+            try:
+                self.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                return
+            left -= len(chunk)
+            with m._lock:
+                m.bytes_served[f.name] += len(chunk)
+            if m.rate:
+                time.sleep(len(chunk) / m.rate)
 
     def _sendfile(self, f: RepoFile, fh, offset: int, left: int) -> None:
         """Send `left` bytes from `offset` with sendfile(2), counting them, stopping when the mode leaves "ok"."""
@@ -244,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             try:
                 sent = self.connection.sendfile(fh, offset, min(left, 8 * 1024 * 1024))
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:  # reset, broken pipe, or cut by restart()
                 return
             if not sent:
                 return

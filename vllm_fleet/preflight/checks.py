@@ -173,7 +173,8 @@ def check_ownership(settings: Settings, snap, units: Collection[str]) -> tuple[l
 
 
 def weights_on_host(check: dict | None, identity: str | None, weights_bytes: int) -> int:
-    """Bytes of the weights already verified on the host, which the disk check does not ask for again.
+    """Bytes of the weights already on the host (verified files + this revision's partials a download continues),
+    which the disk check does not ask for again.
 
     + check: ``Snapshot.weights_check`` (``fetch_weights.py check`` of the recorded state, no hashing)
     + identity: the identity of this run's download (vllm_fleet.weights.source.identity); a record for
@@ -185,7 +186,8 @@ def weights_on_host(check: dict | None, identity: str | None, weights_bytes: int
         return 0
     if check.get("complete"):
         return weights_bytes
-    return min(weights_bytes, int(check.get("verified_bytes") or 0))
+    # still to fetch = total - verified files - bytes already in this revision's partials (they are continued)
+    return min(weights_bytes, int(check.get("verified_bytes") or 0) + int(check.get("partial_bytes") or 0))
 
 
 def check_disk(settings: Settings, snap, weights_bytes: int, present_bytes: int = 0) -> list[str]:

@@ -71,15 +71,18 @@ def run(settings: Settings, model: ModelSource) -> HostState:
 
 
 def _weights_present(settings: Settings, snap: Snapshot, fetch: FetchPlan | None, weights_bytes: int) -> int:
-    """Weights bytes already verified on the host (read in the snapshot's round trip); logged when not zero."""
+    """Weights bytes already on the host (verified files + partials, read in the snapshot's round trip); logged when not zero."""
     if fetch is None:
         return 0
     if not fetch.downloads:
         return weights_bytes  # a directory already on the host, served in place: nothing to store
     present = preflight.weights_on_host(snap.weights_check, fetch.config["identity"], weights_bytes)
     if present:
-        state = "complete" if (snap.weights_check or {}).get("complete") else "partly present"
-        logger.info(f"{host.print_prefix}preflight: the weights in {fetch.serve_path} are {state} and verified on the host; "
+        chk = snap.weights_check or {}
+        state = ("complete and verified" if chk.get("complete") else
+                 f"partly present ({int(chk.get('verified_bytes') or 0) / 1024**3:.2f} GiB verified, "
+                 f"{int(chk.get('partial_bytes') or 0) / 1024**3:.2f} GiB in partial files the download continues)")
+        logger.info(f"{host.print_prefix}preflight: the weights in {fetch.serve_path} are {state} on the host; "
                     f"the disk check asks {max(0, weights_bytes - present) / 1024**3:.2f} GiB for them "
                     f"(not the planned {weights_bytes / 1024**3:.2f} GiB)")
     return present

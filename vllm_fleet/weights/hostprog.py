@@ -35,7 +35,9 @@ At the end: leftovers removed, the verification state recorded, the
 unverified weights), and the toolkit's other revisions that neither the unit
 nor its last known good copy (``keep_units``) uses are removed. Progress goes
 to ``{state_dir}/status.json`` every second: bytes of this model on disk,
-rate over the last 10 s, ETA, files done/total.
+rate over the last 10 s, ETA, files done/total; and ``changed``: whether this run changed any byte of the
+revision's files (fetched, hard-linked or removed a file: a re-verify that finds every file good changes nothing,
+and the deploy then does not restart vLLM for the weights).
 
 Exit codes: 0 complete; 1 every source failed; 2 usage; 3 another worker holds the lock;
 4 not enough disk.
@@ -67,7 +69,9 @@ PARTIAL_DIR = ".partial"  # in dest: NAME (the bytes so far) + NAME.json (what c
 HASH_CHUNK = 8 * 1024 * 1024
 READ_BYTES = 256 * 1024  # one read into the reused buffer, one write, one hash update (a kill loses at most this)
 TIMEOUT_S = 60.0  # a connection that sends nothing for this long is dropped and resumed
-FILE_ATTEMPTS = 3  # tries of one file within a source attempt (each resumes) before the source attempt fails
+FILE_ATTEMPTS = 8  # tries in a row without a new byte of one file (each resumes) before the source attempt fails
+FILE_BACKOFF_S = 1.0  # wait before the 2nd such try; doubled each time, at most FILE_BACKOFF_MAX_S (1+2+4+...: ~90 s)
+FILE_BACKOFF_MAX_S = 30.0
 RATE_WINDOW_S = 10.0
 MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
 
@@ -238,16 +242,18 @@ def check_state(config: dict, state: dict) -> dict:
 
     Also ``verified_bytes``: the bytes of the recorded files (for this identity, complete or
     not) whose stat still matches what was verified, i.e. weights already on the disk that a
-    download will keep; the planning-time disk check subtracts them (vllm_fleet/preflight/step.py);
+    download will keep, and ``partial_bytes``: the bytes of this revision's partial files a download
+    continues (`partial_bytes`); the planning-time disk check subtracts both (vllm_fleet/preflight);
     and ``leftovers``: the toolkit's weights of other revisions, with what `prune` does with each.
     """
     problems = []
-    verified = 0
+    verified = partial = 0
     if state.get("identity") == config["identity"]:
         for name, rec in (state.get("files") or {}).items():
             st = file_stat(os.path.join(config["dest"], name))
             if st is not None and (st.size, st.mtime_ns, st.ino) == (rec.get("size"), rec.get("mtime_ns"), rec.get("ino")):
                 verified += st.size
+        partial = partial_bytes(config["dest"])
     if state.get("identity") != config["identity"]:
         problems.append("no complete download recorded for this model and revision")
     elif not state.get("complete"):
@@ -266,7 +272,27 @@ def check_state(config: dict, state: dict) -> dict:
     if config.get("verify") == "full":
         problems.append("a full re-verification is asked for (vllm_weights_reverify)")
     return {"complete": not problems, "commit": state.get("commit"), "source": state.get("source"), "problems": problems,
-            "identity": config["identity"], "verified_bytes": verified, "leftovers": leftovers(config)}
+            "identity": config["identity"], "verified_bytes": verified, "partial_bytes": partial,
+            "leftovers": leftovers(config)}
+
+
+def partial_bytes(dest: str) -> int:
+    """Bytes in dest's partial files that a download can continue (no listing here: those whose JSON names the content
+    and that are not longer than it; the worker drops partials of changed content before it fetches)."""
+    root, total = os.path.join(dest, PARTIAL_DIR), 0
+    for d, _, names in os.walk(root):
+        for n in names:
+            if n.endswith(".json"):
+                continue
+            part = os.path.join(d, n)
+            want = (read_json(part + ".json", {}).get("expect") or {}).get("size")
+            try:
+                size = os.path.getsize(part)
+            except OSError:
+                continue
+            if isinstance(want, int) and size <= want:
+                total += size
+    return total
 
 
 # -- other revisions: what the units use, what is left over ------------------------
@@ -639,6 +665,8 @@ class Progress:
     source: str = ""
     error: str = ""
     refetched_files: list = field(default_factory=list)
+    changed_files: list = field(default_factory=list)  # files of dest whose bytes this run changed (fetched, linked, removed)
+    unmarked: bool = False  # the marker was absent at the start: an earlier run began changing files and did not finish
     leftovers: list = field(default_factory=list)
     samples: list = field(default_factory=list)  # (time, bytes received)
 
@@ -678,6 +706,7 @@ class Worker:
         return {"phase": p.phase, "source": p.source, "error": p.error, "done": done, "total": p.total,
                 "fetched": fetched, "rate": rate, "eta_s": eta, "files_done": p.files_done,
                 "files_total": p.files_total, "line": line, "updated": now, "pid": os.getpid(),
+                "changed": bool(p.changed_files) or p.unmarked, "changed_files": list(p.changed_files[:20]),
                 "identity": self.c["identity"], "leftovers": p.leftovers}
 
     def _status_loop(self) -> None:
@@ -811,6 +840,7 @@ class Worker:
                     continue
                 self.log(f"{f.name}: same content in {d}; hard-linked, not fetched")
                 records[f.name] = record(file_stat(target), f)
+                self.p.changed_files.append(f.name)
                 break
             else:
                 left.append(f)
@@ -823,6 +853,9 @@ class Worker:
         p = self.p
         p.total, p.files_total = listing.total_bytes, len(listing.files)
         state = read_json(os.path.join(self.state_dir, STATE), {})
+        # The marker goes before any file changes and comes back once all are verified: absent now, an earlier run
+        # (killed, restarted by the deploy) may have changed files that this run finds verified.
+        p.unmarked = bool(self.c.get("marker")) and not os.path.isfile(self.c["marker"])
         self._phase("verifying")
         keep, fetch, records = self._verify(listing, state)
         fetch = self._link_from_other_revisions(fetch, records)
@@ -856,18 +889,28 @@ class Worker:
                 p.fetched += n
 
         def one(f: RemoteFile) -> None:
-            for attempt in range(FILE_ATTEMPTS):
+            # A dropped connection or a restarting mirror: resume from the partial's last byte, waiting
+            # FILE_BACKOFF_S, 2x, 4x ... (capped); a try that brought bytes resets the count, so a flaky link that
+            # keeps delivering never exhausts it, while a source that stays away fails after FILE_ATTEMPTS tries.
+            fails = 0
+            while True:
+                before = resumable(self.dest, f)
                 try:
                     fetch_file(src, listing, f, self.dest, self.token, lambda have, n: on_bytes(f.name, have, n))
                     break
-                except Exception as exc:  # noqa: BLE001 - resumed at once when worth it, else the source attempt fails
-                    if attempt + 1 == FILE_ATTEMPTS or not retryable(exc):
+                except Exception as exc:  # noqa: BLE001 - resumed when worth it, else the source attempt fails
+                    fails = 1 if resumable(self.dest, f) > before else fails + 1
+                    if fails >= FILE_ATTEMPTS or not retryable(exc):
                         raise
-                    self.log(f"{f.name}: {type(exc).__name__}: {exc}; resuming it")
-                    self.sleep(min(2.0 ** attempt, 10.0))
+                    wait = min(FILE_BACKOFF_S * 2.0 ** (fails - 1), FILE_BACKOFF_MAX_S)
+                    self.log(f"{f.name}: {type(exc).__name__}: {exc}; resuming it from byte "
+                             f"{resumable(self.dest, f)} in {wait:.0f} s (try {fails + 1} of at most {FILE_ATTEMPTS} "
+                             f"without progress)")
+                    self.sleep(wait)
             st = file_stat(os.path.join(self.dest, f.name))
             with self._lock:
                 records[f.name] = record(st, f)
+                p.changed_files.append(f.name)
                 p.partial.pop(f.name, None)
                 p.verified += f.size
                 p.files_done += 1
@@ -900,6 +943,7 @@ class Worker:
                 if rel not in wanted:
                     self.log(f"removing {rel}: not part of revision {listing.commit}")
                     os.remove(os.path.join(d, n))
+                    self.p.changed_files.append(rel)
         for d, _, _ in sorted(os.walk(self.dest), key=lambda x: -len(x[0])):
             if d != self.dest and os.path.relpath(d, self.dest).split(os.sep)[0] not in revisions and not os.listdir(d):
                 os.rmdir(d)

@@ -118,13 +118,32 @@ def parse_poll(lines: list[str], identity: str) -> tuple[dict | None, str]:
     return (status if status.get("identity") == identity else None), active
 
 
+class DownloadChange:
+    """The ``changed`` the weights step hands the service step when it runs the download: true only when the wait ran
+    and the fetch program says it changed bytes of the revision on disk (fetched, hard-linked or removed a file). A
+    full re-verify (``vllm_weights_reverify``) that finds every file good changes nothing, so vLLM is not restarted
+    for it. A status without the key (an older program) counts as changed."""
+
+    def __init__(self) -> None:
+        self.op = None  # the wait operation (pyinfra's OperationMeta), once added
+        self.changed: bool | None = None  # what the finished download said (None: the wait did not finish)
+
+    def record(self, status: dict | None) -> None:
+        self.changed = bool((status or {}).get("changed", True))
+
+    def did_change(self) -> bool:
+        return self.op is not None and self.op.did_change() and self.changed is not False
+
+
 def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Interrupt, name: str,
-                      log=logger.info, warn=logger.warning, poll_s: float = POLL_S) -> str:
+                      log=logger.info, warn=logger.warning, poll_s: float = POLL_S,
+                      outcome: DownloadChange | None = None) -> str:
     """Follow the download unit until it is done (return its last progress line, with the source that served it), restart it when `watch` says so, or
     raise WeightsDownloadError (failed, restarts spent, timed out, Ctrl-C).
 
     + run: ``run(command) -> list of output lines`` on the host (with sudo where the deploy uses it)
     + name: the host's name (for the messages)
+    + outcome: told, when the download is done, whether it changed bytes on disk (`DownloadChange`)
     """
     q = shlex.quote
     unit = f"{plan.unit}.service"
@@ -140,6 +159,8 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
             now = time.monotonic()
             verdict = watch.observe(now, status, active)
             if verdict.action == "done":
+                if outcome is not None:
+                    outcome.record(status)
                 line, source = (status or {}).get("line", ""), (status or {}).get("source", "")
                 return f"{line} from {source}" if source else line
             if verdict.action in ("restart", "fail"):
@@ -164,7 +185,8 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
                 interrupt.event.wait(min(INTERRUPT_SLICE_S, max(0.0, until - time.monotonic())))
 
 
-def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, stall_s: int, restarts: int, sudo: bool) -> None:
+def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, stall_s: int, restarts: int, sudo: bool,
+          outcome: DownloadChange | None = None) -> None:
     """Follow status.json until the unit is done, failed, or the timeout; log a progress line."""
     def run(command: str) -> list[str]:
         ok, out = host.run_shell_command(command, _sudo=sudo)
@@ -173,12 +195,15 @@ def _wait(state, host, plan: wplan.FetchPlan, timeout_s: int, stall_s: int, rest
     watch = Watch(stall_s=stall_s, restarts_max=restarts, timeout_s=timeout_s, started=time.monotonic())
     line = wait_for_download(run, plan, watch, Interrupt.of(state), host.name,
                              log=lambda m: logger.info(f"{host.print_prefix}{m}"),
-                             warn=lambda m: logger.warning(f"{host.print_prefix}{m}"))
+                             warn=lambda m: logger.warning(f"{host.print_prefix}{m}"), outcome=outcome)
     logger.info(f"{host.print_prefix}weights: complete and verified, {line}")
+    if outcome is not None and outcome.changed is False:
+        logger.info(f"{host.print_prefix}weights: no file changed on disk (verified as they were)")
 
 
 @operation(is_idempotent=False)
-def follow_download(plan: wplan.FetchPlan, timeout_s: int, stall_s: int = 300, restarts: int = 3):
+def follow_download(plan: wplan.FetchPlan, timeout_s: int, stall_s: int = 300, restarts: int = 3,
+                    outcome: DownloadChange | None = None):
     """
     Wait for the weights download unit with a progress line (bytes on disk/total, rate, ETA, files); restart it when
     it dies or stalls (bounded), stop with its last log lines otherwise.
@@ -187,8 +212,9 @@ def follow_download(plan: wplan.FetchPlan, timeout_s: int, stall_s: int = 300, r
     + timeout_s: give up waiting (the unit keeps going) after this many seconds
     + stall_s: no byte for this long while downloading = stalled
     + restarts: restarts of a dead or stalled unit before giving up
+    + outcome: told whether the download changed bytes on disk (the weights' ``changed`` for the service step)
     """
-    yield FunctionCommand(_wait, (plan, timeout_s, stall_s, restarts, bool(host.data.get("_sudo"))), {})
+    yield FunctionCommand(_wait, (plan, timeout_s, stall_s, restarts, bool(host.data.get("_sudo")), outcome), {})
 
 
 def fetch_env_file(settings: Settings, plan: wplan.FetchPlan):
@@ -280,9 +306,11 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
             ready=False,
             reason=f"the weights in {plan.serve_path} are still downloading ({plan.unit}.service) and "
                    f"vllm_weights_wait=False")
-    return WeightsResult(follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
-                                         timeout_s=settings.weights_wait_timeout_s, stall_s=settings.weights_stall_s,
-                                         restarts=settings.weights_restarts))
+    outcome = DownloadChange()
+    outcome.op = follow_download(name=f"Wait for the weights download into {plan.serve_path}", plan=plan,
+                                 timeout_s=settings.weights_wait_timeout_s, stall_s=settings.weights_stall_s,
+                                 restarts=settings.weights_restarts, outcome=outcome)
+    return WeightsResult(outcome)
 
 
 def _report_leftovers(plan: wplan.FetchPlan, check: dict) -> None:
