@@ -25,9 +25,9 @@ FILES
         state/SERVICE.gate.json, .gate.log  the gate's last verdict and its log
         state/SERVICE.weights-pending       marker: restart held back for incomplete weights
         venvs/vllm-VERSION-BACKEND          one venv per vLLM version + torch backend (kept for rollback)
-        uv/                                 bootstrap venv holding uv
+        uv/                                 bootstrap venv holding uv (bin/uv, bin/pip)
         cache/uv/                           uv's cache (same filesystem as the venvs: hard links)
-        wheelhouse/                         wheels pushed from vllm_wheelhouse (air-gapped hosts)
+        wheelhouse/                         wheels pushed from vllm_wheelhouse (air-gapped hosts), MANIFEST.json last
         src/VENV-NAME/                      source channel: the checkout a venv is installed from
         fetch/fetch_weights.py, fetch/venv  the download worker (vllm_fleet/weights/hostprog.py) + its venv
     DATA/                                   USER:USER 0750, the service's home           (account)
@@ -38,6 +38,10 @@ FILES
         cache/                              XDG_CACHE_HOME and the service's HOME (writable); vllm/ (VLLM_CACHE_ROOT),
                                             huggingface/ (HF_HOME), triton/, torchinductor/, nv/ (CUDA_CACHE_PATH),
                                             .cache/flashinfer (FLASHINFER_WORKSPACE_BASE), modelscope/, modelscope-home/
+    LOGIN_HOME/.vllm-fleet-upload/          0700, the SSH login user's: where a secret file's upload is staged before
+                                            sudo copies it (`upload_dir`; pyinfra removes each file after copying it)
+
+In a venv (``venv_bin``, ``dist_info_glob``): VENV/bin/PROGRAM, VENV/lib/python3*/site-packages/DIST-*.dist-info.
 
 Every file the deploy writes is replaced atomically: uploaded to ``.NAME.vllm-fleet-new`` in the
 same directory (created 0600 root before the upload), owned and moded, then renamed over NAME
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 import string
 from dataclasses import dataclass
 
@@ -65,6 +70,12 @@ GATE_PROGRAM = "vllm-fleet-gate"
 VENV_PROGRAM = "vllm-fleet-venv"
 WATCHDOG_PROGRAM = "vllm-fleet-watchdog"
 FETCH_PROGRAM = "fetch_weights.py"
+#: The wheelhouse's list of wheels (name -> size, sha256), written last by the push; the venv program reads it.
+WHEELHOUSE_MANIFEST = "MANIFEST.json"
+#: The download's live progress in its revision's state directory, written by the fetch program.
+WEIGHTS_STATUS = "status.json"
+#: The directory, in the SSH login user's home, through which secret files are uploaded (0700).
+UPLOAD_DIR = ".vllm-fleet-upload"
 
 
 def staged_path(path: str) -> str:
@@ -77,6 +88,18 @@ def staged_path(path: str) -> str:
 def write_leftovers(path: str) -> list[str]:
     """What an interrupted write of ``path`` can leave: the deploy's staged upload and the gate's copy (``.tmp``)."""
     return [staged_path(path), f"{path}.tmp"]
+
+
+def venv_bin(venv: str, program: str) -> str:
+    """An executable of a venv on the host: ``VENV/bin/PROGRAM`` (python, pip, uv, vllm)."""
+    return f"{venv.rstrip('/')}/bin/{program}"
+
+
+def dist_info_glob(venv: str, dist: str) -> str:
+    """A shell word matching the installed ``DIST-VERSION.dist-info`` directory of distribution ``dist`` in a venv
+    (``VENV/lib/python3*/site-packages/DIST-*.dist-info``): every part quoted, the wildcards not."""
+    pattern = f"{venv.rstrip('/')}/lib/python3*/site-packages/{dist}-*.dist-info"
+    return "*".join(shlex.quote(part) for part in pattern.split("*"))
 
 
 # -- what marks the toolkit's own units and account on a host ----------------------------------
@@ -302,7 +325,12 @@ class HostLayout:
 
     @property
     def uv(self) -> str:
-        return f"{self.uv_dir}/bin/uv"
+        return venv_bin(self.uv_dir, "uv")
+
+    @property
+    def uv_pip(self) -> str:
+        """The bootstrap venv's pip (it installs uv there)."""
+        return venv_bin(self.uv_dir, "pip")
 
     @property
     def tool_cache_dir(self) -> str:
@@ -316,6 +344,10 @@ class HostLayout:
     @property
     def wheelhouse_dir(self) -> str:
         return f"{self.base_dir}/wheelhouse"
+
+    @property
+    def wheelhouse_manifest(self) -> str:
+        return f"{self.wheelhouse_dir}/{WHEELHOUSE_MANIFEST}"
 
     @property
     def src_dir(self) -> str:
@@ -416,6 +448,10 @@ class HostLayout:
         return f"{self.fetch_dir}/venv"
 
     @property
+    def fetch_python(self) -> str:
+        return venv_bin(self.fetch_venv, "python")
+
+    @property
     def fetch_unit(self) -> str:
         """The download unit's name, without .service."""
         return f"{self.service}-fetch"
@@ -444,6 +480,10 @@ class HostLayout:
     def fetch_config(self, model: str, revision: str | None) -> str:
         """The JSON the download worker reads for one revision (no secret)."""
         return f"{self.weights_revision_state(model, revision)}/fetch.json"
+
+    def weights_status(self, model: str, revision: str | None) -> str:
+        """The download's live progress (JSON) for one revision, written by the fetch program."""
+        return f"{self.weights_revision_state(model, revision)}/{WEIGHTS_STATUS}"
 
     def weights_verified(self, model: str, revision: str | None) -> str:
         """The marker the fetch program writes once every file of the revision is verified (the vLLM unit asserts it)."""
@@ -518,6 +558,13 @@ class HostLayout:
         """HOME of the download unit for ModelScope (ProtectHome=yes: its ~/.modelscope goes here)."""
         return f"{self.cache_dir}/modelscope-home"
 
+    # -- the SSH login user's ----------------------------------------------------------------
+    @staticmethod
+    def upload_dir(login_home: str) -> str:
+        """Where the SSH login user stages a secret file's upload (0700) before sudo copies it into place
+        (`hostops.operations.managed_files`): in that user's home, read on the host (``Home``)."""
+        return f"{login_home.rstrip('/')}/{UPLOAD_DIR}"
+
     # -- what exists, and the way back ------------------------------------------------------
     @property
     def account_dirs(self) -> list[tuple[str, str, str, str]]:
@@ -538,12 +585,13 @@ class HostLayout:
         return sorted(set(out))
 
     def uninstall_targets(self, *, purge_venvs: bool = False, purge_weights: bool = False,
-                          others: list[str] | tuple[str, ...] = ()) -> list[Target]:
+                          others: list[str] | tuple[str, ...] = (), login_home: str = "/root") -> list[Target]:
         """Every path a deploy creates, each removed by uninstall or kept on purpose (with the reason).
 
         + others: other services deployed on this host (sharing base_dir and data_dir): the shared
           tooling (programs, download worker, uv, wheelhouse, weights state) stays for them. The purge_*
           settings are explicit and remove their trees regardless.
+        + login_home: the SSH login user's home on the host (its `upload_dir` goes: nothing stays in it between runs)
 
         Units first (they are stopped and disabled before), then files, then directories.
         """
@@ -577,6 +625,7 @@ class HostLayout:
             Target(self.fetch_env_file, "file", True, "the download unit's HF token"),
             *(Target(p, "file", True, "an interrupted write of a secrets file")
               for secret in (self.env_file, self.prev(self.env_file), self.fetch_env_file) for p in write_leftovers(secret)),
+            Target(self.upload_dir(login_home), "directory", True, "the staging directory of secret uploads"),
             Target(self.gate_config, "file", True, "the gate's config"),
             Target(self.watchdog_config, "file", True, "the watchdog's config"),
             Target(self.gate_state, "file", True, "the gate's last verdict"),

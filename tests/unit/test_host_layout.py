@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,8 @@ SHARED = {"config_dir", "unit_dir", "base_dir", "data_dir", "home", "bin_dir", "
           "state_dir", "venvs_dir", "uv_dir", "uv", "tool_cache_dir", "uv_cache", "wheelhouse_dir", "src_dir",
           "fetch_dir", "fetch_program", "fetch_venv", "weights_state_dir", "models_dir", "cache_dir", "vllm_cache",
           "hf_home", "triton_cache", "torchinductor_cache", "modelscope_cache", "modelscope_home", "watchdog_program",
-          "runtime_home", "cuda_cache", "router_dir", "router_program", "prober_program"}
+          "runtime_home", "cuda_cache", "router_dir", "router_program", "prober_program", "uv_pip", "wheelhouse_manifest",
+          "fetch_python", "upload_dir"}
 # Names that are not paths, and the same path under two names on purpose.
 NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watchdog_unit", "devices_unit", "gate_unit",
              "router_unit", "prober_unit", "front_unit"}
@@ -23,7 +25,9 @@ NOT_PATHS = {"service", "user", "unit_name", "fetch_unit", "account_dirs", "watc
 ALIASES = {"home": "data_dir", "runtime_home": "cache_dir"}
 SAMPLE = {"venv": "vllm-0.25.0-cu130", "source_checkout": "vllm-0.25.0-src.v1-cu130", "weights_state": "Org/Name",
           "fetch_config": ("Org/Name", "abc"), "model": "Org/Name", "model_revision": ("Org/Name", "abc"),
-          "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc"), "router_venv": "0.1.17"}
+          "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc"), "router_venv": "0.1.17",
+          "weights_status": ("Org/Name", "abc"), "upload_dir": "/home/deployer"}
+LOGIN_HOME = SAMPLE["upload_dir"]  # the SSH login user's home: its upload_dir is the one path outside our roots
 
 
 def _paths(lay: HostLayout) -> dict[str, str]:
@@ -47,7 +51,7 @@ LAY = HostLayout.of(Settings(model="minimax-m2", service_name="vllm-b", service_
 
 
 def test_every_path_is_absolute_and_under_its_root():
-    roots = (CONFIG_DIR, UNIT_DIR, "/srv/base", "/srv/data")
+    roots = (CONFIG_DIR, UNIT_DIR, "/srv/base", "/srv/data", LOGIN_HOME)
     for name, path in _paths(LAY).items():
         assert path.startswith("/") and "//" not in path, (name, path)
         assert any(path == r or path.startswith(r + "/") for r in roots), (name, path)
@@ -89,6 +93,39 @@ def test_the_paths_hosts_already_have_are_unchanged():
     assert (lay.model("Org/Name"), lay.hf_home, lay.vllm_cache, lay.weights_pending, lay.prev(lay.env_file)) == (
         "/var/lib/vllm-fleet/models/Org/Name", "/var/lib/vllm-fleet/cache/huggingface", "/var/lib/vllm-fleet/cache/vllm",
         "/opt/vllm-fleet/state/vllm.weights-pending", "/etc/vllm-fleet/vllm.env.prev")
+    assert (lay.uv_pip, lay.wheelhouse_manifest, lay.fetch_python, lay.weights_status("Org/Name", "v1"),
+            lay.upload_dir("/home/ci"), lay.upload_dir("/root")) == (
+        "/opt/vllm-fleet/uv/bin/pip", "/opt/vllm-fleet/wheelhouse/MANIFEST.json", "/opt/vllm-fleet/fetch/venv/bin/python",
+        "/var/lib/vllm-fleet/weights-state/Org--Name/v1/status.json", "/home/ci/.vllm-fleet-upload",
+        "/root/.vllm-fleet-upload")
+
+
+def test_venv_sub_paths_and_globs_are_the_layouts():
+    from vllm_fleet.layout import dist_info_glob, venv_bin
+
+    assert venv_bin("/opt/v/venvs/x/", "vllm") == "/opt/v/venvs/x/bin/vllm"
+    assert dist_info_glob("/opt/v/fetch/venv", "huggingface_hub") == \
+        "/opt/v/fetch/venv/lib/python3*/site-packages/huggingface_hub-*.dist-info"
+    # every part but the wildcards is quoted for the shell
+    assert dist_info_glob("/opt/my venv", "x") == "'/opt/my venv/lib/python3'*/site-packages/x-*.dist-info"
+
+
+def test_the_host_programs_use_the_layouts_file_names():
+    """The stdlib-only host programs cannot import the layout: the names they write and read are the layout's."""
+    from vllm_fleet import layout
+    from vllm_fleet.pyenv import hostprog as venv_program
+    from vllm_fleet.weights import hostprog as fetch_program
+
+    assert fetch_program.STATUS == layout.WEIGHTS_STATUS
+    assert f'os.path.join(d, "{layout.WHEELHOUSE_MANIFEST}")' in Path(venv_program.__file__).read_text()
+
+
+def test_uninstall_removes_the_login_users_upload_dir():
+    from vllm_fleet.service.step import removal
+
+    targets = {t.path: t for t in removal(Settings(model="minimax-m2"), login_home="/home/ci")}
+    assert targets["/home/ci/.vllm-fleet-upload"].remove
+    assert targets["/home/ci/.vllm-fleet-upload"].kind == "directory"
 
 
 def _covered(path: str, targets) -> list:
@@ -99,7 +136,8 @@ def _covered(path: str, targets) -> list:
 @pytest.mark.parametrize("others", [(), ("vllm-c",)])
 @pytest.mark.parametrize("purge_venvs,purge_weights", [(False, False), (True, False), (False, True), (True, True)])
 def test_uninstall_decides_every_path_the_layout_names(purge_venvs, purge_weights, others):
-    targets = LAY.uninstall_targets(purge_venvs=purge_venvs, purge_weights=purge_weights, others=others)
+    targets = LAY.uninstall_targets(purge_venvs=purge_venvs, purge_weights=purge_weights, others=others,
+                                    login_home=LOGIN_HOME)
     assert len({t.path for t in targets}) == len(targets)
     for name, path in _paths(LAY).items():
         if name == "unit_dir":
@@ -119,7 +157,8 @@ def test_uninstall_keeps_venvs_weights_and_caches_unless_asked():
               LAY.uv_dir, LAY.wheelhouse_dir, LAY.weights_state_dir, LAY.gate_program, LAY.venv_program,
               LAY.watchdog_unit_path, LAY.devices_unit_path, LAY.watchdog_config, LAY.watchdog_program,
               LAY.router_unit_path, LAY.router_config, LAY.router_dir, LAY.prober_unit_path, LAY.prober_config,
-              LAY.router_env_file, LAY.front_unit_path, LAY.front_config, LAY.router_rolling_dir}
+              LAY.router_env_file, LAY.front_unit_path, LAY.front_config, LAY.router_rolling_dir,
+              LAY.upload_dir("/root")}
     # what an interrupted write of a secrets file leaves (the deploy's staged upload, the gate's copy) goes too
     always |= {p for f in (LAY.env_file, LAY.prev(LAY.env_file), LAY.fetch_env_file, LAY.router_env_file, LAY.front_config)
                for p in write_leftovers(f)}

@@ -22,7 +22,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.server import Home
 
-from vllm_fleet.layout import ACCOUNT_COMMENT, SECRET_GROUP, SECRET_MODE, SECRET_USER, staged_path
+from vllm_fleet.layout import ACCOUNT_COMMENT, SECRET_GROUP, SECRET_MODE, SECRET_USER, HostLayout, staged_path
 from vllm_fleet.hostops.facts import (
     MISSING,
     FileState,
@@ -215,6 +215,16 @@ def secret_file(path: str, text: str) -> ManagedFile:
     return ManagedFile(path, text, SECRET_USER, SECRET_GROUP, SECRET_MODE, secret=True)
 
 
+def login_home() -> str:
+    """The SSH login user's home on the current host (read without sudo; /root when it reads as nothing)."""
+    return read_once(host, Home, _sudo=False) or "/root"
+
+
+def upload_dir() -> str:
+    """The current host's staging directory of secret uploads (`HostLayout.upload_dir` of the login user's home)."""
+    return HostLayout.upload_dir(login_home())
+
+
 def _mode(mode: str) -> str:
     """An octal mode for chmod (3 or 4 digits), refused otherwise: it is formatted into a command."""
     if not (mode.isdigit() and 3 <= len(mode) <= 4 and set(mode) <= set("01234567")):
@@ -259,7 +269,7 @@ def managed_files(files: Sequence[ManagedFile], states: Mapping[str, FileState |
             staged = staged_path(f.path)
             temp = host.get_temp_filename(f.path)
             if f.secret:
-                private = f"{read_once(host, Home, _sudo=False) or '/root'}/.vllm-fleet-upload"
+                private = upload_dir()
                 yield StringCommand("mkdir", "-p", "-m", "700", QuoteString(private), _sudo=False)
                 yield StringCommand("chmod", "700", QuoteString(private), _sudo=False)
                 temp = f"{private}/{hashlib.sha256(data).hexdigest()[:16]}"

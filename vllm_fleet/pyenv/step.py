@@ -115,7 +115,8 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
     have = facts.wheelhouse or {}
     if have == want:
         return
-    dest = HostLayout.of(settings).wheelhouse_dir
+    lay = HostLayout.of(settings)
+    dest = lay.wheelhouse_dir
     files.directory(name=f"Ensure {dest} exists (root:root 755)", path=dest, user="root", group="root", mode="755")
     # the puts below skip their parent check (create_remote_dir=False): {dest} is read once, here
     for name, entry in sorted(want.items()):
@@ -125,7 +126,7 @@ def _push_wheelhouse(settings: Settings, facts: StackState) -> None:
     for name in sorted(set(have) - set(want)):
         files.file(name=f"Ensure wheel {name} is no longer in {dest}", path=f"{dest}/{name}", present=False)
     files.put(name=f"Ensure the manifest of {dest} lists {len(want)} wheels", src=StringIO(json.dumps(want, indent=1, sort_keys=True)),
-              dest=f"{dest}/MANIFEST.json", user="root", group="root", mode="644", create_remote_dir=False)
+              dest=lay.wheelhouse_manifest, user="root", group="root", mode="644", create_remote_dir=False)
 
 
 def _show(settings: Settings, spec: BuildSpec, reuse: bool) -> None:
@@ -157,11 +158,11 @@ def _operations(settings: Settings, spec: BuildSpec, facts: StackState) -> Venv:
         source = PackageSource(no_index=True, find_links=(lay.wheelhouse_dir,)) if settings.wheelhouse else \
             PackageSource(index_url=settings.index_url, extra_index_urls=tuple(settings.extra_index_urls),
                           find_links=tuple(settings.find_links), no_index=settings.no_index)
-        pip = shlex.join([f"{uv_dir}/bin/pip", "install", "--disable-pip-version-check", "--quiet",
+        pip = shlex.join([lay.uv_pip, "install", "--disable-pip-version-check", "--quiet",
                           *stack.uv_bootstrap_args(source)])
         server.shell(name=f"Ensure uv is installed in {uv_dir} (bootstrap venv)",
                      commands=[f"rm -rf {shlex.quote(uv_dir)} && python3 -m venv {shlex.quote(uv_dir)} && {pip} && "
-                               f"{shlex.quote(uv_dir)}/bin/uv --version"])
+                               f"{shlex.quote(lay.uv)} --version"])
 
     if settings.channel == "source" and facts.git is None and found is None:
         # Only the source channel needs git; the lists are refreshed only when git must be installed,

@@ -7,6 +7,8 @@ import shlex
 from pyinfra.api import FactBase
 from typing_extensions import override
 
+from vllm_fleet.layout import dist_info_glob
+
 
 class RouterState(FactBase[dict]):
     """
@@ -29,7 +31,7 @@ class RouterState(FactBase[dict]):
         units = "".join(f"echo {k}_active=$(systemctl is-active {q(u)} 2>/dev/null); "
                         f"echo {k}_enabled=$(systemctl is-enabled {q(u)} 2>/dev/null); "
                         for k, u in (("router", unit), ("prober", prober), ("front", front)) if u)
-        return (f"echo version=$(ls -d {q(venv)}/lib/python3*/site-packages/vllm_router-*.dist-info 2>/dev/null | head -1); "
+        return (f"echo version=$(ls -d {dist_info_glob(venv, 'vllm_router')} 2>/dev/null | head -1); "
                 "echo nginx=$(dpkg-query -W -f '${db:Status-Status} ${Version}' nginx 2>/dev/null); " + units).rstrip("; ")
 
     @override

@@ -9,11 +9,10 @@ from pathlib import Path
 import jinja2
 
 from vllm_fleet.fleet import Route
-from vllm_fleet.layout import HostLayout
+from vllm_fleet.layout import HostLayout, venv_bin
 from vllm_fleet.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-PYTHON = "bin/python"
 
 
 @functools.cache
@@ -76,7 +75,7 @@ def unit(settings: Settings, route: Route) -> str:
     lay = HostLayout.of(settings)
     return _template().render(
         unit_name=f"{lay.router_unit}.service", version=settings.router_version, replicas=len(route.upstreams),
-        model=route.model, python=f"{lay.router_venv(settings.router_version)}/{PYTHON}", program=lay.router_program,
+        model=route.model, python=venv_bin(lay.router_venv(settings.router_version), "python"), program=lay.router_program,
         config=lay.router_config)
 
 

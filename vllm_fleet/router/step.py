@@ -31,7 +31,7 @@ from vllm_fleet.handoff import any_changed
 from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, directories_read, managed_files,
                                           restart_on_change, secret_file, unit_running)
 from vllm_fleet.service.render import env_file_value
-from vllm_fleet.layout import HostLayout
+from vllm_fleet.layout import HostLayout, venv_bin
 from vllm_fleet.router import render
 from vllm_fleet.router.facts import RouterState
 from vllm_fleet.settings import Settings
@@ -109,7 +109,7 @@ def apply(settings: Settings, route: Route, serves_vllm: bool = True) -> None:
     venv = lay.router_venv(settings.router_version)
     directories(name=f"Ensure {lay.router_dir} exists", dirs=_dirs(settings))
     if fact["version"] != settings.router_version:
-        pip = [f"{q(venv)}/bin/pip", "install", "--quiet", "--disable-pip-version-check",
+        pip = [q(venv_bin(venv, "pip")), "install", "--quiet", "--disable-pip-version-check",
                *(q(a) for a in index_args(settings, serves_vllm)), q(f"vllm-router=={settings.router_version}")]
         built = server.shell(
             name=f"Ensure the router venv {venv} has vllm-router {settings.router_version}",

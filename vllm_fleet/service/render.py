@@ -21,7 +21,7 @@ from pathlib import Path
 import jinja2
 
 from vllm_fleet.errors import FleetError
-from vllm_fleet.layout import HostLayout
+from vllm_fleet.layout import HostLayout, venv_bin
 from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.plan import Plan
 from vllm_fleet.service.devices import HostDevices
@@ -145,7 +145,7 @@ def exec_argv(plan: Plan, venv_path: str) -> list[str]:
     argv = plan.argv
     if argv[:2] != ["vllm", "serve"]:
         raise RenderError(f"the plan's argv starts {argv[:2]}, not ['vllm', 'serve']")
-    return [f"{venv_path.rstrip('/')}/bin/vllm", *argv[1:]]
+    return [venv_bin(venv_path, "vllm"), *argv[1:]]
 
 
 @functools.cache

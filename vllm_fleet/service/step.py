@@ -36,7 +36,8 @@ from pyinfra.facts.server import Command
 from pyinfra.operations import files, python, systemd
 
 from vllm_fleet.hostops.facts import FileStates, Read, read, read_once
-from vllm_fleet.hostops.operations import ManagedFile, managed_files, restart_on_change, secret_file, unit_running
+from vllm_fleet.hostops.operations import (ManagedFile, login_home, managed_files, restart_on_change, secret_file,
+                                          unit_running)
 from vllm_fleet.handoff import Changed, HostState, Venv, WeightsResult, any_changed
 from vllm_fleet.service import doctor
 from vllm_fleet.service import hostprog as gate_program
@@ -291,11 +292,11 @@ def unit_enabled(service: str, enabled: bool):
         yield StringCommand("systemctl", "enable", QuoteString(service))
 
 
-def removal(settings: Settings, others: list[str] | tuple[str, ...] = ()):
-    """What uninstall removes and keeps: `HostLayout.uninstall_targets` for this host's purge settings and the
-    other services deployed on it."""
+def removal(settings: Settings, others: list[str] | tuple[str, ...] = (), login_home: str = "/root"):
+    """What uninstall removes and keeps: `HostLayout.uninstall_targets` for this host's purge settings, the
+    other services deployed on it and the SSH login user's home (its secret-upload staging directory)."""
     return HostLayout.of(settings).uninstall_targets(purge_venvs=settings.purge_venvs, purge_weights=settings.purge_weights,
-                                                     others=others)
+                                                     others=others, login_home=login_home)
 
 
 def _other_services(lay: HostLayout) -> list[str]:
@@ -318,7 +319,7 @@ def remove(settings: Settings) -> None:
                  f"{lay.watchdog_unit}.service", lay.unit_name, f"{lay.fetch_unit}.service", f"{lay.devices_unit}.service"):
         unit_stopped(name=f"Ensure {unit} is stopped and disabled", unit=unit)
     units = []
-    for t in removal(settings, others):
+    for t in removal(settings, others, login_home()):
         if not t.remove:
             continue
         op = files.file if t.kind == "file" else files.directory

@@ -56,6 +56,8 @@ class FetchPlan:
     marker: str = ""  # written by the fetch program when the revision is complete and verified ("" : none)
     model_name: str = ""  # Org/Name
     revision: str | None = None  # the revision the directory is of (None: the hub's default branch)
+    python: str = ""  # the fetch venv's interpreter
+    status_path: str = ""  # the download's live progress (written by the fetch program)
 
     @property
     def modelscope(self) -> bool:
@@ -175,7 +177,8 @@ def fetch_plan(settings: Settings, profile_revision: str | None = None) -> Fetch
     }
     return FetchPlan(sources, dest, lay.fetch_unit, lay.fetch_dir, state_dir, config, venv=lay.fetch_venv,
                      program=lay.fetch_program, config_path=lay.fetch_config(name, revision), env_path=lay.fetch_env_file,
-                     unit_path=lay.fetch_unit_path, marker=marker, model_name=name, revision=revision)
+                     unit_path=lay.fetch_unit_path, marker=marker, model_name=name, revision=revision,
+                     python=lay.fetch_python, status_path=lay.weights_status(name, revision))
 
 
 def already_complete(check: dict | None, plan: FetchPlan, reverify: bool) -> bool:
@@ -241,7 +244,7 @@ def render_fetch_unit(settings: Settings, plan: FetchPlan) -> str:
     parent = str(PurePosixPath(plan.serve_path).parent)
     return _fetch_unit_template().render(
         unit=plan.unit, model=plan.sources[0].repo or plan.serve_path, dest_dir=plan.serve_path,
-        config=plan.config_path, run_as=settings.service_user, python=f"{plan.venv}/bin/python", program=plan.program,
+        config=plan.config_path, run_as=settings.service_user, python=plan.python, program=plan.program,
         environment=unit_environment(settings, plan), env_file=plan.env_path,
         read_write_paths=[settings.data_dir] if parent.startswith(settings.data_dir) else [settings.data_dir, parent],
     )

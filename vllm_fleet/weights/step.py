@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from pyinfra import host, logger
-from pyinfra.api import FactBase, FunctionCommand, deploy, operation
+from pyinfra.api import FunctionCommand, deploy, operation
 from pyinfra.operations import server, systemd
 
 from vllm_fleet.handoff import HostState, ModelSource, WeightsResult
@@ -35,6 +35,7 @@ from vllm_fleet.hostops.operations import (Dir, ManagedFile, directories, direct
                                           secret_file, tree_read)
 from vllm_fleet.layout import HostLayout
 from vllm_fleet.weights import source as wplan
+from vllm_fleet.weights.facts import FetchState
 from vllm_fleet.weights.watch import Interrupt, Watch
 from vllm_fleet.errors import FleetError
 from vllm_fleet.settings import Settings
@@ -68,39 +69,6 @@ def source(settings: Settings) -> ModelSource:
     if local.is_dir():
         return ModelSource(local.resolve(), HostLayout.of(settings).model(local.resolve().name))
     return ModelSource(None, "")  # the planner uses the profile's repo id
-
-
-class FetchState(FactBase[dict]):
-    """
-    The fetch venv's huggingface_hub (and modelscope) and the download unit's state, in one command.
-
-    The recorded verification (``fetch_weights.py check``) is not read here: preflight's snapshot read it
-    in its round trip (``Snapshot.weights_check``) and `apply` gets it in the ``HostState``.
-
-    + plan: the weights' FetchPlan
-
-    .. code:: python
-
-        host.get_fact(FetchState, plan=plan)  # {"hub": "2.4.0", "modelscope": None, "active": "inactive"}
-    """
-
-    def command(self, plan: wplan.FetchPlan) -> str:
-        q = shlex.quote
-        return (f"echo hub=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/huggingface_hub-*.dist-info 2>/dev/null | head -1); "
-                f"echo ms=$(ls -d {q(plan.venv)}/lib/python3*/site-packages/modelscope-*.dist-info 2>/dev/null | head -1); "
-                f"echo active=$(systemctl is-active {q(plan.unit)}.service 2>/dev/null)")
-
-    def process(self, output: list[str]) -> dict:
-        out: dict = {"hub": None, "modelscope": None, "active": ""}
-        for line in output:
-            key, _, value = line.partition("=")
-            if key == "hub" and value:
-                out["hub"] = value.rsplit("huggingface_hub-", 1)[-1].removesuffix(".dist-info")
-            elif key == "ms" and value:
-                out["modelscope"] = value.rsplit("modelscope-", 1)[-1].removesuffix(".dist-info")
-            elif key == "active":
-                out["active"] = value
-        return out
 
 
 JOURNAL_LINES = 15
@@ -147,7 +115,7 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
     """
     q = shlex.quote
     unit = f"{plan.unit}.service"
-    poll = f"cat {q(plan.state_dir)}/status.json 2>/dev/null || echo '{{}}'; echo; systemctl is-active {q(unit)} || true"
+    poll = f"cat {q(plan.status_path)} 2>/dev/null || echo '{{}}'; echo; systemctl is-active {q(unit)} || true"
     last_log = 0.0
     with interrupt:
         while True:
@@ -272,8 +240,8 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
     if not hub_ok:
         server.shell(
             name=f"Ensure the fetch venv {plan.venv} has {' '.join(plan.requirements)}",
-            commands=[f"test -x {q(plan.venv)}/bin/python || python3 -m venv {q(plan.venv)}",
-                      f"{q(plan.venv)}/bin/python -m pip install --quiet --disable-pip-version-check "
+            commands=[f"test -x {q(plan.python)} || python3 -m venv {q(plan.venv)}",
+                      f"{q(plan.python)} -m pip install --quiet --disable-pip-version-check "
                       f"{' '.join(q(a) for a in wplan.pip_args(settings))} {reqs}"],
         )
     else:
@@ -296,7 +264,7 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
     if not running:
         mk = f"install -d -o {q(user)} -g {q(user)} -m 750 {q(plan.serve_path)}"
         server.shell(name=f"Start the weights download unit {plan.unit}.service into {plan.serve_path}",
-                     commands=[mk, f"rm -f {q(plan.state_dir)}/status.json", f"systemctl start {q(plan.unit)}.service"])
+                     commands=[mk, f"rm -f {q(plan.status_path)}", f"systemctl start {q(plan.unit)}.service"])
     else:
         logger.info(f"{host.print_prefix}weights: {plan.unit}.service is already running; attaching to it")
     if not settings.weights_wait:
