@@ -4,9 +4,11 @@
 
 Type, default, numeric bounds and the description come from the fields themselves (the
 sections of vllm_fleet/settings.py and the options table); why the bounds are what they are
-from each field's ``bounds`` text; what a field's checks refuse from `REFUSED` below, one entry
-per setting with a check (tests/unit/test_settings_doc.py requires one for every field that has
-a validator, and the file to be current).
+from each field's ``bounds`` text; what a field's checks refuse from its options-table row's
+``refused`` text (the row's own check) and from `REFUSED` below (the settings outside the table,
+and the checks of the whole Settings that involve a row), joined by "; " (`refused`).
+tests/unit/test_settings_doc.py requires one for every field that has a validator, and the file
+to be current.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ _DIRS = (f"not absolute, with `..`; `/`; the system trees {', '.join(f'`{t}`' fo
          "themselves and any top-level directory (a toolkit directory goes below one: `/opt/vllm-fleet`, `/data/vllm`)")
 _URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL; a URL holding a password (put credentials in root's .netrc on the host)"
 
-#: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header).
+#: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header);
+#: for an options-table row, only what the row's own ``refused`` text does not say (checks across settings).
 REFUSED: dict[str, str] = {
     "router_bind_host": "anything but an IP address; an address that is not loopback when the router host has no "
                         "key for clients (vllm_router_api_key or vllm_api_key): the fleet's error names the host",
@@ -43,13 +46,11 @@ REFUSED: dict[str, str] = {
     "data_dir": _DIRS,
     "advertise_address": "neither an IP address nor a host name (no scheme, no port); a wildcard (0.0.0.0, ::); "
                          "a non-loopback address while vllm_bind_host is loopback; an IP other than a specific vllm_bind_host",
-    "bind_host": "anything but an IP address; an address other than loopback without vllm_api_key",
-    "max_model_len": f"below {serve_options.MIN_MAX_MODEL_LEN} or above {serve_options.MAX_MAX_MODEL_LEN}; above the "
-                     "model's max_position_embeddings (checked before any host fact)",
-    "block_size": f"anything but {', '.join(map(str, serve_options.BLOCK_SIZES))}",
+    "bind_host": "an address other than loopback without vllm_api_key",
+    "max_model_len": "above the model's max_position_embeddings (checked before any host fact)",
     "reasoning_parser": "a parser not among the profile's; for a model without a list (a local directory), a parser "
                         "the pinned vLLM does not register",
-    "api_key": "shorter than 8 or longer than 512 characters; missing while vllm_bind_host is not loopback",
+    "api_key": "missing while vllm_bind_host is not loopback",
     "service_user": "anything but a lower-case user name of up to 31 characters; root. Preflight: an existing "
                     "account vllm-fleet did not create, unless vllm_adopt_existing_user = True; a uid-0 account always",
     "python_version": "anything but 3.10, 3.11, 3.12 or 3.13",
@@ -121,6 +122,15 @@ def _bounds(field) -> str:
     return ", ".join(parts) + (f" ({why})" if why and parts else why or "")
 
 
+def refused(name: str) -> str:
+    """What setting ``name``'s checks refuse: its options-table row's ``refused`` text, then `REFUSED`'s ("": nothing)."""
+    try:
+        own = serve_options.row(name).refused
+    except KeyError:
+        own = ""
+    return "; ".join(text for text in (own, REFUSED.get(name, "")) if text)
+
+
 def render() -> str:
     """The text of docs/settings.md."""
     lines = [HEADER]
@@ -135,8 +145,8 @@ def render() -> str:
             bounds = _bounds(field)
             if bounds:
                 lines.append(f"- bounds: {bounds}")
-            if name in REFUSED:
-                lines.append(f"- refused: {REFUSED[name]}")
+            if refused(name):
+                lines.append(f"- refused: {refused(name)}")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

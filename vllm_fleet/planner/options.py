@@ -89,6 +89,8 @@ class Option:
     le: float | None = None
     check: Callable[[Any], Any] | None = None
     """Extra validation: value -> value, or ValueError("problem|remedy")."""
+    refused: str = ""
+    """What ``check`` refuses, in the words of docs/settings.md's "refused" line (required with a check)."""
     reason: str = ""
     """Why the plan renders it (the plan's Flags table) for ``free`` rows."""
     cli: bool = True
@@ -170,7 +172,8 @@ OPTIONS: tuple[Option, ...] = (
            "expert parallel for MoE; None = the planner's layout rules decide"),
     Option("max_model_len", "--max-model-len", int | Literal["auto"], "auto",
            'context length to serve; "auto" = the largest that fits in the KV cache',
-           check=_check_max_model_len, cli_type=_int_or_word, bounds=_LEN_WHY),
+           check=_check_max_model_len, refused=f"below {MIN_MAX_MODEL_LEN} or above {MAX_MAX_MODEL_LEN}",
+           cli_type=_int_or_word, bounds=_LEN_WHY),
     Option("gpu_memory_utilization", "--gpu-memory-utilization", float, 0.9,
            "fraction of each GPU's memory vLLM may use (lower it if others share the GPU)", gt=0.0, le=1.0),
     Option("kv_cache_memory_bytes", "--kv-cache-memory-bytes", int | None, None,
@@ -182,7 +185,8 @@ OPTIONS: tuple[Option, ...] = (
            owner="free", reason="KV cache element type"),
     Option("block_size", "--block-size", int | None, None,
            "KV cache block size in tokens (a power of two); None = vLLM's default",
-           owner="free", check=_check_block_size, bounds=_BLOCK_WHY, reason="tokens per KV block (pinned so the plan is exact)"),
+           owner="free", check=_check_block_size, refused=f"anything but {', '.join(map(str, BLOCK_SIZES))}",
+           bounds=_BLOCK_WHY, reason="tokens per KV block (pinned so the plan is exact)"),
     Option("max_num_seqs", "--max-num-seqs", int | None, None,
            "most sequences per batch; None = vLLM's default for the GPU",
            owner="free", ge=1, le=65536, bounds=_SEQS_WHY, reason="most sequences per batch (sizes activations)"),
@@ -204,12 +208,14 @@ OPTIONS: tuple[Option, ...] = (
            "top-k/top-p sampler as vLLM chooses; False = VLLM_USE_FLASHINFER_SAMPLER=0, the PyTorch sampler "
            "(a venv without FlashInfer)", cli=False),
     Option("bind_host", "--host", str, "127.0.0.1",
-           "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host),
+           "address vLLM listens on; anything but loopback requires vllm_api_key", check=_check_bind_host,
+           refused="anything but an IP address"),
     Option("port", "--port", int, 8100,
            "TCP port vLLM listens on (preflight fails if another process owns it)", ge=MIN_PORT, le=65535, bounds=_PORT_WHY),
     Option("api_key", "--api-key", SecretStr | None, None,
            "API key clients must send; lives only in the service's root-only (0600) EnvironmentFile, never in argv or logs",
-           secret=True, env="VLLM_API_KEY", check=_check_api_key, cli=False),
+           secret=True, env="VLLM_API_KEY", check=_check_api_key, refused="shorter than 8 or longer than 512 characters",
+           cli=False),
     Option("hf_token", "--hf-token", SecretStr | None, None,
            "Hugging Face token for gated repos; lives only in an EnvironmentFile (same handling)",
            secret=True, env="HF_TOKEN", cli=False),
