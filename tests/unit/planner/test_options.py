@@ -85,15 +85,44 @@ def _group_data() -> dict[str, tuple[object, str]]:
     return out
 
 
+def group_data_line(row: options.Option) -> str:
+    """The line of group_data/all.py for a row: ``vllm_KEY = DEFAULT``, the comment at column 42 (two spaces before
+    it when the code is longer), the row's description; a secret from the environment (``VLLM_FLEET_KEY``)."""
+    if row.secret:
+        env = f"VLLM_FLEET_{row.key.upper()}"
+        value = f'SecretStr(os.environ["{env}"]) if os.environ.get("{env}") else None'
+    else:
+        value = json.dumps(row.default) if isinstance(row.default, str) else repr(row.default)
+    code = f"{PREFIX}{row.key} = {value}"
+    return f"{code:<40} # {row.description}" if len(code) < 40 else f"{code}  # {row.description}"
+
+
 @pytest.mark.parametrize("key", sorted(ROWS))
 def test_every_row_has_its_group_data_line_with_its_default_and_description(key):
-    value, comment = _group_data()[key]
+    """group_data/all.py stays hand-kept (the file users read, with the other sections' lines and the secrets'
+    environment variables); a row without its line, or with another default or comment, fails with the line to paste."""
     row = ROWS[key]
+    line = group_data_line(row)
+    lines = [ln for ln in (ROOT / "group_data" / "all.py").read_text().splitlines() if ln.startswith(f"{PREFIX}{key} = ")]
+    header = "# --- serve options (vllm_fleet/planner/options.py) ---"
+    if not lines:  # pytest.fail: the message as it is (an assert's message would be indented)
+        pytest.fail(f"group_data/all.py has no line for {PREFIX}{key}; paste this under {header!r}:\n{line}", pytrace=False)
+    if lines != [line]:
+        pytest.fail(f"group_data/all.py's line for {PREFIX}{key} is not the row's; replace it with:\n{line}", pytrace=False)
+    value, comment = _group_data()[key]
     if row.secret:
         assert "os.environ.get" in str(value), f"{key} must come from the environment"
     else:
         assert value == row.default
     assert comment == row.description
+
+
+def test_a_row_without_its_group_data_line_fails_with_the_line_to_paste(monkeypatch):
+    row = options.Option("new_flag", "--new-flag", int | None, None, "a new flag; None = vLLM's default", owner="free")
+    monkeypatch.setitem(ROWS, "new_flag", row)
+    with pytest.raises(pytest.fail.Exception) as info:
+        test_every_row_has_its_group_data_line_with_its_default_and_description("new_flag")
+    assert "\nvllm_new_flag = None                     # a new flag; None = vLLM's default" in str(info.value)
 
 
 @pytest.mark.parametrize(("key", "flag"), SECRET_SPELLINGS)
