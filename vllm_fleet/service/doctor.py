@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vllm_fleet.planner import options as serve_options
 from vllm_fleet.preflight.parse import GpuProcess, Listener
 from vllm_fleet.versions import VLLM_VERSION
 
@@ -393,7 +394,8 @@ def _unsupported_arch(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) ->
 
 def _cuda_oom(hits: list[tuple[_Line, re.Match[str]]], ctx: _Context) -> Diagnosis:
     line, m = hits[0]
-    util = float(ctx.arg("gpu_memory_utilization") or 0.9)
+    # not in vLLM's non-default args: vLLM's default, which is the options row's
+    util = float(ctx.arg("gpu_memory_utilization") or serve_options.row("gpu_memory_utilization").default)
     lower = round(util - 0.05, 2)
     where = f" on GPU {m['gpu']} ({m['free']} free of {m['total']})" if m["gpu"] else ""
     return Diagnosis(

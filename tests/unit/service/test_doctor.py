@@ -193,6 +193,21 @@ def test_oom_numbers() -> None:
     assert "--max-num-seqs" in item.remedy and "vllm_max_model_len" in item.remedy
 
 
+def test_oom_without_the_argument_starts_from_the_options_rows_default(monkeypatch) -> None:
+    """vLLM logs only non-default args: without gpu_memory_utilization there, the value was the row's default."""
+    import dataclasses
+
+    from vllm_fleet.planner import options
+
+    text = log("torch_cuda_oom.log").replace(", 'gpu_memory_utilization': 0.9}", "}")
+    assert "'gpu_memory_utilization'" not in text
+    assert diagnose(text)[0].settings == {"vllm_gpu_memory_utilization": 0.85}
+    rows = tuple(dataclasses.replace(r, default=0.8) if r.key == "gpu_memory_utilization" else r for r in options.OPTIONS)
+    monkeypatch.setattr(options, "OPTIONS", rows)
+    item = diagnose(text)[0]
+    assert item.settings == {"vllm_gpu_memory_utilization": 0.75} and "0.8 -> 0.75" in item.remedy
+
+
 def test_fp8_marlin_is_a_warning_on_a_healthy_start() -> None:
     report = examine(log("v025_fp8_marlin_healthy.log"))
     assert [d.severity for d in report.diagnoses] == ["warning"]
