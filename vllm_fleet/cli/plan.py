@@ -5,7 +5,9 @@
 
 Output is as wide as the terminal (rich detects it; COLUMNS, or 80 when not a
 terminal). An undeployable plan prints its errors and remedies and no launch
-command; with --json its "argv" is null.
+command; with --json its "argv" is null. Where "auto" finds no length that
+fits, max-model-len shows "none fits" (--json: null), never the planner's
+placeholder.
 Exit codes: 0 plan is deployable, 1 plan has errors (printed), 2 invalid input.
 """
 
@@ -27,6 +29,9 @@ from vllm_fleet.planner.hardware import GiB
 from vllm_fleet.planner import options as serve_options
 from vllm_fleet.planner.modelinfo import list_profiles
 from vllm_fleet.planner.plan import Plan, make_plan, options_from
+
+#: What the Context and Flags tables show for max-model-len when "auto" found no length that fits (`Plan.none_fits`).
+NONE_FITS_TEXT = "none fits"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,6 +67,11 @@ def document(plan: Plan) -> dict[str, Any]:
     doc = plan.to_dict()
     if not plan.ok:
         doc["argv"] = None
+    if plan.none_fits:  # no length fits: the placeholder is no value (null, as in the flags)
+        doc["max_model_len"] = None
+        for f in doc["flags"]:
+            if f["flag"] == serve_options.flag("max_model_len"):
+                f["value"] = None
     return doc
 
 
@@ -186,14 +196,16 @@ def render(plan: Plan) -> str:
     _print(console, m)
 
     s = _table("Context", "what", "value", header=False)
-    s.add_row("max-model-len", f"{plan.max_model_len:,} ({plan.max_model_len_source})")
+    length = NONE_FITS_TEXT if plan.none_fits else f"{plan.max_model_len:,}"
+    s.add_row("max-model-len", f"{length} ({plan.max_model_len_source})")
     s.add_row("largest that fits", f"{plan.max_model_len_that_fits:,}")
     s.add_row("model maximum", f"{plan.model_max_len:,}")
     _print(console, s)
 
     f = _table("Flags", ("flag", 5), ("value", 3), ("why", 6))
     for flag in plan.flags:
-        f.add_row(flag.name, flag.value or "", flag.reason)
+        none_fits = plan.none_fits and flag.name == serve_options.flag("max_model_len")
+        f.add_row(flag.name, NONE_FITS_TEXT if none_fits else flag.value or "", flag.reason)
     for key, value in plan.env.items():
         f.add_row(f"env {key}", value, plan.env_reasons.get(key, ""))
     _print(console, f)

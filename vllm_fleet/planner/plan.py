@@ -40,6 +40,9 @@ MULTICAST_OFF_ENV: dict[str, tuple[str, str]] = {
 # The shortest context worth serving (the FITS_TOO_SHORT rule): a system prompt, a user question and an answer
 # take about 2048 tokens; below that ordinary chat requests fail. A model with a shorter maximum: its maximum.
 MIN_USEFUL_MAX_MODEL_LEN = 2048
+#: max_model_len_source when "auto" finds no length that fits (no KV memory): the plan's max_model_len (1) is a
+#: placeholder for its arithmetic, never shown as a value (the CLI prints "none fits", --json null).
+NONE_FITS = "auto: no length fits in the KV cache"
 
 # vLLM 0.25 serves an FP8 KV cache only on SM89+ (see the FP8_KV_UNSUPPORTED rule).
 FP8_KV_MIN_CC = (8, 9)
@@ -195,6 +198,11 @@ class Plan:
     def ok(self) -> bool:
         """True when nothing stops a deploy."""
         return not self.errors
+
+    @property
+    def none_fits(self) -> bool:
+        """"auto" found no length that fits: max_model_len (and its flag) is a placeholder, not a value to show."""
+        return self.max_model_len_source == NONE_FITS
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON document of `vllm-fleet plan --json`."""
@@ -536,7 +544,8 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
     useful = min(MIN_USEFUL_MAX_MODEL_LEN, model_max)
     if options.max_model_len == "auto":
         chosen = max(fits, 1)
-        source = "auto: the model's maximum" if fits >= model_max else "auto: the largest that fits (planner estimate)"
+        source = ("auto: the model's maximum" if fits >= model_max else
+                  "auto: the largest that fits (planner estimate)" if fits > 0 else NONE_FITS)
         if available > 0 and fits < useful:
             errors.append(Finding(
                 "FITS_TOO_SHORT",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -37,6 +38,7 @@ UNDEPLOYABLE = {
     "seed-4xa800-196608": CASES["seed-4xa800-196608"],
     "too-large-auto": ["--model", "minimax-m2", "--gpus", "1xH100-80G"],
     "above-model-max": ["--model", "minimax-m2", "--gpus", "4xA800-80G", "--max-model-len", "10000000"],
+    "no-kv-a800": ["--model", "minimax-m2", "--gpus", "1xA800-80G"],  # issue 11's case
 }
 
 
@@ -103,11 +105,21 @@ def test_undeployable_plan_prints_remedies_and_no_command(case: str, capsys: pyt
     assert "remedy: " in out and "ERROR" in out
     assert "command:" not in out and "vllm serve" not in out
     assert out.splitlines()[-1].startswith("verdict: NOT deployable")
+    # a max-model-len the plan chose with no length fitting is no value: never "1", never "the largest that fits"
+    lines = [line for line in out.splitlines() if "max-model-len" in line and "KV for" not in line]
+    none_fits = case in ("too-large-auto", "no-kv-a800")
+    assert lines and all(("none fits" in line) == none_fits for line in lines), lines
+    assert not any(re.search(r"│ 1 +│|│ 1 \(", line) or "the largest that fits" in line for line in lines), lines
     rc, out, _ = _run(capsys, [*UNDEPLOYABLE[case], "--json"])
     doc = json.loads(out)
     assert rc == 1 and doc["ok"] is False and doc["errors"]
     assert doc["argv"] is None  # the key stays; nothing to launch
     assert all(e["remedy"] for e in doc["errors"])
+    mml = next(f for f in doc["flags"] if f["flag"] == "--max-model-len")
+    if none_fits:
+        assert doc["max_model_len"] is None and mml["value"] is None and doc["max_model_len_that_fits"] == 0
+    else:
+        assert doc["max_model_len"] == int(mml["value"]) > 1
 
 
 @pytest.mark.parametrize("case", ["minimax-8xh200-auto", "gpt-oss-2xh100"])
