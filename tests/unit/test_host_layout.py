@@ -26,7 +26,7 @@ ALIASES = {"home": "data_dir", "runtime_home": "cache_dir"}
 SAMPLE = {"venv": "vllm-0.25.0-cu130", "source_checkout": "vllm-0.25.0-src.v1-cu130", "weights_state": "Org/Name",
           "fetch_config": ("Org/Name", "abc"), "model": "Org/Name", "model_revision": ("Org/Name", "abc"),
           "weights_revision_state": ("Org/Name", "abc"), "weights_verified": ("Org/Name", "abc"), "router_venv": "0.1.17",
-          "weights_status": ("Org/Name", "abc"), "upload_dir": "/home/deployer"}
+          "weights_status": ("Org/Name", "abc"), "upload_dir": "/var/lib/deployer"}
 LOGIN_HOME = SAMPLE["upload_dir"]  # the SSH login user's home: its upload_dir is the one path outside our roots
 
 
@@ -94,10 +94,9 @@ def test_the_paths_hosts_already_have_are_unchanged():
         "/var/lib/vllm-fleet/models/Org/Name", "/var/lib/vllm-fleet/cache/huggingface", "/var/lib/vllm-fleet/cache/vllm",
         "/opt/vllm-fleet/state/vllm.weights-pending", "/etc/vllm-fleet/vllm.env.prev")
     assert (lay.uv_pip, lay.wheelhouse_manifest, lay.fetch_python, lay.weights_status("Org/Name", "v1"),
-            lay.upload_dir("/home/ci"), lay.upload_dir("/root")) == (
+            lay.upload_dir("/var/lib/ci")) == (
         "/opt/vllm-fleet/uv/bin/pip", "/opt/vllm-fleet/wheelhouse/MANIFEST.json", "/opt/vllm-fleet/fetch/venv/bin/python",
-        "/var/lib/vllm-fleet/weights-state/Org--Name/v1/status.json", "/home/ci/.vllm-fleet-upload",
-        "/root/.vllm-fleet-upload")
+        "/var/lib/vllm-fleet/weights-state/Org--Name/v1/status.json", "/var/lib/ci/.vllm-fleet-upload")
 
 
 def test_venv_sub_paths_and_globs_are_the_layouts():
@@ -123,9 +122,9 @@ def test_the_host_programs_use_the_layouts_file_names():
 def test_uninstall_removes_the_login_users_upload_dir():
     from vllm_fleet.service.step import removal
 
-    targets = {t.path: t for t in removal(Settings(model="minimax-m2"), login_home="/home/ci")}
-    assert targets["/home/ci/.vllm-fleet-upload"].remove
-    assert targets["/home/ci/.vllm-fleet-upload"].kind == "directory"
+    targets = {t.path: t for t in removal(Settings(model="minimax-m2"), login_home="/var/lib/ci")}
+    assert targets["/var/lib/ci/.vllm-fleet-upload"].remove
+    assert targets["/var/lib/ci/.vllm-fleet-upload"].kind == "directory"
 
 
 def _covered(path: str, targets) -> list:
