@@ -6,6 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
@@ -50,3 +52,16 @@ def test_setup_help_and_a_wrong_option():
     assert helped.returncode == 0 and "--real-vllm" in helped.stdout
     wrong = subprocess.run([str(ROOT / "setup"), "--bogus"], capture_output=True, text=True, timeout=30)
     assert wrong.returncode == 2 and "unknown option --bogus" in wrong.stderr
+
+
+def test_pyinfra_debug_log_is_ignored_by_the_repositorys_own_gitignore(tmp_path):
+    """pyinfra leaves pyinfra-debug.log in the working directory after an internal error (issue 11): never untracked
+    noise in a checkout, at the top or in a subdirectory. Only the repository's .gitignore counts here (no global
+    excludes file, no .git/info/exclude of this clone)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: git check-ignore needs one")
+    for where in ("pyinfra-debug.log", "inventory/pyinfra-debug.log"):
+        proc = subprocess.run(["git", "-c", f"core.excludesFile={tmp_path / 'none'}", "check-ignore", "-v", "--no-index",
+                               where], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, f"{where} is not ignored: add pyinfra-debug.log to .gitignore"
+        assert proc.stdout.startswith(".gitignore:"), proc.stdout  # the repository's file, not this clone's exclude
