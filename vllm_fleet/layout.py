@@ -65,6 +65,18 @@ GATE_PROGRAM = "vllm-fleet-gate"
 VENV_PROGRAM = "vllm-fleet-venv"
 WATCHDOG_PROGRAM = "vllm-fleet-watchdog"
 FETCH_PROGRAM = "fetch_weights.py"
+#: The service's environment variables that point into the cache dir (HostLayout.runtime_env): variable -> the
+#: HostLayout property it holds. The render sets them; vllm_extra_env may not (the units let vLLM write only there).
+RUNTIME_ENV = {
+    "HOME": "runtime_home",
+    "XDG_CACHE_HOME": "cache_dir",
+    "CUDA_CACHE_PATH": "cuda_cache",
+    "FLASHINFER_WORKSPACE_BASE": "cache_dir",
+    "VLLM_CACHE_ROOT": "vllm_cache",
+    "HF_HOME": "hf_home",
+    "TRITON_CACHE_DIR": "triton_cache",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor_cache",
+}
 
 
 def staged_path(path: str) -> str:
@@ -487,6 +499,13 @@ class HostLayout:
         """The service's HOME: the writable cache dir, so ~/.cache, ~/.nv and JIT caches can be written
         (data_dir itself is read-only to the service)."""
         return self.cache_dir
+
+    @property
+    def runtime_env(self) -> dict[str, str]:
+        """The service's cache variables (`RUNTIME_ENV`) with their paths: HOME and XDG_CACHE_HOME are the writable
+        cache dir (data_dir itself is read-only to the service, so ~/.cache, ~/.nv and JIT caches land there);
+        FLASHINFER_WORKSPACE_BASE is FlashInfer's JIT cache base (<base>/.cache/flashinfer)."""
+        return {name: getattr(self, prop) for name, prop in RUNTIME_ENV.items()}
 
     @property
     def cuda_cache(self) -> str:
