@@ -17,6 +17,7 @@ from typing import Any
 
 from vllm_fleet.layout import SHARED_PARENTS, SYSTEM_TREES
 from vllm_fleet.planner import options as serve_options
+from vllm_fleet.service.settings import OWNED_ENV, SECRET_ENV
 from vllm_fleet.settings import PREFIX, SECTIONS, Settings
 
 _DIRS = (f"not absolute, with `..`; `/`; the system trees {', '.join(f'`{t}`' for t in SYSTEM_TREES)} and anything under "
@@ -72,8 +73,12 @@ REFUSED: dict[str, str] = {
                   "(every options-table row, -tp, --no- twins, --model, --trust-remote-code), in any spelling; "
                   "--config FILE; -h/--help; words vLLM's parser refuses (an ambiguous prefix, a missing value); "
                   "for the pinned release, options and positional words vLLM 0.25 does not have; non-strings",
-    "extra_env": "a secret variable (VLLM_API_KEY, HF_TOKEN, HUGGING_FACE_HUB_TOKEN, MODELSCOPE_API_TOKEN); "
-                 "CUDA_VISIBLE_DEVICES (set vllm_gpus)",
+    "extra_env": "a name that is no POSIX variable name (`[A-Za-z_][A-Za-z0-9_]*`: not `A=B`, `1X`, `A-B`); a secret "
+                 f"variable ({', '.join(SECRET_ENV)}); a variable the toolkit sets itself: "
+                 f"{', '.join(k for k, (s, _) in OWNED_ENV.items() if s == 'vllm_gpus')} (set vllm_gpus), "
+                 f"{', '.join(k for k, (s, _) in OWNED_ENV.items() if s == 'vllm_data_dir')} (set vllm_data_dir); a "
+                 "control character in a value; a URL with credentials in a value. The plan's own variables and "
+                 "HF_HUB_OFFLINE may be overridden",
 }
 
 HEADER = """# Settings
