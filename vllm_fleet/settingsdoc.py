@@ -32,12 +32,17 @@ REFUSED: dict[str, str] = {
     "router_api_key": "anything but a bearer token of 8-512 characters (RFC 6750 b64token: letters, digits, "
                       "`- . _ ~ + /`, `=` only at the end)",
     "router_version": "anything but a release version X.Y.Z",
+    "router_model": "a name starting with `-` (vLLM's parser would read an option); whitespace or a control character",
+    "served_model_name": "a name starting with `-` (`--api-key`: vLLM's parser would read an option, not the name); "
+                         "whitespace or a control character. Anything else vLLM takes: `org/model-v2`",
     "model": "an empty name or one longer than 1024; a name that is no profile in models/*.yaml and no directory "
              "holding config.json",
     "gpus": "an empty list; negative or duplicate indices; an index above 63 or more than 64 GPUs; a count not "
             "divisible by PP x DP; with vllm_tensor_parallel_size set, TP x PP x DP other than the count",
     "version": "anything but a version such as 0.25.0 (at most 64 characters)",
-    "service_name": "characters other than letters, digits and `:_.-`; a `.service` suffix; more than 200 characters. "
+    "service_name": "characters other than letters, digits and `:_.-` (a backslash among them: systemd unescapes it); "
+                    "a first character other than a letter or digit (`-rf`: systemctl reads an option); a `.service` "
+                    "suffix; more than 200 characters. "
                     "Preflight: a unit of this name (or NAME-fetch) that vllm-fleet did not render, unless "
                     "vllm_adopt_existing_unit = True",
     "base_dir": _DIRS,
@@ -51,7 +56,8 @@ REFUSED: dict[str, str] = {
     "reasoning_parser": "a parser not among the profile's; for a model without a list (a local directory), a parser "
                         "the pinned vLLM does not register",
     "api_key": "shorter than 8 or longer than 512 characters; missing while vllm_bind_host is not loopback",
-    "service_user": "anything but a lower-case user name of up to 31 characters; root. Preflight: an existing "
+    "service_user": "anything but a user name of up to 31 lower-case letters, digits, `_` and `-` starting with a "
+                    "letter; root. Preflight: an existing "
                     "account vllm-fleet did not create, unless vllm_adopt_existing_user = True; a uid-0 account always",
     "python_version": "anything but 3.10, 3.11, 3.12 or 3.13",
     "source_url": _URL + "; unset while vllm_channel = \"source\"; set while it is not",
