@@ -15,6 +15,7 @@ import re
 import sys
 from typing import Any
 
+from vllm_fleet.errors import SECRET_PARAMS
 from vllm_fleet.layout import SHARED_PARENTS, SYSTEM_TREES
 from vllm_fleet.planner import options as serve_options
 from vllm_fleet.service.settings import OWNED_ENV, SECRET_ENV
@@ -23,7 +24,8 @@ from vllm_fleet.settings import PREFIX, SECTIONS, Settings
 _DIRS = (f"not absolute, with `..`; `/`; the system trees {', '.join(f'`{t}`' for t in SYSTEM_TREES)} and anything under "
          f"them (`/home`, `/root`: hidden by ProtectHome); the shared parents {', '.join(f'`{p}`' for p in SHARED_PARENTS)} "
          "themselves and any top-level directory (a toolkit directory goes below one: `/opt/vllm-fleet`, `/data/vllm`)")
-_URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL; a URL holding a password (put credentials in root's .netrc on the host)"
+_SECRET_PARAMS = "/".join(SECRET_PARAMS) + " (or ending in _NAME, -NAME or .NAME; any case) with a value"
+_URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL; a URL holding credentials: a password, a token as the user, or a query parameter named " + _SECRET_PARAMS + " (put credentials in root's .netrc on the host)"
 
 #: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header).
 REFUSED: dict[str, str] = {
@@ -64,21 +66,22 @@ REFUSED: dict[str, str] = {
     "index_url": _URL,
     "torch_index_url": _URL,
     "nightly_index_url": _URL,
-    "extra_index_urls": "an entry that is neither an `http(s)://`/`file://` URL nor an absolute path; a URL holding a password",
-    "find_links": "an entry that is neither an `http(s)://`/`file://` URL nor an absolute path; a URL holding a password",
+    "extra_index_urls": "an entry that is neither an `http(s)://`/`file://` URL nor an absolute path; a URL holding credentials (as vllm_index_url)",
+    "find_links": "an entry that is neither an `http(s)://`/`file://` URL nor an absolute path; a URL holding credentials (as vllm_index_url)",
     "torch_backend": "anything but auto or a known backend (cu126, cu128, cu130, cpu, ...)",
     "torch_version": "anything but a release such as 2.11.0 (the build comes from vllm_torch_backend)",
     "wheelhouse": "a path that is not a directory of *.whl files on the control machine",
     "weights_sources": "an unknown kind; a hub source without a repo id like Org/Name; a local source whose path is "
                        "not absolute, holds `..`, or lies under /home, /root, /tmp, /var/tmp, /run/user, /proc, /sys "
-                       "or /dev (hidden from the units); an endpoint that is not an http(s) URL or holds credentials. "
+                       "or /dev (hidden from the units); an endpoint that is not an http(s) URL, or holds credentials (user:password@, a secret query parameter as for vllm_index_url). "
                        "Warnings (not errors): a hub source with no revision (its own or the profile's), a repo other "
                        "than the profile's hf_repo / modelscope_repo",
     "extra_args": "every word is read as vLLM 0.25's parser reads it (underscores for dashes, `--flag=value`, dotted "
                   "keys, unique prefixes of long options): a secret flag (--api-key, --hf-token); a flag the plan owns "
                   "(every options-table row, -tp, --no- twins, --model, --trust-remote-code), in any spelling; "
                   "--config FILE; -h/--help; words vLLM's parser refuses (an ambiguous prefix, a missing value); "
-                  "for the pinned release, options and positional words vLLM 0.25 does not have; non-strings",
+                  "for the pinned release, options and positional words vLLM 0.25 does not have; non-strings; a URL "
+                  "holding credentials (as for vllm_index_url)",
     "extra_env": "a name that is no POSIX variable name (`[A-Za-z_][A-Za-z0-9_]*`: not `A=B`, `1X`, `A-B`); a secret "
                  f"variable ({', '.join(SECRET_ENV)}); a variable the toolkit sets itself: "
                  f"{', '.join(k for k, (s, _) in OWNED_ENV.items() if s == 'vllm_gpus')} (set vllm_gpus), "

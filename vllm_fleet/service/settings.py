@@ -54,8 +54,10 @@ class ServiceSection(BaseModel):
         vllm_options.check_extra_args(v)
         for a in v:
             if url_credentials(a):
-                raise ValueError("passes a URL with credentials in argv, where every user of the host can read it|"
-                                 "use the URL without them (vLLM and its hubs read tokens from the environment: vllm_hf_token)")
+                raise ValueError("passes a URL with credentials (user:password@ or a token in the query such as ?token=) "
+                                 "in argv, where every user of the host can read it|"
+                                 "use the URL without them (vLLM and its hubs read tokens from the environment: vllm_hf_token, set from "
+                                 "VLLM_FLEET_HF_TOKEN in the environment of the deploy)")
         return v
 
     @field_validator("extra_env")
@@ -73,6 +75,8 @@ class ServiceSection(BaseModel):
                 raise ValueError(f"sets {k}, which the toolkit sets itself ({why})|remove {k} from vllm_extra_env; "
                                  f"set {setting} instead (the toolkit derives it)")
             if url_credentials(v[k]):
-                raise ValueError(f"sets {k} to a URL with credentials, which would stand in the world-readable unit|"
-                                 "use the URL without them; a hub token goes in vllm_hf_token (the root-only EnvironmentFile)")
+                raise ValueError(f"sets {k} to a URL with credentials (user:password@ or a token in the query such as "
+                                 "?token=), which would stand in the world-readable unit|"
+                                 "use the URL without them; a hub token goes in vllm_hf_token (the root-only EnvironmentFile), set "
+                                 "from VLLM_FLEET_HF_TOKEN in the environment of the deploy")
         return v
