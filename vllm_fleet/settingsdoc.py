@@ -73,8 +73,10 @@ REFUSED: dict[str, str] = {
     "wheelhouse": "a path that is not a directory of *.whl files on the control machine",
     "weights_sources": "an unknown kind; a hub source without a repo id like Org/Name; a local source whose path is "
                        "not absolute, holds `..`, or lies under /home, /root, /tmp, /var/tmp, /run/user, /proc, /sys "
-                       "or /dev (hidden from the units); an endpoint that is not an http(s) URL, or holds credentials (user:password@, a secret query parameter as for vllm_index_url). "
-                       "Warnings (not errors): a hub source with no revision (its own or the profile's), a repo other "
+                       "or /dev (hidden from the units); an endpoint that is not an http(s) URL, or holds credentials "
+                       "(user:password@, a secret query parameter as for vllm_index_url). Warnings (not errors): a hub "
+                       "source with no revision (its own or the profile's) or one that is a branch or tag (`main`, "
+                       "`master`, `v1.0`) rather than a commit id (40 lower-case hex digits), a repo other "
                        "than the profile's hf_repo / modelscope_repo",
     "extra_args": "every word is read as vLLM 0.25's parser reads it (underscores for dashes, `--flag=value`, dotted "
                   "keys, unique prefixes of long options): a secret flag (--api-key, --hf-token); a flag the plan owns "
