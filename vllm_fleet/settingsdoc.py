@@ -18,6 +18,7 @@ from typing import Any
 from vllm_fleet.errors import SECRET_PARAMS
 from vllm_fleet.layout import SHARED_PARENTS, SYSTEM_TREES
 from vllm_fleet.planner import options as serve_options
+from vllm_fleet.planner.plan import MIN_USEFUL_MAX_MODEL_LEN
 from vllm_fleet.service.settings import OWNED_ENV, SECRET_ENV
 from vllm_fleet.settings import PREFIX, SECTIONS, Settings
 
@@ -53,7 +54,8 @@ REFUSED: dict[str, str] = {
                          "a non-loopback address while vllm_bind_host is loopback; an IP other than a specific vllm_bind_host",
     "bind_host": "anything but an IP address; an address other than loopback without vllm_api_key",
     "max_model_len": f"below {serve_options.MIN_MAX_MODEL_LEN} or above {serve_options.MAX_MAX_MODEL_LEN}; above the "
-                     "model's max_position_embeddings (checked before any host fact)",
+                     "model's max_position_embeddings (checked before any host fact). A warning in the plan (not an error) below "
+                     f"the useful minimum of {MIN_USEFUL_MAX_MODEL_LEN} tokens (MAX_LEN_SHORT; \"auto\" refuses a fit that short)",
     "block_size": f"anything but {', '.join(map(str, serve_options.BLOCK_SIZES))}",
     "reasoning_parser": "a parser not among the profile's; for a model without a list (a local directory), a parser "
                         "the pinned vLLM does not register",
