@@ -266,6 +266,15 @@ class HostLayout:
         """The transient unit the gate worker runs as (vllm_fleet/service/hostprog.py `apply`), with .service."""
         return f"vllm-fleet-gate-{self.service}.service"
 
+    @property
+    def units(self) -> tuple[str, ...]:
+        """Every unit name the toolkit uses for this service, without .service: the service, its download, watchdog
+        and device-node units, the gate's transient unit, and on a router host the router, its prober and its front.
+        Each is written (or, the gate's, started) by the deploy and removed by uninstall, so a unit of one of these
+        names that the toolkit did not render is someone else's (preflight's ownership check)."""
+        return (self.service, self.fetch_unit, self.watchdog_unit, self.devices_unit, self.gate_unit.removesuffix(".service"),
+                self.router_unit, self.prober_unit, self.front_unit)
+
     # -- base_dir: programs, state, venvs, tools ------------------------------------------
     @property
     def bin_dir(self) -> str:

@@ -46,7 +46,9 @@ REFUSED: dict[str, str] = {
     "service_name": "characters other than letters, digits and `:_.-` (a backslash among them: systemd unescapes it); "
                     "a first character other than a letter or digit (`-rf`: systemctl reads an option); a `.service` "
                     "suffix; more than 200 characters. "
-                    "Preflight: a unit of this name (or NAME-fetch) that vllm-fleet did not render, unless "
+                    "Preflight: a unit of this name, or of a companion's (NAME-fetch, -watchdog, -devices, "
+                    "-router, -router-prober, -router-front, vllm-fleet-gate-NAME: HostLayout.units), that "
+                    "vllm-fleet did not render, unless "
                     "vllm_adopt_existing_unit = True",
     "base_dir": _DIRS,
     "data_dir": _DIRS,

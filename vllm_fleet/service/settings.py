@@ -35,7 +35,7 @@ class ServiceSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    adopt_existing_unit: bool = Field(False, description="True = take over an existing unit of vllm_service_name that vllm-fleet did not render (the deploy replaces or shadows it); False = preflight refuses it")
+    adopt_existing_unit: bool = Field(False, description="True = take over an existing unit of vllm_service_name (or of one of its companions: NAME-fetch, NAME-watchdog, ...) that vllm-fleet did not render (the deploy replaces or shadows it); False = preflight refuses it")
     restart_sec: int = Field(10, ge=1, le=3600, json_schema_extra={"bounds": "1 to 3600 s"}, description="seconds systemd waits before restarting a crashed vLLM (RestartSec)")
     restart_max_delay_s: int = Field(300, ge=1, le=3600, description="longest restart delay of the backoff (RestartMaxDelaySec, systemd >= 254; older systemd waits restart_sec every time)")
     watchdog: bool = Field(True, description="run the completion watchdog (<service>-watchdog.service): restarts a hung engine")
