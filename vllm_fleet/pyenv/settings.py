@@ -52,8 +52,8 @@ class PyenvSection(BaseModel):
             raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
         if v is not None and url_credentials(v):
             raise ValueError("holds credentials (user:password@ or a token in the query such as ?token=), which would appear "
-                             "in commands, process lists and logs|set the URL without them, and put them in /root/.netrc on "
-                             "the host (uv, pip and git read it; a token as the password of the index host's entry)")
+                             "in commands, process lists and logs|set the URL without them, and put them in "
+                             "/root/.netrc on the host (uv, pip and git read it; a token as the password of the index host's entry)")
         return v
 
     @field_validator("torch_backend")
