@@ -7,21 +7,31 @@ from dataclasses import dataclass
 
 #: The user-info part of a URL (``scheme://user:password@``), which may hold a credential.
 URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/@\s'\"]+)@")
+#: A URL (scheme to the first space or quote).
+URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+")
+#: Query (or fragment) parameters whose name says they hold a secret: one of these names, case-insensitive, alone or
+#: as the last part of a name (``hf_token``, ``X-Amz-Signature``).
+SECRET_PARAMS = ("token", "key", "api_key", "apikey", "access_token", "password", "secret", "sig", "signature")
+URL_QUERY_SECRET = re.compile(r"(?i)([?&;#](?:[^=&;#?\s]*[_.-])?(?:" + "|".join(sorted(SECRET_PARAMS, key=len, reverse=True))
+                              + r")=)([^&;#\s'\"<>]+)")
 
 
 def mask_credentials(text: str) -> str:
-    """``text`` with the user-info of every URL in it replaced by ``***`` (``https://***@host/``): what an error,
-    a log line or a plan line may show of a URL that carried credentials."""
-    return URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
+    """``text`` with the user-info of every URL in it replaced by ``***`` (``https://***@host/``), and the value of
+    every secret-named query parameter (`SECRET_PARAMS`: ``?token=***``): what an error, a log line or a plan line may
+    show of a URL that carried credentials."""
+    text = URL_USERINFO.sub(lambda m: f"{m.group(1)}***@", text)
+    return URL.sub(lambda m: URL_QUERY_SECRET.sub(lambda q: f"{q.group(1)}***", m.group(0)), text)
 
 
 def url_credentials(text: str) -> bool:
-    """True when a URL in ``text`` carries a password, or a user name over http(s) (a token passed as the user);
+    """True when a URL in ``text`` carries a password, a user name over http(s) (a token passed as the user), or a
+    secret-named query parameter with a value (`SECRET_PARAMS`: ``?token=abc``, ``&X-Amz-Signature=...``);
     ``ssh://git@host`` names an account, not a secret."""
     for m in URL_USERINFO.finditer(text):
         if ":" in m.group(2) or not m.group(1).lower().startswith("ssh"):
             return True
-    return False
+    return any(URL_QUERY_SECRET.search(m.group(0)) for m in URL.finditer(text))
 
 
 class FleetError(Exception):

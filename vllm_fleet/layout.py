@@ -76,6 +76,18 @@ WHEELHOUSE_MANIFEST = "MANIFEST.json"
 WEIGHTS_STATUS = "status.json"
 #: The directory, in the SSH login user's home, through which secret files are uploaded (0700).
 UPLOAD_DIR = ".vllm-fleet-upload"
+#: The service's environment variables that point into the cache dir (HostLayout.runtime_env): variable -> the
+#: HostLayout property it holds. The render sets them; vllm_extra_env may not (the units let vLLM write only there).
+RUNTIME_ENV = {
+    "HOME": "runtime_home",
+    "XDG_CACHE_HOME": "cache_dir",
+    "CUDA_CACHE_PATH": "cuda_cache",
+    "FLASHINFER_WORKSPACE_BASE": "cache_dir",
+    "VLLM_CACHE_ROOT": "vllm_cache",
+    "HF_HOME": "hf_home",
+    "TRITON_CACHE_DIR": "triton_cache",
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor_cache",
+}
 
 
 def staged_path(path: str) -> str:
@@ -276,6 +288,15 @@ class HostLayout:
     def gate_unit(self) -> str:
         """The transient unit the gate worker runs as (vllm_fleet/service/hostprog.py `apply`), with .service."""
         return f"vllm-fleet-gate-{self.service}.service"
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        """Every unit name the toolkit uses for this service, without .service: the service, its download, watchdog
+        and device-node units, the gate's transient unit, and on a router host the router, its prober and its front.
+        Each is written (or, the gate's, started) by the deploy and removed by uninstall, so a unit of one of these
+        names that the toolkit did not render is someone else's (preflight's ownership check)."""
+        return (self.service, self.fetch_unit, self.watchdog_unit, self.devices_unit, self.gate_unit.removesuffix(".service"),
+                self.router_unit, self.prober_unit, self.front_unit)
 
     # -- base_dir: programs, state, venvs, tools ------------------------------------------
     @property
@@ -527,6 +548,13 @@ class HostLayout:
         """The service's HOME: the writable cache dir, so ~/.cache, ~/.nv and JIT caches can be written
         (data_dir itself is read-only to the service)."""
         return self.cache_dir
+
+    @property
+    def runtime_env(self) -> dict[str, str]:
+        """The service's cache variables (`RUNTIME_ENV`) with their paths: HOME and XDG_CACHE_HOME are the writable
+        cache dir (data_dir itself is read-only to the service, so ~/.cache, ~/.nv and JIT caches land there);
+        FLASHINFER_WORKSPACE_BASE is FlashInfer's JIT cache base (<base>/.cache/flashinfer)."""
+        return {name: getattr(self, prop) for name, prop in RUNTIME_ENV.items()}
 
     @property
     def cuda_cache(self) -> str:

@@ -52,7 +52,9 @@ __all__ = ["PREFIX", "SECTIONS", "Settings", "WeightsSource", "load_settings"]
 
 PREFIX = "vllm_"
 
-_UNIT_RE = re.compile(r"^[A-Za-z0-9:_.\\-]{1,200}$")
+#: A unit name: letters, digits and ``:_.-``, starting with a letter or digit (systemctl reads a leading ``-`` as an
+#: option); no backslash (systemd C-unescapes ExecStart words and unit names: ``a\x2db`` is ``a-b``).
+_UNIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:_.-]{0,199}")
 _VERSION_RE = re.compile(r"^\d+\.\d+(\.\d+)?([a-z0-9.+-]*)$")
 MAX_GPU_INDEX = 63  # no host has more than 64 GPUs (nvidia-smi indices 0-63)
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
@@ -119,7 +121,9 @@ class CoreSection(BaseModel):
     @classmethod
     def _unit(cls, v: str) -> str:
         if not _UNIT_RE.fullmatch(v) or v.endswith(".service"):
-            raise ValueError("is not a unit name|use letters, digits and -_. without the .service suffix, e.g. vllm")
+            raise ValueError("is not a unit name: up to 200 letters, digits and :_.-, starting with a letter or digit "
+                             "(systemctl would read a leading - as an option; systemd unescapes a backslash), without "
+                             "the .service suffix|set vllm_service_name to such a name, e.g. vllm or vllm-minimax")
         return v
 
     @field_validator("base_dir", "data_dir")

@@ -106,4 +106,4 @@ def test_a_first_deploy_installs_and_starts_the_watchdog_and_its_units(no_host_c
         assert path in service, path  # in the same one read as the unit
     assert run.count("NvidiaDevices") == 1 and run.count("CompanionUnits") == 1
     commands = " \n".join(str(c) for c in run.execute())
-    assert "systemctl restart vllm-watchdog.service" in commands and "systemctl enable vllm-watchdog.service" in commands
+    assert "systemctl restart -- vllm-watchdog.service" in commands and "systemctl enable -- vllm-watchdog.service" in commands

@@ -50,3 +50,48 @@ def test_mask_and_detect():
     assert url_credentials(CRED) and url_credentials(TOKEN_AS_USER) and url_credentials(f"ssh://git:{PASSWORD}@h/x")
     assert not url_credentials("ssh://git@github.com/x") and not url_credentials("https://pypi.org/simple")
     assert not url_credentials("user@example.com")  # no scheme: not a URL
+
+
+# -- credentials in a URL's query string (B5): the same refusal and masking as user:password@ ---------------
+
+QUERY = [f"?token={PASSWORD}", f"?x=1&api_key={PASSWORD}", f"?APIKEY={PASSWORD}", f"?Access_Token={PASSWORD}",
+         f"?password={PASSWORD}&b=2", f"?secret={PASSWORD}", f"?sig={PASSWORD}", f"?X-Amz-Signature={PASSWORD}",
+         f"?key={PASSWORD}", f"?hf_token={PASSWORD}", f"#access_token={PASSWORD}"]
+
+
+@pytest.mark.parametrize("query", QUERY)
+@pytest.mark.parametrize("key,make", [
+    ("vllm_index_url", lambda q: f"https://pypi.example/simple{q}"),
+    ("vllm_extra_index_urls", lambda q: [f"https://pypi.example/simple{q}"]),
+    ("vllm_find_links", lambda q: [f"https://wheels.example/{q}"]),
+    ("vllm_extra_args", lambda q: ["--some-url", f"https://x.example/{q}"]),
+    ("vllm_extra_env", lambda q: {"HF_ENDPOINT": f"https://mirror.example/{q}"}),
+    ("vllm_weights_sources", lambda q: [{"kind": "hf", "repo": "Org/Name", "endpoint": f"https://mirror.example/{q}"}]),
+])
+def test_a_secret_in_a_url_query_is_refused_and_masked(key, make, query):
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, key: make(query)}, host="gpu-1")
+    text = str(err.value)
+    assert text.startswith(f"host gpu-1: {key}=") and PASSWORD not in text, text
+    assert "=***" in text and "remedy:" in text
+
+
+def test_the_weights_endpoint_remedy_names_the_token_setting():
+    with pytest.raises(SettingsError) as err:
+        load_settings({**BASE, "vllm_weights_sources": [{"kind": "hf", "repo": "Org/Name",
+                                                         "endpoint": f"https://mirror.example/?token={PASSWORD}"}]})
+    remedy = str(err.value).split("remedy:", 1)[1]
+    assert "VLLM_FLEET_HF_TOKEN" in remedy and "vllm_hf_token" in remedy
+
+
+@pytest.mark.parametrize("url", ["https://pypi.example/simple?page=2", "https://h.example/?tokens_left=3&keyword=x",
+                                 "https://h.example/?token=", "https://h.example/a?monkey=1", "https://pypi.org/simple"])
+def test_a_query_without_a_secret_passes(url):
+    assert not url_credentials(url)
+    assert load_settings({**BASE, "vllm_index_url": url}).index_url == url
+
+
+def test_mask_a_query_secret():
+    assert mask_credentials(f"see https://h.example/s?a=1&Token={PASSWORD}&b=2 now") == \
+        "see https://h.example/s?a=1&Token=***&b=2 now"
+    assert mask_credentials("key=value outside a URL") == "key=value outside a URL"

@@ -10,7 +10,9 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+#: A user name: lower-case letters, digits, _ and -, starting with a letter (useradd and chown would read a leading
+#: ``-`` as an option; Debian's adduser NAME_REGEX), at most 31 characters.
+_USER_RE = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 
 
 class AccountSection(BaseModel):
@@ -25,5 +27,6 @@ class AccountSection(BaseModel):
     @classmethod
     def _user(cls, v: str) -> str:
         if not _USER_RE.fullmatch(v) or v == "root":
-            raise ValueError("is not a valid unprivileged user name|use a lower-case name such as vllm (never root)")
+            raise ValueError("is not a valid unprivileged user name: up to 31 lower-case letters, digits, _ and -, "
+                             "starting with a letter; never root|set vllm_service_user to such a name, e.g. vllm")
         return v

@@ -297,7 +297,7 @@ def restart_on_change(unit: str, what: str, changed):
 
     q = shlex.quote(unit)
     return server.shell(name=f"Reload systemd and restart {unit} ({what} changed)",
-                        commands=["systemctl daemon-reload", f"systemctl enable {q}", f"systemctl restart {q}"], _if=changed)
+                        commands=["systemctl daemon-reload", f"systemctl enable -- {q}", f"systemctl restart -- {q}"], _if=changed)
 
 
 @operation()
@@ -315,8 +315,8 @@ def unit_running(unit: str, seen: tuple[str, str]):
     """
     active, enabled = seen
     if enabled != "enabled":
-        yield StringCommand("systemctl", "enable", QuoteString(unit))
+        yield StringCommand("systemctl", "enable", "--", QuoteString(unit))
     if active != "active":
-        yield StringCommand("systemctl", "start", QuoteString(unit))
+        yield StringCommand("systemctl", "start", "--", QuoteString(unit))
     if enabled == "enabled" and active == "active":
         host.noop(f"{unit} is enabled and running")

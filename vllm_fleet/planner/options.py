@@ -128,6 +128,17 @@ def _check_max_model_len(v: int | str) -> int | str:
     return v
 
 
+def check_served_name(v: str | None, key: str = "vllm_served_model_name") -> str | None:
+    """A served model name (what clients send as "model"): one argv word vLLM reads as the value of
+    --served-model-name, so never one its parser would read as an option (a leading ``-``: ``--api-key``).
+    Whitespace and control characters are refused for every name (vllm_fleet.settings.text_problem); ``/``, ``.``,
+    ``:`` and the like stay valid (``org/model-v2``): vLLM takes any other string."""
+    if v is not None and v.startswith("-"):
+        raise ValueError("starts with '-', so vLLM's parser would read it as an option, not as the name|"
+                         f"set {key} to a name starting with a letter or digit, e.g. org/model-v2")
+    return v
+
+
 def _check_block_size(v: int | None) -> int | None:
     if v is not None and v not in BLOCK_SIZES:
         raise ValueError(f"is not a KV block size vLLM's attention backends take ({', '.join(map(str, BLOCK_SIZES))}: "
@@ -160,7 +171,9 @@ def _int_or_word(word: str) -> int | str:
 
 OPTIONS: tuple[Option, ...] = (
     Option("served_model_name", "--served-model-name", str | None, None,
-           'name clients send as "model"; None = the profile name'),
+           'name clients send as "model"; None = the profile name', check=check_served_name,
+           refused="a name starting with `-` (`--api-key`: vLLM's parser would read an option, not the name); "
+                   "whitespace or a control character. Anything else vLLM takes: `org/model-v2`"),
     Option("tensor_parallel_size", "--tensor-parallel-size", int | None, None,
            "TP size; None = the planner picks (all selected GPUs / (PP x DP))", aliases=("-tp",), ge=1,
            le=MAX_GPUS_PER_REPLICA, bounds=_GPUS_WHY),

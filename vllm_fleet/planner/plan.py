@@ -557,6 +557,16 @@ def make_plan(model: str | Path, hardware: Hardware | str, options: PlanOptions 
             ))
     else:
         chosen, source = upper, "requested"
+        if upper < useful:
+            # Not an error: a length the user sets is theirs (a classifier, short prompts, a test), unlike "auto"
+            # calling a layout deployable when what fits is too short.
+            warnings.append(Finding(
+                "MAX_LEN_SHORT",
+                f"vllm_max_model_len {upper} is below the useful minimum of {useful} tokens (MIN_USEFUL_MAX_MODEL_LEN: "
+                "a system prompt, a question and an answer); ordinary chat requests will fail with 'maximum context "
+                "length' errors.",
+                f"set vllm_max_model_len to {useful} or more, or \"auto\"; keep it only if every request is that short.",
+            ))
         short = kv.check_enough_kv_cache_memory(layout_kv, available, upper, tokens) if available > 0 else None
         if short is not None:
             errors.append(Finding("KV_DOES_NOT_FIT", short.message(), _fit_remedy(

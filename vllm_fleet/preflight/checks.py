@@ -127,7 +127,10 @@ NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/
 def check_ownership(settings: Settings, snap, units: Collection[str]) -> tuple[list[str], list[str]]:
     """(problems, notes): units of the service's names and a service user that the toolkit did not create.
 
-    A unit file of one of ``units`` (names without .service) without the toolkit's mark would be replaced
+    + units: the service's unit names without .service (`HostLayout.units`: the service, its download, watchdog,
+      device-node, gate and router units).
+
+    A unit file of one of ``units`` without the toolkit's mark would be replaced
     or shadowed by the deploy; an existing account it did not create would get a nologin shell and run
     vLLM. Each is refused unless its adopt setting (vllm_adopt_existing_unit, vllm_adopt_existing_user)
     takes it over; a note then says so. An account is the toolkit's when its GECOS is the toolkit's

@@ -35,7 +35,7 @@ def _snapshot_read(settings: Settings, model: ModelSource) -> Read:
     lay = HostLayout.of(settings)
     return Read.of(HostSnapshot, paths=[lay.base_dir, lay.data_dir],
                    weights=(fetch.program, fetch.config_path) if fetch is not None and fetch.downloads else None,
-                   units=(settings.service_name, lay.fetch_unit), user=settings.service_user)
+                   units=lay.units, user=settings.service_user)
 
 
 def run(settings: Settings, model: ModelSource) -> HostState:
@@ -47,10 +47,9 @@ def run(settings: Settings, model: ModelSource) -> HostState:
     fetch = model.fetch
     model_path = model.serve_path or None
     lay = HostLayout.of(settings)
-    units = (settings.service_name, lay.fetch_unit)
     snap = read(host, _snapshot_read(settings, model))
     problems = preflight.check(settings, snap, ours=_ours(settings))
-    owned, notes = preflight.check_ownership(settings, snap, units)
+    owned, notes = preflight.check_ownership(settings, snap, lay.units)
     problems += owned
     plan = None
     if not problems:

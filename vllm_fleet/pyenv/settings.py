@@ -51,7 +51,9 @@ class PyenvSection(BaseModel):
         if v is not None and not re.match(r"^(https?|file|git\+https?|ssh)://", v):
             raise ValueError("is not a URL|use a full URL such as https://pypi.org/simple")
         if v is not None and url_credentials(v):
-            raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv, pip and git read it) and use the URL without them")
+            raise ValueError("holds credentials (user:password@ or a token in the query such as ?token=), which would appear "
+                             "in commands, process lists and logs|set the URL without them, and put them in "
+                             "/root/.netrc on the host (uv, pip and git read it; a token as the password of the index host's entry)")
         return v
 
     @field_validator("torch_backend")
@@ -94,7 +96,9 @@ class PyenvSection(BaseModel):
             if not (re.match(r"^(https?|file)://", u) or u.startswith("/")):
                 raise ValueError(f"entry {u!r} is neither a URL nor an absolute path|use https://... or /path/to/wheels")
             if url_credentials(u):
-                raise ValueError("holds credentials, which would appear in commands, process lists and logs|put them in /root/.netrc on the host (uv and pip read it) and use the URL without them")
+                raise ValueError("holds credentials (user:password@ or a token in the query such as ?token=), which would "
+                                 "appear in commands, process lists and logs|list the URL without them, and put them in "
+                                 "/root/.netrc on the host (uv and pip read it; a token as the password of the host's entry)")
         return v
 
     @model_validator(mode="after")

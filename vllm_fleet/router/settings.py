@@ -44,6 +44,13 @@ class RouterSection(BaseModel):
     rolling_batch: int = Field(1, ge=1, le=64, description="replicas a rolling change restarts at once (each drained at its router first); the others keep serving")
     rolling_drain_timeout_s: int = Field(60, ge=0, le=3600, description="a rolling change waits at most this long for a replica's requests in flight to finish after the router stopped sending it new ones")
 
+    @field_validator("router_model")
+    @classmethod
+    def _router_model(cls, v: str | None) -> str | None:
+        from vllm_fleet.planner.options import check_served_name
+
+        return check_served_name(v, "vllm_router_model")
+
     @field_validator("router_bind_host")
     @classmethod
     def _router_bind(cls, v: str) -> str:

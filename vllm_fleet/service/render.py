@@ -104,17 +104,7 @@ def service_environment(settings: Settings, plan: Plan) -> dict[str, str]:
     if settings.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = settings.cuda_visible_devices
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices as nvidia-smi numbers them
-    env.update({
-        # HOME is writable (data_dir is not): ~/.cache, ~/.nv, ~/.triton and JIT caches land under the cache dir.
-        "HOME": lay.runtime_home,
-        "XDG_CACHE_HOME": lay.cache_dir,
-        "CUDA_CACHE_PATH": lay.cuda_cache,
-        "FLASHINFER_WORKSPACE_BASE": lay.cache_dir,  # FlashInfer's JIT cache: <base>/.cache/flashinfer
-        "VLLM_CACHE_ROOT": lay.vllm_cache,
-        "HF_HOME": lay.hf_home,
-        "TRITON_CACHE_DIR": lay.triton_cache,
-        "TORCHINDUCTOR_CACHE_DIR": lay.torchinductor_cache,
-    })
+    env.update(lay.runtime_env)  # caches under data_dir (layout.RUNTIME_ENV)
     if plan.model_path.startswith("/"):
         # The weights are a directory on the host (the weights role put them there): vLLM needs
         # no hub, and on air-gapped hosts a hub lookup only waits for timeouts (found on the

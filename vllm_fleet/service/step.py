@@ -289,7 +289,7 @@ def unit_enabled(service: str, enabled: bool):
     if enabled:
         host.noop(f"{service} is enabled")
     else:
-        yield StringCommand("systemctl", "enable", QuoteString(service))
+        yield StringCommand("systemctl", "enable", "--", QuoteString(service))
 
 
 def removal(settings: Settings, others: list[str] | tuple[str, ...] = (), login_home: str = "/root"):
@@ -341,8 +341,8 @@ def unit_stopped(unit: str):
     running = seen.get("active", "") in ("active", "activating", "reloading", "deactivating")
     enabled = seen.get("enabled", "").startswith(("enabled", "linked", "alias"))
     if running:
-        yield StringCommand("systemctl", "stop", QuoteString(unit))
+        yield StringCommand("systemctl", "stop", "--", QuoteString(unit))
     if enabled:
-        yield StringCommand("systemctl", "disable", QuoteString(unit))
+        yield StringCommand("systemctl", "disable", "--", QuoteString(unit))
     if not running and not enabled:
         host.noop(f"{unit} is stopped and disabled")

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_fleet.errors import url_credentials
 from vllm_fleet.layout import served_dir_problem
 
 
@@ -36,7 +37,13 @@ class WeightsSource(BaseModel):
         elif not self.repo or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo):
             raise ValueError(f"a {self.kind} source needs repo: an id like MiniMaxAI/MiniMax-M2")
         if self.endpoint is not None and not re.match(r"^https?://[^@\s]+$", self.endpoint):
-            raise ValueError("endpoint must be an http(s) URL without credentials (the token goes in vllm_hf_token)")
+            raise ValueError("endpoint must be an http(s) URL without credentials|set the source's endpoint to "
+                             "https://HOST/ without user:password@ (a hub token goes in vllm_hf_token: "
+                             "VLLM_FLEET_HF_TOKEN in the environment of the deploy)")
+        if self.endpoint is not None and url_credentials(self.endpoint):
+            raise ValueError("endpoint carries a credential in its query, which would stand in the download's config, "
+                             "its log and the deploy's output|set the source's endpoint without it (a hub token goes in "
+                             "vllm_hf_token: VLLM_FLEET_HF_TOKEN in the environment of the deploy)")
         return self
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -98,6 +99,16 @@ def resolved_sources(settings: Settings, profile_revision: str | None = None) ->
     return tuple(out)
 
 
+#: A commit id as the hubs take it: 40 lower-case hex digits (huggingface_hub's REGEX_COMMIT_HASH; anything else,
+#: upper-case hex included, is looked up as a branch or tag).
+COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit(revision: str | None) -> bool:
+    """``revision`` pins one commit (it cannot move as a branch or a tag can)."""
+    return revision is not None and COMMIT_ID.fullmatch(revision) is not None
+
+
 def source_warnings(settings: Settings, profile) -> list[str]:
     """What the weights' sources leave to chance, as ``problem; remedy: ...`` lines (warnings, not errors).
 
@@ -105,6 +116,8 @@ def source_warnings(settings: Settings, profile) -> list[str]:
 
     - a hub source with no revision (its own or the profile's): the download takes the repo's newest
       commit of that moment, so two hosts, or two runs, may serve different weights;
+    - a hub source whose revision is a branch or tag (``main``, ``master``, ``v1.0``), not a commit id
+      (`is_commit`): the same, later;
     - a profile served by repo id (no vllm_weights_sources) without a pinned revision: vLLM fetches the
       newest commit itself;
     - a source repo that differs from the profile's (hf_repo, modelscope_repo): the plan's sizes and
@@ -113,8 +126,9 @@ def source_warnings(settings: Settings, profile) -> list[str]:
     revision = getattr(profile, "revision", None)
     out = []
     if not settings.weights_sources:
-        if profile is not None and getattr(profile, "local_path", None) is None and profile.hf_repo and not revision:
-            out.append(f"vLLM fetches {profile.hf_repo} itself at its newest revision (the profile pins none), so hosts "
+        if profile is not None and getattr(profile, "local_path", None) is None and profile.hf_repo and not is_commit(revision):
+            pins = "the profile pins none" if not revision else f"the profile pins {revision!r}, a branch or tag, not a commit"
+            out.append(f"vLLM fetches {profile.hf_repo} itself at its newest revision ({pins}), so hosts "
                        "may serve different weights; remedy: set vllm_weights_sources = [{kind: hf, repo: "
                        f"{profile.hf_repo}, revision: <commit sha>}}]")
         return out
@@ -124,7 +138,12 @@ def source_warnings(settings: Settings, profile) -> list[str]:
         where = f"vllm_weights_sources[{i}] ({s.kind} {s.repo})"
         if s.revision is None and not revision:
             out.append(f"{where} has no revision and the profile pins none: the download takes the repo's newest commit, "
-                       "so hosts may serve different weights; remedy: set its revision to a commit sha (or a tag)")
+                       "so hosts may serve different weights; remedy: set its revision to a commit sha")
+        elif not is_commit(s.revision or revision):
+            whose = "its" if s.revision is not None else "the profile's"
+            out.append(f"{where} has {whose} revision {s.revision or revision!r}, a branch or tag name, not a commit: it can "
+                       "move, so hosts, or two runs, may serve different weights; remedy: pin a commit sha (40 hex "
+                       "digits, the hub's commit id) as its revision")
         expected = getattr(profile, "modelscope_repo" if s.kind == "modelscope" else "hf_repo", None) if profile else None
         if expected and s.repo != expected:
             out.append(f"{where} differs from the profile's {'modelscope_repo' if s.kind == 'modelscope' else 'hf_repo'} "

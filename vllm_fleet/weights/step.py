@@ -141,7 +141,7 @@ def wait_for_download(run, plan: wplan.FetchPlan, watch: Watch, interrupt: Inter
                         f"(a source: vllm_weights_sources; the disk: vllm_data_dir), or raise vllm_weights_restarts / "
                         f"vllm_weights_stall_s / vllm_weights_wait_timeout_s")
                 warn(f"weights: {verdict.why}; last lines of its log:\n{tail}")
-                run(f"systemctl restart {q(unit)}")
+                run(f"systemctl restart -- {q(unit)}")
                 last_log = now
             elif now - last_log >= PROGRESS_EVERY_S:
                 phase = (status or {}).get("phase") or "starting"
@@ -264,7 +264,7 @@ def _apply_fetch(settings: Settings, plan: wplan.FetchPlan, check: dict | None) 
     if not running:
         mk = f"install -d -o {q(user)} -g {q(user)} -m 750 {q(plan.serve_path)}"
         server.shell(name=f"Start the weights download unit {plan.unit}.service into {plan.serve_path}",
-                     commands=[mk, f"rm -f {q(plan.status_path)}", f"systemctl start {q(plan.unit)}.service"])
+                     commands=[mk, f"rm -f {q(plan.status_path)}", f"systemctl start -- {q(plan.unit)}.service"])
     else:
         logger.info(f"{host.print_prefix}weights: {plan.unit}.service is already running; attaching to it")
     if not settings.weights_wait:

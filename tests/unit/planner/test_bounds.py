@@ -123,3 +123,33 @@ def test_weights_warnings_for_an_unpinned_revision_and_another_modelscope_repo()
     assert wplan.source_warnings(pinned, profile) == []
     by_repo_id = wplan.source_warnings(load_settings({}), profile)
     assert len(by_repo_id) == 1 and "vLLM fetches MiniMaxAI/MiniMax-M2 itself" in by_repo_id[0]
+
+
+@pytest.mark.parametrize("revision", ["main", "master", "v1.0", "refs/pr/1", "a" * 39, "a" * 41, "g" * 40, "A" * 40])
+@pytest.mark.parametrize("kind,repo", [("hf", "MiniMaxAI/MiniMax-M2"), ("modelscope", "MiniMax/MiniMax-M2")])
+def test_a_branch_or_tag_revision_is_not_pinned(kind, repo, revision):
+    """A branch (main, master) or a tag can move: hosts may serve different weights, like no revision at all. A commit
+    id is 40 lower-case hex digits (huggingface_hub's REGEX_COMMIT_HASH; anything else is looked up as a ref)."""
+    profile = load_profile("minimax-m2")
+    s = load_settings({"vllm_weights_sources": [{"kind": kind, "repo": repo, "revision": revision}]})
+    lines = wplan.source_warnings(s, profile)
+    assert len(lines) == 1 and f"revision {revision!r}" in lines[0] and "vllm_weights_sources[0]" in lines[0], lines
+    assert "commit sha" in lines[0].split("remedy:", 1)[1]
+
+
+@pytest.mark.parametrize("revision", ["0123456789abcdef0123456789abcdef01234567", "f" * 40])
+def test_a_commit_sha_is_pinned(revision):
+    s = load_settings({"vllm_weights_sources": [{"kind": "hf", "repo": "MiniMaxAI/MiniMax-M2", "revision": revision}]})
+    assert wplan.source_warnings(s, load_profile("minimax-m2")) == []
+
+
+def test_a_profile_that_pins_a_branch_is_not_pinned():
+    import dataclasses
+
+    profile = load_profile("minimax-m2")
+    branch = dataclasses.replace(profile, revision="main") if dataclasses.is_dataclass(profile) else \
+        profile.model_copy(update={"revision": "main"})
+    by_repo_id = wplan.source_warnings(load_settings({}), branch)
+    assert len(by_repo_id) == 1 and "'main', a branch or tag" in by_repo_id[0]
+    hub = load_settings({"vllm_weights_sources": [{"kind": "hf", "repo": "MiniMaxAI/MiniMax-M2"}]})
+    assert "the profile's revision 'main'" in wplan.source_warnings(hub, branch)[0]

@@ -7,6 +7,7 @@ import pytest
 from vllm_fleet.planner.hardware import GiB, Hardware
 from vllm_fleet.planner.plan import (
     MARGIN_FRACTION,
+    MIN_USEFUL_MAX_MODEL_LEN,
     NON_TORCH_MULTI,
     NON_TORCH_TP1,
     PlanError,
@@ -273,3 +274,20 @@ def test_batch_limits_the_plan_sizes_with_reach_the_argv() -> None:
     assert argv[argv.index("--max-num-seqs") + 1] == "64"
     assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"
     assert "--max-num-seqs" not in make_plan("minimax-m2", "8xH200", PlanOptions()).argv
+
+
+@pytest.mark.parametrize("length", [16, 512, 2047])
+def test_an_explicit_length_below_the_useful_minimum_is_served_with_a_warning(length):
+    """B7: "auto" refuses a fit below MIN_USEFUL_MAX_MODEL_LEN (FITS_TOO_SHORT); an explicit shorter length is the
+    user's choice (a classifier, an embedding-like use, a test), so it is planned as asked, but the plan says so."""
+    plan = make_plan("minimax-m2", "8xH200", PlanOptions(max_model_len=length))
+    assert plan.max_model_len == length and not plan.errors
+    short = [w for w in plan.warnings if w.code == "MAX_LEN_SHORT"]
+    assert len(short) == 1 and str(MIN_USEFUL_MAX_MODEL_LEN) in short[0].message
+    assert "vllm_max_model_len" in short[0].remedy and "--max-model-len" not in short[0].remedy
+
+
+@pytest.mark.parametrize("length", [2048, 8192])
+def test_a_length_at_the_minimum_gets_no_such_warning(length):
+    plan = make_plan("minimax-m2", "8xH200", PlanOptions(max_model_len=length))
+    assert not [w for w in plan.warnings if w.code == "MAX_LEN_SHORT"]

@@ -105,3 +105,48 @@ def test_a_uid_0_account_is_never_adopted():
     snap = snapshot(account=("vllm", "x", "0", "0", "", "/root", "/bin/bash"))
     problems, _ = checks.check_ownership(load_settings({"vllm_adopt_existing_user": True}), snap, UNITS)
     assert problems and "uid 0" in problems[0]
+
+
+def test_every_unit_the_toolkit_writes_for_the_service_is_checked():
+    """The names come from HostLayout (the same the steps and uninstall use), not from formatted strings."""
+    from vllm_fleet.layout import HostLayout
+
+    lay = HostLayout.of(S)
+    units = lay.units
+    for path in (lay.unit_path, lay.fetch_unit_path, lay.watchdog_unit_path, lay.devices_unit_path,
+                 lay.router_unit_path, lay.prober_unit_path, lay.front_unit_path):
+        assert path.rsplit("/", 1)[1].removesuffix(".service") in units, path
+    assert lay.gate_unit.removesuffix(".service") in units
+    assert len(set(units)) == len(units) == 8
+
+
+@pytest.mark.parametrize("unit", ["vllm-watchdog", "vllm-devices", "vllm-fleet-gate-vllm", "vllm-router",
+                                  "vllm-router-prober", "vllm-router-front"])
+def test_a_foreign_companion_unit_is_refused_unless_adopted(unit):
+    from vllm_fleet.layout import HostLayout
+
+    snap = snapshot(unit_files={f"{unit}.service": [(f"/etc/systemd/system/{unit}.service", False)]})
+    problems, notes = checks.check_ownership(S, snap, HostLayout.of(S).units)
+    assert len(problems) == 1 and f"unit {unit}.service already exists" in problems[0] and not notes
+    problems, notes = checks.check_ownership(load_settings({"vllm_adopt_existing_unit": True}), snap, HostLayout.of(S).units)
+    assert not problems and "takes it over" in notes[0]
+
+
+def test_the_preflight_step_reads_and_checks_the_layouts_units():
+    """The step's snapshot asks for every unit of HostLayout.units (one round trip; `run` checks the same)."""
+    from vllm_fleet.handoff import ModelSource
+    from vllm_fleet.layout import HostLayout
+    from vllm_fleet.preflight import step
+
+    read = step._snapshot_read(S, ModelSource(local_dir=None, serve_path="", fetch=None))
+    assert dict(read.kwargs)["units"] == HostLayout.of(S).units
+
+
+def test_the_companion_templates_carry_the_mark_in_their_first_lines():
+    from pathlib import Path
+
+    import vllm_fleet
+
+    root = Path(vllm_fleet.__file__).parent
+    for t in [*(root / "service/templates").glob("*.service.j2"), *(root / "router/templates").glob("*.service.j2")]:
+        assert UNIT_MARK in "".join(t.read_text().splitlines(True)[:3]), t

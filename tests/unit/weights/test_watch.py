@@ -101,7 +101,7 @@ def test_the_wait_restarts_a_killed_unit_with_its_log_lines_and_attaches_again(p
     w = watch(started=time.monotonic() - 2 * START_GRACE_S)
     line = wait_for_download(host, plan, w, Interrupt(), "h1", log=lambda m: None, warn=warned.append, poll_s=0.01)
     assert line == "x from hf:a/b at http://m"  # the last line names the source that served the files
-    assert [c for c in host.commands if c.startswith("systemctl restart")] == [f"systemctl restart {plan.unit}.service"]
+    assert [c for c in host.commands if c.startswith("systemctl restart")] == [f"systemctl restart -- {plan.unit}.service"]
     assert "died without finishing" in warned[0] and "Killed" in warned[0]
 
 
