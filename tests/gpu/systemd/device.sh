@@ -85,7 +85,7 @@ case "${1:-}" in
   prepare) stash && prepare ;;
   measure) stash && measure "${2:-540}"; rc=$?
     # at most 8 files come back
-    for f in results.json journal-cold.txt journal-vllm.txt journal-watchdog.txt gates.txt; do [ -f $V/out/$f ] && cp $V/out/$f "$OUT/"; done
+    for f in results.json journal-cold.txt journal-vllm.txt journal-watchdog.txt journal-devices.txt gates.txt; do [ -f $V/out/$f ] && cp $V/out/$f "$OUT/"; done
     exit $rc ;;
   *) echo "usage: $0 stash|prepare|measure [BUDGET_S]" >&2; exit 2 ;;
 esac

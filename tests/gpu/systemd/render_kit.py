@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Control-machine side of the systemd mode: what a deploy installs on the GPU host, rendered by the toolkit.
 
-    .venv/bin/python tests/gpu/systemd/render_kit.py render OUTDIR     # before the device calls
+    .venv/bin/python tests/gpu/systemd/render_kit.py render OUTDIR [NAME=VALUE ...]  # before the device calls
     .venv/bin/python tests/gpu/systemd/render_kit.py compare RESULTS_DIR  # after: vLLM's KV lines vs the plan
 
 ``render`` builds Settings for the GPU validation host (1x H200 as nvidia-smi reports it there, systemd 252,
@@ -18,6 +18,8 @@ tests/fixtures/tiny-minimax-m2 is make_tiny_model.py's output without the weight
 The watchdog is rendered with short periods (vllm_watchdog_interval_s 5, deadline 5, misses 2) so that a hung
 engine is restarted within the device call; every other setting is the default, except what the GPU test
 machine needs (NVLink multicast off, no FlashInfer in the kit; tests/gpu/smoke.py's MACHINE_SETTINGS).
+Each NAME=VALUE after OUTDIR goes into the settings' extra_env (host data vllm_extra_env), so it reaches the
+rendered unit exactly as a deploy would write it (2026-12-08: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
 
 ``compare`` reads RESULTS_DIR/journal-cold.txt (the journal of the cold start under the unit) and prints the
 planner's prediction next to vLLM's own KV lines (tests/gpu/smoke.py's parse_log and compare_kv).
@@ -49,10 +51,10 @@ DRIVER, CUDA = "580.159.04", "13.0"
 WATCHDOG = {"watchdog_interval_s": 5, "watchdog_deadline_s": 5, "watchdog_misses": 2}
 
 
-def settings(api_key: str) -> Settings:
+def settings(api_key: str, extra_env: dict[str, str] | None = None) -> Settings:
     return Settings(model=str(TINY), served_model_name=SERVED_NAME, gpus=[0], tensor_parallel_size=1,
                     gpu_memory_utilization=0.5, reasoning_parser=REASONING_PARSER, extra_args=TOOL_ARGS,
-                    api_key=api_key, **WATCHDOG, **MACHINE_SETTINGS)
+                    api_key=api_key, extra_env=extra_env or {}, **WATCHDOG, **MACHINE_SETTINGS)
 
 
 def host_state(s: Settings) -> HostState:
@@ -64,9 +66,9 @@ def host_state(s: Settings) -> HostState:
     return HostState(snap, make_plan(s.model, Hardware.from_facts([H200]), s.plan_options(model_path)))
 
 
-def cmd_render(out: Path) -> int:
+def cmd_render(out: Path, extra_env: dict[str, str]) -> int:
     key = secrets.token_hex(16)
-    s = settings(key)
+    s = settings(key, extra_env)
     state = host_state(s)
     rendered, gate_files, unit, secret = service_files(s, state, venv=None)
     files = [*gate_files, *unit, *secret, *companion_files(rendered)]
@@ -95,7 +97,8 @@ def cmd_render(out: Path) -> int:
         "weights_gib": mem.weights / GiB, "overhead_gib": mem.overhead.total / GiB,
         "available_kv_predicted_gib": mem.available_for_kv / GiB, "kv_tokens_predicted": plan.kv_capacity_tokens,
         "kv_bytes_per_token_per_gpu": plan.kv_cache_bytes_per_token_per_gpu, "argv": plan.argv,
-        "settings": {**WATCHDOG, **MACHINE_SETTINGS, "restart_sec": s.restart_sec, "gate_stability_s": s.gate_stability_s},
+        "settings": {**WATCHDOG, **MACHINE_SETTINGS, "restart_sec": s.restart_sec, "gate_stability_s": s.gate_stability_s,
+                     "extra_env": dict(s.extra_env)},
     }, indent=1) + "\n")
     for f in files:
         print(f"{f.mode} {f.user}:{f.group} {f.path}{' (secret)' if getattr(f, 'secret', False) else ''}")
@@ -114,10 +117,14 @@ def cmd_compare(results: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("render", "compare"):
+    extra = argv[2:]
+    if len(argv) < 2 or argv[0] not in ("render", "compare") or (argv[0] == "compare" and extra) \
+            or any("=" not in kv or kv.startswith("=") for kv in extra):
         print(__doc__, file=sys.stderr)
         return 2
-    return cmd_render(Path(argv[1])) if argv[0] == "render" else cmd_compare(Path(argv[1]))
+    if argv[0] == "compare":
+        return cmd_compare(Path(argv[1]))
+    return cmd_render(Path(argv[1]), dict(kv.split("=", 1) for kv in extra))
 
 
 if __name__ == "__main__":

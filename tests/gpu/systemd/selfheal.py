@@ -4,6 +4,7 @@
 Device side, stdlib only, run INSIDE systemd's namespace (tests/gpu/systemd/device.sh does it):
 
     nsx /usr/bin/python3 selfheal.py RENDER_DIR OUT_DIR BUDGET_S
+    SELFHEAL_STEPS=cold,devices,ipc,hang nsx ...     # only these steps, in this order (default: STEPS)
 
 RENDER_DIR is what tests/gpu/systemd/render_kit.py wrote on the control machine (the toolkit's own
 service_files/companion_files: unit, env file, gate and watchdog programs and configs, device-node and watchdog
@@ -11,15 +12,26 @@ units; manifest.json says where each goes and its owner and mode). The steps, in
 under /srv/vf/state; a later call goes on where the last stopped) and only while BUDGET_S allows its estimate:
 
 - setup: service user, the account step's directories, every file of the manifest (atomically, with owner and
-  mode), daemon-reload, the unit enabled; systemd-analyze security and verify.
+  mode), daemon-reload, the unit enabled; systemd-analyze security and verify; the NVIDIA device nodes before any
+  unit of ours ran; which syscall groups of this systemd hold pidfd_getfd (systemd-analyze syscall-filter, nested
+  groups expanded).
 - cold: the gate (`vllm-fleet-gate apply`) on an empty cache dir; the journal of that start is journal-cold.txt
   (vLLM's KV lines; render_kit.py compare puts them next to the plan). Then the watchdog unit enabled and
   started, as the service step does after the gate.
+- devices: the device-node unit (vllm-devices.service, started through the service's Wants=): its state, result
+  and journal, and the device nodes afterwards.
+- ipc: cross-process CUDA IPC (a CUDA tensor handed to a spawned child, as torch.multiprocessing does) run under
+  the installed unit itself (only ExecStart replaced, the reaper and Restart dropped: same user, sandbox, device
+  policy, system-call filter and Environment=, PYTORCH_CUDA_ALLOC_CONF included), and under the same unit without
+  the `SystemCallFilter=pidfd_getfd` allow line, and without it and without `@debug` in the deny list (controls:
+  they show whether the probe needs pidfd_getfd and which line gives it). vLLM itself at TP=1 has one CUDA
+  process (the EngineCore), so the gate alone does not exercise CUDA IPC.
 - warm: the gate again, same unit (compile cache kept).
 - engine_kill: SIGKILL of the EngineCore process; systemd state, /health and NRestarts every 0.5 s until a new
   MainPID answers /health 200 and a 1-token completion.
 - api_kill: SIGKILL of the API server (MainPID), the same.
-- hang: SIGSTOP of the EngineCore: /health stays 200; the watchdog must restart the service.
+- hang: SIGSTOP of the EngineCore: /health stays 200; the watchdog must restart the service (SIGKILL of the
+  main process, so Restart=always restarts it and NRestarts counts it).
 - broken: a unit with --max-model-len 999999 through the gate: it must fail, roll back, and the previous
   version must serve again.
 - final (every call): leak check of the API key (argv of every process, the whole journal, unit files, gate
@@ -35,6 +47,7 @@ import json
 import os
 import pwd
 import grp
+import re
 import shutil
 import signal
 import subprocess
@@ -46,7 +59,51 @@ from pathlib import Path
 
 STATE = Path("/srv/vf/state")
 POLL_S = 0.5
-ESTIMATE_S = {"cold": 170, "warm": 110, "engine_kill": 130, "api_kill": 110, "hang": 200, "broken": 190}
+ESTIMATE_S = {"cold": 170, "devices": 5, "ipc": 100, "hang": 160, "engine_kill": 130, "warm": 110, "api_kill": 110,
+              "broken": 190}
+STEPS = ("cold", "devices", "ipc", "hang", "engine_kill", "warm", "api_kill", "broken")
+# Cross-process CUDA IPC as torch.multiprocessing does it (the consumer rebuilds the producer's CUDA tensor; with
+# expandable segments that takes the producer's file descriptor with pidfd_getfd). Written to the host, run by the
+# service venv's python under a copy of the installed unit.
+IPC_PROBE = r'''
+import json, os, sys
+
+def child(q, r):
+    try:
+        t = q.get(timeout=60)
+        t += 1
+        import torch
+        torch.cuda.synchronize()
+        r.put("ok")
+    except Exception as e:
+        r.put(f"fail {type(e).__name__}: {e}".splitlines()[0][:300])
+
+def main():
+    import torch, torch.multiprocessing as mp
+    res = {"uid": os.getuid(), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "torch": torch.__version__}
+    try:
+        t = torch.zeros(8, device="cuda")
+        torch.cuda.synchronize()
+        res["cuda"] = "ok"
+        res["segments_expandable"] = sorted({str(seg.get("is_expandable")) for seg in torch.cuda.memory_snapshot()})
+        ctx = mp.get_context("spawn")
+        q, r = ctx.Queue(), ctx.Queue()
+        p = ctx.Process(target=child, args=(q, r))
+        p.start()
+        q.put(t)
+        v = r.get(timeout=60)
+        p.join(30)
+        torch.cuda.synchronize()
+        res["ipc"] = v
+        res["producer_sees_child_write"] = float(t.sum()) == 8.0
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    print("RESULT " + json.dumps(res), flush=True)
+    sys.exit(0 if res.get("ipc") == "ok" else 1)
+
+if __name__ == "__main__":
+    main()
+'''
 KV_WORDS = ("Available KV cache memory", "GPU KV cache size", "Maximum concurrency", "Model loading took",
             "torch.compile took", "init engine", "Graph capturing finished", "Directly load the compiled graph",
             "Initializing a V1 LLM engine", "Using FlashAttention")
@@ -117,6 +174,35 @@ class Run:
             return exc.code
         except (urllib.error.URLError, OSError):
             return 0
+
+    def chat(self) -> dict:
+        """One chat completion with the key (what a client sends); status and the start of the answer."""
+        payload = {"model": self.plan["argv"][4], "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24}
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=json.dumps(payload).encode(), method="POST")
+        req.add_header("Content-Type", "application/json")
+        req.add_header("Authorization", f"Bearer {self.key()}")
+        t = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                body = json.loads(resp.read())
+                msg = body["choices"][0]["message"]
+                return {"status": resp.status, "s": round(time.monotonic() - t, 2),
+                        "content": (msg.get("content") or "")[:120], "reasoning": str(msg.get("reasoning_content") or msg.get("reasoning") or "")[:80],
+                        "finish_reason": body["choices"][0].get("finish_reason"), "usage": body.get("usage")}
+        except urllib.error.HTTPError as exc:
+            return {"status": exc.code}
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
+            return {"status": 0, "error": f"{type(exc).__name__}: {exc}"[:200]}
+
+    @staticmethod
+    def environ_of(pid: int, name: str) -> str | None:
+        try:
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(name.encode() + b"="):
+                    return item.split(b"=", 1)[1].decode(errors="replace")
+        except OSError:
+            return "unreadable"
+        return None
 
     def health(self) -> int:
         return self.http("/health", timeout=1.0)
@@ -207,9 +293,48 @@ class Run:
             "nvidia_smi": self.sh(["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used,driver_version,compute_cap",
                                    "--format=csv,noheader"]).stdout.strip(),
             "nofile_hard_limit_here": self.sh(["sh", "-c", "ulimit -Hn"]).stdout.strip(),
+            "devices_before": self.dev_snapshot(),
+            "syscall_groups_with_pidfd_getfd": self.syscall_groups(),
+            "yama_ptrace_scope": self.sh(["cat", "/proc/sys/kernel/yama/ptrace_scope"]).stdout.strip(),
+            "kernel": os.uname().release,
         }
         self.say(f"setup: {json.dumps(info)[:1500]}")
         self.save("setup", info)
+
+    def dev_snapshot(self) -> dict:
+        return {
+            "dev_nodes": self.sh(["sh", "-c", "ls -ld /dev/nvidia* /dev/nvidia-caps/* 2>&1"]).stdout.strip().splitlines(),
+            "proc_devices": [l.strip() for l in Path("/proc/devices").read_text().splitlines() if "nvidia" in l],
+            "proc_modules": [" ".join(l.split()[:3]) for l in Path("/proc/modules").read_text().splitlines()
+                             if l.startswith("nvidia")] if os.path.exists("/proc/modules") else None,
+            "nvidia_modprobe": self.sh(["sh", "-c", "p=$(command -v nvidia-modprobe) && ls -l $p || echo 'not on PATH'; "
+                                        "ls -l /usr/bin/nvidia-modprobe 2>&1"]).stdout.strip().splitlines(),
+        }
+
+    def syscall_groups(self) -> dict:
+        """Which of this systemd's syscall groups hold pidfd_getfd, nested groups expanded."""
+        cache: dict[str, set[str]] = {}
+
+        def members(group: str) -> set[str]:
+            if group in cache:
+                return cache[group]
+            cache[group] = set()
+            out = self.sh(["systemd-analyze", "syscall-filter", group, "--no-pager"]).stdout.splitlines()
+            names: set[str] = set()
+            for line in out[1:]:
+                word = line.strip()
+                if not word or word.startswith("#"):
+                    continue
+                names |= members(word) if word.startswith("@") else {word}
+            cache[group] = names
+            return names
+
+        groups = ("@system-service", "@debug", "@process", "@default", "@basic-io", "@ipc")
+        res = {g: "pidfd_getfd" in members(g) for g in groups}
+        res["@system-service_size"] = len(members("@system-service"))
+        res["@system-service_pidfd_calls"] = sorted(n for n in members("@system-service") if "pidfd" in n)
+        res["@debug_members"] = sorted(members("@debug"))
+        return res
 
     def install(self, entry: dict) -> None:
         """Write one file of the manifest as the deploy does: temp file in the same directory, owner, mode, rename."""
@@ -268,6 +393,12 @@ class Run:
         # what the GPU reaper sees from inside this PID namespace, against the unit's own PIDs
         res["compute_apps_seen_here"] = self.sh(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
                                                  "--format=csv,noheader"]).stdout.strip().splitlines()
+        engine = self.engine_pid(main) if main else None
+        res["alloc_conf_in_processes"] = {f"main {main}": self.environ_of(main, "PYTORCH_CUDA_ALLOC_CONF") if main else None,
+                                          f"engine {engine}": self.environ_of(engine, "PYTORCH_CUDA_ALLOC_CONF") if engine else None}
+        res["journal_alloc_lines"] = self.pick(text, ("expandable", "pidfd", "PYTORCH_CUDA_ALLOC_CONF", "Operation not permitted"))[:20]
+        res["chat"] = self.chat()
+        self.say(f"cold: chat {res['chat']}; PYTORCH_CUDA_ALLOC_CONF in {res['alloc_conf_in_processes']}")
         # the service step enables and (re)starts the watchdog after the gate
         self.sh(["systemctl", "daemon-reload"])
         res["watchdog_enable"] = self.sh(["systemctl", "enable", self.wd]).returncode
@@ -277,6 +408,69 @@ class Run:
         self.save("cold", res)
         if res["rc"] == 0:
             self.mark("cold")
+
+    def step_devices(self) -> None:
+        unit = self.dirs["devices_unit"]
+        props = self.sh(["systemctl", "show", unit, "-p", "ActiveState,SubState,Result,ExecMainStatus,ExecMainCode,"
+                         "ExecMainStartTimestamp,ExecMainExitTimestamp,ExecStart"]).stdout
+        res = {"show": dict(line.split("=", 1) for line in props.splitlines() if "=" in line),
+               "journal": self.sh(["journalctl", "-u", unit, "-o", "short-precise", "--no-pager"]).stdout.strip().splitlines()[-30:],
+               "after": self.dev_snapshot(), "before": self.results.get("setup", {}).get("devices_before")}
+        (self.out / "journal-devices.txt").write_text("\n".join(res["journal"]) + "\n")
+        self.say(f"devices: {json.dumps(res)[:1500]}")
+        self.save("devices", res)
+        self.mark("devices")
+
+    def step_ipc(self) -> None:
+        """The IPC probe under the installed unit and two controls; each a transient copy of the unit file."""
+        probe = Path("/opt/vllm-fleet/probe/ipcprobe.py")
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(IPC_PROBE)
+        os.chmod(probe.parent, 0o755)
+        os.chmod(probe, 0o644)
+        python = self.dirs["venv"] + "/bin/python3"
+        base = []
+        for line in Path(self.dirs["unit_path"]).read_text().splitlines():
+            if line.startswith("ExecStart="):
+                line = f"ExecStart={python} {probe}"
+            elif line.startswith("ExecStartPre=+") or line.startswith("WantedBy=") or line == "[Install]":
+                continue  # no reaper (it would look for this unit's GPU leftovers), never enabled
+            elif line.startswith("Restart="):
+                line = "Restart=no\nRuntimeMaxSec=90"
+            base.append(line)
+        variants = {
+            "unit_as_rendered": base,
+            "without_allow_line": [l for l in base if l != "SystemCallFilter=pidfd_getfd"],
+            "without_allow_line_and_debug_deny": [l.replace(" @debug", "") if l.startswith("SystemCallFilter=~") else l
+                                                  for l in base if l != "SystemCallFilter=pidfd_getfd"],
+        }
+        out = {}
+        for name, lines in variants.items():
+            if self.left() < 130:
+                self.say(f"ipc {name}: skipped, {self.left():.0f} s left")
+                continue
+            unit = f"vf-ipcprobe-{name.replace('_', '-')}.service"
+            path = f"/etc/systemd/system/{unit}"
+            Path(path).write_text("\n".join(lines) + "\n")
+            self.sh(["systemctl", "daemon-reload"])
+            t = time.monotonic()
+            started = time.time()
+            self.sh(["systemctl", "start", unit])
+            while time.monotonic() - t < 100 and self.show(unit).get("ActiveState") in ("active", "activating"):
+                time.sleep(0.5)
+            props = self.show(unit)
+            text = self.sh(["journalctl", "-u", unit, "-o", "cat", "--no-pager", "--since", f"@{started - 1:.0f}"]).stdout
+            result = next((l for l in text.splitlines() if l.startswith("RESULT ")), None)
+            out[name] = {"wall_s": round(time.monotonic() - t, 1), "result": json.loads(result[7:]) if result else None,
+                         "exit": (props.get("Result"), props.get("ExecMainCode"), props.get("ExecMainStatus")),
+                         "filter_lines": [l for l in lines if l.startswith("SystemCallFilter=")],
+                         "environment_alloc": [l for l in lines if "PYTORCH_CUDA_ALLOC_CONF" in l],
+                         "journal_errors": self.pick(text, ("pidfd", "Operation not permitted", "Error", "error", "fail"))[:12]}
+            self.say(f"ipc {name}: {json.dumps(out[name])[:900]}")
+            os.unlink(path)
+        self.sh(["systemctl", "daemon-reload"])
+        self.save("ipc", out)
+        self.mark("ipc")
 
     def step_warm(self) -> None:
         res = self.gate("warm")
@@ -418,7 +612,8 @@ class Run:
         if not self.done("setup"):
             self.setup()
             self.mark("setup")
-        for step in ("cold", "warm", "engine_kill", "api_kill", "hang", "broken"):
+        steps = [s for s in os.environ.get("SELFHEAL_STEPS", ",".join(STEPS)).split(",") if s]
+        for step in steps:
             if self.done(step):
                 continue
             if step != "cold" and not self.done("cold"):
@@ -430,7 +625,7 @@ class Run:
             self.say(f"== {step} ({self.left():.0f} s left)")
             getattr(self, f"step_{step}")()
         self.final()
-        left = [s for s in ESTIMATE_S if not self.done(s)]
+        left = [s for s in steps if not self.done(s)]
         self.say(f"done in {time.monotonic() - self.t0:.0f} s; not done yet: {left or 'nothing'}")
         return 0
 
