@@ -51,6 +51,7 @@ PATTERNS: tuple[tuple[str, str], ...] = (
     (r"\bDESIGN\.md\b", "design notes outside the repository (use docs/design.md)"),
     (r"\bKINDS\.md\b", "the device machines' notes, not part of the project"),
     (re.escape(_path("opt", "wheels")) + r"\b", "a wheel cache that only some machines have"),
+    (re.escape(_path("opt", "torch")) + r"\b", "the GPU machine's image's torch venv, which only that machine has"),
     (re.escape(_path("root")) + "/", "a home directory of some machine"),
     (re.escape(_path("home")) + "/", "a home directory of some machine"),
 )
@@ -86,6 +87,13 @@ ALLOWED: tuple[Allowed, ...] = (
             "the credentials file on the deployed host (uv and pip read it as root)"),
     Allowed("tests/unit/pyenv/test_stack.py", f'"{_path("root", ".netrc")}"',
             "asserts the remedy names the credentials file on the deployed host"),
+    Allowed("tests/gpu/systemd/device.sh", "${VLLM_FLEET_GPU_TORCH_PY:-" + _path("opt", "torch", ".venv", "bin", "python3") + "}",
+            "the default of a setting, for the one machine this script runs on (the GPU machine, whose image has torch "
+            "there); elsewhere VLLM_FLEET_GPU_TORCH_PY names it, and prepare/measure stop with that name when it is absent"),
+    Allowed("tests/gpu/results/*", _path("opt", "torch", ".venv") + "/",
+            "verbatim logs of the GPU machine's runs: tracebacks and warnings from its image's torch venv"),
+    Allowed("tests/fixtures/vllm-logs/torch_illegal_memory_access.log", _path("opt", "torch", ".venv", "lib") + "/",
+            "a verbatim traceback from the GPU machine, where torch is in its image's venv"),
     Allowed("tests/unit/planner/test_plan.py", f'"{_md("NOTES")}" not in reason and "{_md("KINDS")}" not in reason',
             "asserts that the plan's reasons do not name these outside files"),
 )
@@ -168,6 +176,8 @@ def test_every_allowed_entry_is_still_used() -> None:
     (f"recipe: {_md('TESTING')}", True),
     (f"{_md('DESIGN')}: few round trips", True),
     (f"torch wheel from {_path('opt', 'wheels')}, or PyPI", True),
+    (f"TORCH_PY={_path('opt', 'torch', '.venv', 'bin', 'python3')}", True),
+    ("/opt/torchserve-like/x", False),
     (f"ProtectHome=yes hides {_path('home')}/ and {_path('root')}/", True),
     (f"the log `seed/{'000_0123abcd'}.txt`", True),
     ("shared_experts = 2; n_shared_experts", False),

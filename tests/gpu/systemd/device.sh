@@ -10,6 +10,9 @@
 #                                               stash, the small wheels into the venv, then selfheal.py inside
 #                                               the namespace for BUDGET_S seconds (default 540); results in $OUT
 #
+# VLLM_FLEET_GPU_TORCH_PY: the Python whose site-packages hold torch (lent to the service venv, and it runs the helpers);
+# the default is where the GPU machine's image has it (docs/gpu-validation.md). prepare and measure stop when it is absent.
+#
 # Everything lives under /srv and the layout's own paths (/opt/vllm-fleet, /var/lib/vllm-fleet, /etc):
 # nothing under /tmp, which a booting systemd may empty.
 set -uo pipefail
@@ -17,8 +20,14 @@ T0=$(date +%s)
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 V=/srv/vf; mkdir -p $V/kit $V/out $V/state
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-TORCH_PY=/opt/torch/.venv/bin/python3
+TORCH_PY=${VLLM_FLEET_GPU_TORCH_PY:-/opt/torch/.venv/bin/python3}
 log() { echo "$(date +%T) device.sh: $*"; }
+
+need_torch_py() {
+  [ -x "$TORCH_PY" ] && return 0
+  echo "device.sh: no Python with torch at $TORCH_PY (VLLM_FLEET_GPU_TORCH_PY$([ -n "${VLLM_FLEET_GPU_TORCH_PY:-}" ] || echo ' unset: the GPU image'"'"'s default')): set VLLM_FLEET_GPU_TORCH_PY to a python3 whose site-packages hold torch" >&2
+  return 1
+}
 
 stash() {
   local n=0
@@ -82,8 +91,8 @@ measure() {
 
 case "${1:-}" in
   stash) stash ;;
-  prepare) stash && prepare ;;
-  measure) stash && measure "${2:-540}"; rc=$?
+  prepare) need_torch_py && stash && prepare ;;
+  measure) need_torch_py && stash && measure "${2:-540}"; rc=$?
     # at most 8 files come back
     for f in results.json journal-cold.txt journal-vllm.txt journal-watchdog.txt journal-devices.txt gates.txt; do [ -f $V/out/$f ] && cp $V/out/$f "$OUT/"; done
     exit $rc ;;
