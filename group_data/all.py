@@ -121,3 +121,12 @@ vllm_router_probe_misses = 2            # misses in a row take a replica out of 
 vllm_router_version = "0.1.17"           # vllm-router release in the router's own venv
 vllm_rolling_batch = 1                   # replicas a rolling change restarts at once (each drained at its router first)
 vllm_rolling_drain_timeout_s = 60        # a rolling change waits this long at most for a drained replica's requests in flight
+
+# --- cluster (vllm_fleet/cluster/settings.py) ---
+# One model across several hosts (docs/multi-node.md): give the hosts of one inventory group the same vllm_cluster.
+vllm_cluster = None                      # cluster this host is a node of; None = serves alone
+vllm_cluster_rank = None                 # node rank: 0 = the head (serves the API), 1..N-1 = headless workers
+vllm_cluster_port = 29501                # rendezvous port on the head every worker connects to (--master-port)
+vllm_cluster_address = None              # this host's IP on the private cluster network (VLLM_HOST_IP; the head's is --master-addr)
+vllm_cluster_ifname = None               # interface for NCCL and Gloo between nodes (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)
+vllm_cluster_layout = "auto"             # pp (TP in a node, PP across) | dp-ep (MoE) | auto = the planner's choice

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import SecretStr
@@ -152,6 +152,55 @@ class Route:
         return next((url for m, url in self.upstreams if m.host == host), None)
 
 
+CLUSTER = "vllm_cluster"
+CLUSTER_RANK = "vllm_cluster_rank"
+CLUSTER_AGREE: tuple[str, ...] = (
+    "model", "version", "torch_backend", "torch_version", "weights_sources", "cluster_port", "cluster_layout",
+    "cluster_ifname", "served_model_name", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+    "enable_expert_parallel", "max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "kv_cache_dtype",
+    "block_size", "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "reasoning_parser",
+    "cudagraph_piecewise", "nvlink_multicast", "flashinfer_sampler", "extra_args")
+"""Settings every node of a cluster must share (without vllm_): vLLM builds one engine config from every rank's
+argv and the ranks load the same model shard layout, so one venv (vLLM, torch, backend), one model and revision
+(vllm_weights_sources), one layout and one set of serve options. vllm_gpus is compared by count (GPUs per node)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One model served across several hosts by vLLM's multi-node runtime (docs/multi-node.md), computed once.
+
+    + name: vllm_cluster
+    + model: the served model name
+    + members: the nodes in rank order (members[0] is the head, rank 0: it serves the API)
+    + head_address: where the workers reach the head (its vllm_cluster_address, else its advertised address)
+    + port: vllm_cluster_port, the head's rendezvous port
+    + layout: vllm_cluster_layout
+    + ifname: vllm_cluster_ifname (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME), None = NCCL's and Gloo's own choice
+    + host_ips: host -> its vllm_cluster_address (VLLM_HOST_IP), for the hosts that set one
+    """
+
+    name: str
+    model: str
+    members: tuple[Member, ...]
+    head_address: str
+    port: int
+    layout: str
+    ifname: str | None
+    host_ips: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def head(self) -> Member:
+        return self.members[0]
+
+    @property
+    def workers(self) -> tuple[Member, ...]:
+        return self.members[1:]
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(m.host for m in self.members)
+
+
 @dataclass(frozen=True)
 class Topology:
     """Every member of the fleet, in inventory order (including hosts a --limit leaves out).
@@ -159,11 +208,17 @@ class Topology:
     + members: the hosts that serve vLLM
     + routes: the routers (hosts of the `routers` group), each in front of its model's replicas
     + router_only: hosts that only run a router (in `routers` and in no other group): no vLLM step runs there
+    + clusters: the multi-node clusters (hosts with vllm_cluster), each computed once, in order of their head
     """
 
     members: tuple[Member, ...] = field(default_factory=tuple)
     routes: tuple[Route, ...] = field(default_factory=tuple)
     router_only: tuple[str, ...] = field(default_factory=tuple)
+    clusters: tuple[Cluster, ...] = field(default_factory=tuple)
+
+    def cluster_of(self, host: str) -> Cluster | None:
+        """The cluster ``host`` is a node of; None when it serves alone."""
+        return next((c for c in self.clusters if host in c.hosts), None)
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self.members)
@@ -273,7 +328,110 @@ def topology(hosts: Iterable[tuple]) -> Topology:
     found, problems = routes(tuple(members), routers, peers)
     if problems:
         raise TopologyError(problems)
-    return Topology(tuple(members), found, tuple(router_only))
+    found_clusters, problems = clusters(tuple(members), peers, {n for n, _ in routers}, found)
+    if problems:
+        raise TopologyError(problems)
+    by_host = {m.host: m for c in found_clusters for m in c.members}
+    members = [by_host.get(m.host, m) for m in members]
+    return Topology(tuple(members), found, tuple(router_only), found_clusters)
+
+
+def clusters(members: tuple[Member, ...], peers: Mapping[str, Settings], router_hosts: set[str],
+             found_routes: tuple[Route, ...]) -> tuple[tuple[Cluster, ...], list[tuple[str, Problem]]]:
+    """Each cluster (hosts with one vllm_cluster), its members in rank order with their cluster fields set, and
+    what makes one impossible, one problem per host and setting: a node without vllm_cluster_rank; two nodes with
+    one rank (a worker listed twice) or one address; no rank 0 (no head); ranks with a gap; a cluster of one
+    node; a head no worker can reach; a node that disagrees with the head on a setting of `CLUSTER_AGREE` or on
+    the number of vllm_gpus; a node that is also a router host or a router's replica."""
+    problems: list[tuple[str, Problem]] = []
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        name = peers[m.host].cluster
+        if name is not None:
+            groups.setdefault(name, []).append(m)
+    behind_router = {m.host: r.router for r in found_routes for m, _ in r.upstreams}
+    out: list[Cluster] = []
+    for name, nodes in groups.items():
+        bad = False
+        by_rank: dict[int, Member] = {}
+        addresses: dict[str, str] = {}
+        for m in nodes:
+            s = peers[m.host]
+            if s.cluster_rank is None:
+                problems.append((m.host, Problem(CLUSTER_RANK, None, f"is missing: host {m.host} is a node of cluster {name!r}",
+                                                 "give each node its rank: 0 for the head (it serves the API), 1..N-1 for the workers")))
+                bad = True
+                continue
+            other = by_rank.setdefault(s.cluster_rank, m)
+            if other is not m:
+                problems.append((m.host, Problem(CLUSTER_RANK, s.cluster_rank,
+                                                 f"is also the rank of host {other.host} in cluster {name!r}: a node listed twice",
+                                                 f"give each node of {name!r} its own rank, 0..{len(nodes) - 1}")))
+                bad = True
+            address = s.cluster_address or m.address
+            if address is not None:
+                first = addresses.setdefault(address.rstrip(".").lower(), m.host)
+                if first != m.host:
+                    problems.append((m.host, Problem("vllm_cluster_address", s.cluster_address,
+                                                     f"host {m.host} and host {first} are both reached at {address}: one machine listed twice in cluster {name!r}",
+                                                     "list each machine once, or set vllm_cluster_address on each to its own IP")))
+                    bad = True
+            if m.host in router_hosts:
+                problems.append((m.host, Problem(CLUSTER, name, "is set on a host of the `routers` group: a cluster node runs no router",
+                                                 "run the router on a host outside the cluster, or remove this host from `routers`")))
+                bad = True
+            elif m.host in behind_router:
+                problems.append((m.host, Problem(CLUSTER, name,
+                                                 f"is set on a replica of the router on {behind_router[m.host]}: a router in front of a cluster is not built yet "
+                                                 "(a worker serves no API at all)",
+                                                 f"set vllm_router_replicas on {behind_router[m.host]} to hosts outside the cluster, or serve the cluster without a router")))
+                bad = True
+        if len(nodes) < 2:
+            problems.append((nodes[0].host, Problem(CLUSTER, name, "names a cluster of one node",
+                                                    "give the other nodes the same vllm_cluster, or unset it on a host that serves alone")))
+            continue
+        if 0 not in by_rank and not any(peers[m.host].cluster_rank is None for m in nodes):
+            problems.append((nodes[0].host, Problem(CLUSTER_RANK, peers[nodes[0].host].cluster_rank,
+                                                    f"cluster {name!r} has no head: no node has rank 0",
+                                                    "give the node that serves the API vllm_cluster_rank = 0")))
+            bad = True
+        for rank, m in sorted(by_rank.items()):
+            if rank >= len(nodes):
+                problems.append((m.host, Problem(CLUSTER_RANK, rank, f"is beyond the {len(nodes)} nodes of cluster {name!r}: ranks must be 0..{len(nodes) - 1}",
+                                                 f"number the nodes of {name!r} 0..{len(nodes) - 1} without gaps")))
+                bad = True
+        head = by_rank.get(0)
+        if head is None or bad:
+            continue
+        hs = peers[head.host]
+        for m in nodes:
+            if m is head:
+                continue
+            s = peers[m.host]
+            for key in CLUSTER_AGREE:
+                if getattr(s, key) != getattr(hs, key):
+                    problems.append((m.host, Problem("vllm_" + key, getattr(s, key),
+                                                     f"differs from the head {head.host}'s ({getattr(hs, key)!r}) in cluster {name!r}: every "
+                                                     "rank must run the same vLLM, torch, model, revision and layout",
+                                                     f"set vllm_{key} for the whole cluster (in its group's group_data), not per host")))
+            if (None if s.gpus is None else len(s.gpus)) != (None if hs.gpus is None else len(hs.gpus)):
+                problems.append((m.host, Problem("vllm_gpus", s.gpus,
+                                                 f"gives this node {'all its' if s.gpus is None else len(s.gpus)} GPUs where the head {head.host} uses "
+                                                 f"{'all its' if hs.gpus is None else len(hs.gpus)}: every node must bring the same number",
+                                                 "select the same number of GPUs on every node (vllm_gpus), or none on any")))
+        head_address = hs.cluster_address or head.address
+        if head_address is None:
+            problems.append((head.host, Problem("vllm_cluster_address", None,
+                                                f"is missing: the workers of cluster {name!r} have no address to reach its head at",
+                                                "set vllm_cluster_address on the head to its IP on the private cluster network")))
+            continue
+        ordered = tuple(sorted(nodes, key=lambda m: peers[m.host].cluster_rank))
+        set_fields = tuple(replace(m, cluster=name, rank=peers[m.host].cluster_rank, cluster_size=len(nodes),
+                                   head_address=head_address, head_port=hs.cluster_port) for m in ordered)
+        ips = tuple((m.host, peers[m.host].cluster_address) for m in ordered if peers[m.host].cluster_address)
+        out.append(Cluster(name, head.model, set_fields, head_address, hs.cluster_port, hs.cluster_layout,
+                           hs.cluster_ifname, ips))
+    return tuple(out), problems
 
 
 def routes(members: tuple[Member, ...], routers: list[tuple[str, Settings]],

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from vllm_fleet.account.settings import AccountSection
+from vllm_fleet.cluster.settings import ClusterSection
 from vllm_fleet.router.settings import RouterSection
 from vllm_fleet.layout import toolkit_dir_problem, venv_dir_problem
 from vllm_fleet.errors import Problem, SettingConflict, SettingsError
@@ -166,12 +167,13 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "weights": WeightsSection,
     "service": ServiceSection,
     "router": RouterSection,
+    "cluster": ClusterSection,
 }
 
 
 # The bases are SECTIONS reversed: pydantic orders inherited fields from the last base to the first, so
 # Settings.model_fields (and the problems of a SettingsError) follow SECTIONS and group_data/all.py.
-class Settings(RouterSection, ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
+class Settings(ClusterSection, RouterSection, ServiceSection, WeightsSection, PyenvSection, AccountSection, PreflightSection, ServeOptions, CoreSection):
     """Everything a user can tune for one host. Field names are host-data keys without `vllm_`.
 
     Before the fields' checks, `load_settings` refuses control characters in every string of every

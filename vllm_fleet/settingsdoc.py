@@ -33,6 +33,11 @@ _URL = "anything but an `http(s)://`, `file://`, `git+https://` or `ssh://` URL;
 #: What each setting's checks refuse, beyond its type and numeric bounds (the rules for every setting are in the header);
 #: for an options-table row, only what the row's own ``refused`` text does not say (checks across settings).
 REFUSED: dict[str, str] = {
+    "cluster": "anything but lower-case letters, digits and `_ . -` (up to 63, starting with a letter or digit); "
+               "members that disagree, a missing head, a duplicate rank or a router replica: the fleet's error names the host",
+    "cluster_address": "anything but an IP address; the unspecified or a loopback address",
+    "cluster_ifname": "anything but an interface name of up to 15 characters, a comma list of them, or one with "
+                      "NCCL's `^` / `=` prefix",
     "router_bind_host": "anything but an IP address; an address that is not loopback when the router host has no "
                         "key for clients (vllm_router_api_key or vllm_api_key): the fleet's error names the host",
     "router_api_key": "anything but a bearer token of 8-512 characters (RFC 6750 b64token: letters, digits, "
