@@ -2,6 +2,11 @@
 
     vllm-fleet plan --model minimax-m2 --gpus 4xA800-80G --max-model-len 131072
     vllm-fleet plan --model minimax-m2 --gpus 8xH200 --json
+    vllm-fleet plan --model minimax-m2 --gpus 4xA800-80G --nodes 2     # one model across 2 such hosts
+
+With --nodes N (N >= 2) --gpus is ONE node's GPUs and the plan is a multi-node cluster
+(vllm_fleet/planner/cluster.py, docs/multi-node.md): layout, KV per GPU, max-model-len, why
+this layout, and each rank's command line (rank 0 serves the API, the others run headless).
 
 Output is as wide as the terminal (rich detects it; COLUMNS, or 80 when not a
 terminal). An undeployable plan prints its errors and remedies and no launch
@@ -27,6 +32,8 @@ from rich.table import Table
 
 from vllm_fleet.planner.hardware import GiB
 from vllm_fleet.planner import options as serve_options
+from vllm_fleet.planner.cluster import DEFAULT_PORT, HEAD_PLACEHOLDER, ClusterError, ClusterPlan, make_cluster_plan
+from vllm_fleet.planner.hardware import HardwareError, parse_gpu_spec
 from vllm_fleet.planner.modelinfo import list_profiles
 from vllm_fleet.planner.plan import Plan, make_plan, options_from
 
@@ -42,7 +49,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Plan a vLLM deployment without touching a host. Options mirror vLLM's flags.",
     )
     p.add_argument("--model", required=True, help=f"profile ({', '.join(list_profiles())}), model dir or config.json")
-    p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G, 8xH200, 2xH100-80G")
+    p.add_argument("--gpus", required=True, help="GPU spec, e.g. 4xA800-80G, 8xH200, 2xH100-80G (with --nodes: the GPUs of each node)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="plan one model across N identical hosts (vLLM's native multi-node runtime; docs/multi-node.md): "
+                        "--gpus is then each node's GPUs, and every rank's command line is printed")
+    p.add_argument("--cluster-layout", choices=("auto", "pp", "dp-ep"), default="auto",
+                   help="with --nodes: pp = TP inside a node, PP across nodes; dp-ep = data-parallel attention + expert "
+                        "parallel (MoE); auto = the planner's choice")
+    p.add_argument("--head-address", default=HEAD_PLACEHOLDER, help="with --nodes: the head's address on the cluster network "
+                   f"(--master-addr); default the placeholder {HEAD_PLACEHOLDER}")
+    p.add_argument("--cluster-port", type=int, default=DEFAULT_PORT, help=f"with --nodes: the head's rendezvous port (default {DEFAULT_PORT})")
     serve_options.add_arguments(p)  # one option per row of vllm_fleet/planner/options.py
     p.add_argument("--vllm-version")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -53,9 +69,59 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Build and print the plan; 0 when deployable, 1 when it has errors."""
     options = options_from(**serve_options.given(args), vllm_version=args.vllm_version)
+    if args.nodes != 1:
+        return run_cluster(args, options)
     plan = make_plan(args.model, args.gpus, options)
     print(json.dumps(document(plan), indent=2) if args.json else render(plan), end="" if not args.json else "\n")
     return 0 if plan.ok else 1
+
+
+def run_cluster(args: argparse.Namespace, options) -> int:
+    """`plan --nodes N`: the cluster plan; 0 when deployable, 1 when it has errors."""
+    if args.nodes < 2:
+        raise ClusterError(f"--nodes {args.nodes}: a cluster needs at least 2 nodes (leave --nodes out for one host).")
+    try:
+        node = parse_gpu_spec(args.gpus)
+    except HardwareError as exc:
+        raise ClusterError(str(exc)) from exc
+    nodes = [(f"node{r}", node) for r in range(args.nodes)]
+    cp = make_cluster_plan(args.model, nodes, options, layout=args.cluster_layout, head_address=args.head_address,
+                           port=args.cluster_port)
+    if args.json:
+        doc = document(cp.plan)
+        doc["cluster"] = {"nodes": cp.nodes, "gpus_per_node": cp.gpus_per_node, "layout": cp.layout,
+                          "head_address": cp.head_address, "port": cp.port, "reasons": list(cp.reasons),
+                          "ranks": [{"rank": r.rank, "headless": r.headless, "argv": list(r.argv) if cp.ok else None,
+                                     "env": r.env} for r in cp.ranks]}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_cluster(cp), end="")
+    return 0 if cp.ok else 1
+
+
+def render_cluster(cp: ClusterPlan) -> str:
+    """The human cluster plan: the whole-cluster plan (`render`), why this layout, and each rank's command."""
+    text = render(cp.plan).replace("verdict: deployable\n", "")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(("command: ", "    --")) or not cp.ok) + "\n"
+    out = io.StringIO()
+    console = Console(file=out, color_system=None, force_terminal=False, no_color=True)
+    console.print(f"Cluster: {cp.nodes} nodes x {cp.node_hardware}, layout {cp.layout}, head {cp.head_address}:{cp.port}",
+                  markup=False, highlight=False)
+    console.print(f"KV per GPU: {cp.plan.kv_cache_bytes_per_token_per_gpu:,} bytes/token; max-model-len "
+                  f"{cp.plan.max_model_len:,}", markup=False, highlight=False)
+    for reason in cp.reasons:
+        console.print(f"why: {reason}", markup=False, highlight=False)
+    if cp.ok:
+        for r in cp.ranks:
+            console.print(f"rank {r.rank} ({'headless worker' if r.headless else 'head: serves the API'}):",
+                          markup=False, highlight=False)
+            for line in command_lines(list(r.argv), console.width):
+                console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
+        console.print("env on every rank: the plan's, plus NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (vllm_cluster_ifname) "
+                      "and VLLM_HOST_IP (vllm_cluster_address) where set", markup=False, highlight=False)
+        console.print("verdict: deployable (the per-node units and deploy are not built yet: docs/multi-node.md)",
+                      markup=False, highlight=False)
+    return text + out.getvalue()
 
 
 def document(plan: Plan) -> dict[str, Any]:
