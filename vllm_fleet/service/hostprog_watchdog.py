@@ -28,6 +28,13 @@ sent SIGTERM, then SIGKILL after ``reap_grace_s``; any other holder is named and
 the start refused (exit 1; systemd retries every RestartSec, so the service
 starts once the holder is gone). No nvidia-smi: nothing to do.
 
+Metrics (when CONFIG names ``textfile_dir``, node exporter's textfile collector directory): ``watch`` keeps
+``vllm_fleet_watchdog_restarts_total{service=...}`` (a counter, 0 from the first watch on, +1 per restart, kept
+across watchdog restarts) in ``vllm-fleet-watchdog-SERVICE.prom``; ``reap`` writes
+``vllm_fleet_gpu_foreign_processes`` and ``vllm_fleet_gpu_foreign_memory_mib`` (gauges: what holds the service's GPUs
+and is not the service's, 0 when nothing) to ``vllm-fleet-reap-SERVICE.prom``. Each file is replaced atomically.
+A file that cannot be written is said on stdout and changes nothing else.
+
 CONFIG is a JSON file written by the deploy (no secret in it). Exit codes: 0 ok,
 1 probe missed / start refused, 2 usage or configuration error.
 """
@@ -72,6 +79,7 @@ class Config:
     start_grace_s: float = 600.0
     gpus: Optional[List[int]] = None
     reap_grace_s: float = 30.0
+    textfile_dir: Optional[str] = None  # node exporter's textfile collector directory; None: no metrics files
 
     @property
     def unit(self) -> str:
@@ -146,6 +154,65 @@ def http(url: str, *, key: Optional[str] = None, payload: Optional[dict] = None,
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return 0, "no answer within the deadline" if isinstance(reason, (socket.timeout, TimeoutError)) else str(reason)
+
+
+# ------------------------------------------------------------------ metrics --
+
+RESTARTS_METRIC = "vllm_fleet_watchdog_restarts_total"
+
+
+def textfile_path(cfg: Config, part: str) -> Optional[str]:
+    """Where ``part`` (watchdog, reap) writes its metrics; None without a textfile directory."""
+    return os.path.join(cfg.textfile_dir, f"vllm-fleet-{part}-{cfg.service}.prom") if cfg.textfile_dir else None
+
+
+def write_textfile(path: str, text: str) -> bool:
+    """Replace ``path`` with ``text`` atomically (the collector never reads half a file); False, said, on error."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        say(f"{PROG}: cannot write metrics file {path}: {exc}")
+        return False
+
+
+def count_restart(cfg: Config, by: int = 1) -> Optional[int]:
+    """Add ``by`` to the service's restart counter in its textfile (read back first, so the count survives the
+    watchdog's own restarts); the new total, or None without a textfile directory."""
+    path = textfile_path(cfg, "watchdog")
+    if path is None:
+        return None
+    total = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(RESTARTS_METRIC + "{"):
+                    total = int(float(line.rsplit(None, 1)[1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    total += by
+    write_textfile(path, f"# HELP {RESTARTS_METRIC} Restarts of a vLLM service by vllm-fleet-watchdog "
+                         f"(completion probes missed).\n# TYPE {RESTARTS_METRIC} counter\n"
+                         f'{RESTARTS_METRIC}{{service="{cfg.service}"}} {total}\n')
+    return total
+
+
+def write_foreign(cfg: Config, foreign: list) -> None:
+    """The reap's finding as gauges: processes holding the service's GPUs that are not the service's, and their MiB."""
+    path = textfile_path(cfg, "reap")
+    if path is None:
+        return
+    label = f'{{service="{cfg.service}"}}'
+    write_textfile(path, "# HELP vllm_fleet_gpu_foreign_processes Processes not of this service holding its GPUs "
+                         "at its last start.\n# TYPE vllm_fleet_gpu_foreign_processes gauge\n"
+                         f"vllm_fleet_gpu_foreign_processes{label} {len(foreign)}\n"
+                         "# HELP vllm_fleet_gpu_foreign_memory_mib GPU memory (MiB) they hold.\n"
+                         "# TYPE vllm_fleet_gpu_foreign_memory_mib gauge\n"
+                         f"vllm_fleet_gpu_foreign_memory_mib{label} {sum(h.mib for h in foreign)}\n")
 
 
 # ------------------------------------------------------------------ watching --
@@ -257,6 +324,8 @@ def restart(cfg: Config) -> None:
     done = systemctl("kill", "--kill-who=main", "--signal=SIGKILL", cfg.unit)
     if done.returncode != 0:
         say(f"{PROG}: systemctl kill --kill-who=main --signal=SIGKILL {cfg.unit} failed: {done.stderr.strip()}")
+    else:
+        count_restart(cfg)
 
 
 def cmd_watch(cfg: Config) -> int:
@@ -264,6 +333,7 @@ def cmd_watch(cfg: Config) -> int:
     dog = Watchdog(cfg)
     say(f"{PROG}: watching {cfg.unit} at {cfg.url}: a 1-token completion every {cfg.interval_s:.0f} s, deadline "
         f"{cfg.deadline_s:.0f} s, restart after {cfg.misses} misses in a row")
+    count_restart(cfg, by=0)  # the series exists from the start: increase() sees the first restart
     while True:
         began = time.monotonic()
         line, again = dog.tick(UnitState.read(cfg.unit), gate_running(cfg), time.monotonic(),
@@ -413,6 +483,7 @@ def reap(cfg: Config, run: Callable[[List[str]], str]) -> int:
             say(f"{PROG} reap: leftover of {cfg.unit}: {holder.describe()}: {outcome}")
         else:
             foreign.append(holder)
+    write_foreign(cfg, foreign)
     if foreign:
         for holder in foreign:
             say(f"{PROG} reap: refusing to start {cfg.unit}: {holder.describe()}, and it is not this service's: "

@@ -258,3 +258,61 @@ def test_a_config_with_an_unknown_key_is_refused(tmp_path):
     bad.write_text(json.dumps({**_cfg(tmp_path).__dict__, "interval": 5}))
     proc = subprocess.run([sys.executable, wd.__file__, "watch", str(bad)], capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
+# ------------------------------------------------------------------ metrics (node exporter's textfile collector) --
+
+def _samples(path: Path) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(path.read_text()) for s in f.samples}
+
+
+def test_each_restart_adds_one_to_the_counter_that_survives_the_watchdogs_own_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(wd, "systemctl", lambda *a: subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(wd, "journal_send", lambda *a, **k: True)
+    cfg = _cfg(tmp_path, textfile_dir=str(tmp_path))
+    prom = tmp_path / "vllm-fleet-watchdog-vllm.prom"
+    assert wd.count_restart(cfg, by=0) == 0  # what `watch` writes first: the series exists before any restart
+    assert _samples(prom) == {("vllm_fleet_watchdog_restarts_total", (("service", "vllm"),)): 0.0}
+    wd.restart(cfg)
+    wd.restart(cfg)
+    assert wd.count_restart(cfg, by=0) == 2  # a new watchdog process starts from the file, not from 0
+    wd.restart(cfg)
+    assert _samples(prom)[("vllm_fleet_watchdog_restarts_total", (("service", "vllm"),))] == 3.0
+    assert "counter" in prom.read_text() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_failed_kill_is_not_counted_and_no_directory_means_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(wd, "systemctl", lambda *a: subprocess.CompletedProcess(a, 1, "", "Failed"))
+    monkeypatch.setattr(wd, "journal_send", lambda *a, **k: True)
+    cfg = _cfg(tmp_path, textfile_dir=str(tmp_path))
+    wd.restart(cfg)
+    assert not (tmp_path / "vllm-fleet-watchdog-vllm.prom").exists()
+    assert wd.count_restart(_cfg(tmp_path)) is None
+
+
+def test_an_unwritable_directory_is_said_and_changes_nothing_else(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wd, "systemctl", lambda *a: subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(wd, "journal_send", lambda *a, **k: True)
+    wd.restart(_cfg(tmp_path, textfile_dir=str(tmp_path / "missing")))
+    assert "cannot write metrics file" in capsys.readouterr().out
+
+
+def test_reap_writes_the_foreign_holders_it_refused_and_zero_once_they_are_gone(tmp_path, capsys):
+    marker = f"vllm-foreign-{os.getpid()}-{time.monotonic_ns()}"
+    smi = _smi(_hardware(tmp_path, marker))
+    prom = tmp_path / "vllm-fleet-reap-vllm.prom"
+    label = (("service", "vllm"),)
+    proc = _leftover(marker)
+    try:
+        assert wd.reap(_cfg(tmp_path, user="nobody", gpus=[1], textfile_dir=str(tmp_path)), smi) == 1
+        assert _samples(prom) == {("vllm_fleet_gpu_foreign_processes", label): 1.0,
+                                  ("vllm_fleet_gpu_foreign_memory_mib", label): 70000.0}
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert wd.reap(_cfg(tmp_path, user="nobody", gpus=[1], textfile_dir=str(tmp_path)), smi) == 0
+    assert _samples(prom) == {("vllm_fleet_gpu_foreign_processes", label): 0.0,
+                              ("vllm_fleet_gpu_foreign_memory_mib", label): 0.0}

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,84 @@ from vllm.test_double.logs import ProcLog
 
 APPEND_THINK_PARSER = "minimax_m2_append_think"
 _TOKEN = re.compile(r"\s*\S+")
+# vLLM 0.25.0's histogram buckets (tests/fixtures/vllm-metrics/vllm-0.25.0-metrics.txt).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+
+
+class Histogram:
+    """Cumulative buckets, count and sum, as prometheus_client keeps them."""
+
+    def __init__(self, bounds: tuple) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str) -> str:
+        """Sample lines; ``le`` sorts between engine and model_name, as vLLM prints it."""
+        engine, model = labels.split(",", 1)
+        out = [f'{name}_bucket{{{engine},le="{b}",{model}}} {float(c)}\n' for b, c in zip(self.bounds, self.counts)]
+        out.append(f'{name}_bucket{{{engine},le="+Inf",{model}}} {float(self.count)}\n')
+        out.append(f"{name}_count{{{labels}}} {float(self.count)}\n{name}_sum{{{labels}}} {self.sum}\n")
+        return "".join(out)
+
+
+@dataclass
+class Metrics:
+    """The double's counters and histograms (every answered completion counts; tokens come from its usage).
+    The double answers a request in one piece, so time to first token is the request's time and each further
+    token follows at once (an inter-token latency of 0 s)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    created: float = field(default_factory=time.time)
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def served(self, usage: dict, seconds: float) -> None:
+        with self.lock:
+            self.prompt_tokens += usage["prompt_tokens"]
+            self.generation_tokens += usage["completion_tokens"]
+            self.ttft.observe(seconds)
+            for _ in range(max(0, usage["completion_tokens"] - 1)):
+                self.itl.observe(0.0)
+
+    def text(self, model: str, running: float, waiting: float, kv_usage: float) -> str:
+        """The families the toolkit reads, in vLLM 0.25.0's exposition (names, HELP, TYPE, labels, _created)."""
+        labels = f'engine="0",model_name="{model}"'
+        out = []
+        for metric, help_, value in (
+                ("num_requests_running", "Number of requests in model execution batches.", running),
+                ("num_requests_waiting", "Number of requests waiting to be processed.", waiting),
+                ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage)):
+            out.append(f"# HELP vllm:{metric} {help_}\n# TYPE vllm:{metric} gauge\nvllm:{metric}{{{labels}}} {value}\n")
+        with self.lock:
+            for metric, help_, value in (
+                    ("prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens),
+                    ("generation_tokens", "Number of generation tokens processed.", self.generation_tokens)):
+                out.append(f"# HELP vllm:{metric}_total {help_}\n# TYPE vllm:{metric}_total counter\n"
+                           f"vllm:{metric}_total{{{labels}}} {float(value)}\n"
+                           f"# HELP vllm:{metric}_created {help_}\n# TYPE vllm:{metric}_created gauge\n"
+                           f"vllm:{metric}_created{{{labels}}} {self.created}\n")
+            for metric, help_, hist in (
+                    ("time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft),
+                    ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", self.itl)):
+                out.append(f"# HELP vllm:{metric} {help_}\n# TYPE vllm:{metric} histogram\n"
+                           + hist.lines(f"vllm:{metric}", labels)
+                           + f"# HELP vllm:{metric}_created {help_}\n# TYPE vllm:{metric}_created gauge\n"
+                           f"vllm:{metric}_created{{{labels}}} {self.created}\n")
+        return "".join(out)
 
 
 @dataclass
@@ -41,6 +120,7 @@ class ServeState:
     auto_tool_choice: bool = False
     unhealthy: bool = False
     engine: Optional[EngineClient] = None  # the engine process (None until it is ready)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 class ApiError(Exception):
@@ -179,6 +259,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        self._began = time.monotonic()
         self._body = None
         self._read_body()
         if not self._authorized():
@@ -232,17 +313,15 @@ class Handler(BaseHTTPRequestHandler):
             raise _engine_dead() from None
 
     def _metrics(self) -> None:
-        """Two of vLLM 0.25's gauges in Prometheus text (names and HELP lines as vLLM 0.25.0 serves them;
-        the API server answers them itself, so they stay 200 while the engine hangs). Running: the requests
-        forwarded to the engine and not yet answered (VLLM_DOUBLE_REQUEST_SECONDS keeps each in flight)."""
+        """vLLM 0.25's families that the toolkit reads, in its exposition format (names, HELP and TYPE lines,
+        labels as vLLM 0.25.0 serves them; tests/unit/test_vllm_metrics_format.py checks them against the real
+        capture). The API server answers them itself, so they stay 200 while the engine hangs. Running: the
+        requests forwarded to the engine and not yet answered (VLLM_DOUBLE_REQUEST_SECONDS keeps each in flight);
+        nothing waits and the double holds no KV cache, so waiting and KV usage are 0."""
         name = (self.server.state.served_names or [self.server.state.model_root])[0]
         engine = self.server.state.engine
         running = float(len(engine._waiting)) if engine is not None else 0.0  # requests the engine has not answered
-        text = "".join(
-            f"# HELP vllm:{metric} {help_}\n# TYPE vllm:{metric} gauge\n"
-            f'vllm:{metric}{{engine="0",model_name="{name}"}} {value}\n'
-            for metric, help_, value in (("num_requests_running", "Number of requests in model execution batches.", running),
-                                         ("num_requests_waiting", "Number of requests waiting to be processed.", 0.0)))
+        text = self.server.state.metrics.text(name, running, 0.0, 0.0)
         data = text.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -313,6 +392,7 @@ class Handler(BaseHTTPRequestHandler):
         finish = "length" if len(pieces) > limit else "stop"
         pieces = pieces[:limit]
         usage = _usage(prompt_tokens, len(pieces) + (_count_tokens(reasoning) if reasoning else 0))
+        st.metrics.served(usage, time.monotonic() - self._began)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             self._stream(_chat_chunks(rid, created, model, reasoning, pieces, finish, usage, _include_usage(body)))
@@ -345,6 +425,7 @@ class Handler(BaseHTTPRequestHandler):
         finish = "length" if len(pieces) > limit else "stop"
         pieces = pieces[:limit]
         usage = _usage(prompt_tokens, len(pieces))
+        st.metrics.served(usage, time.monotonic() - self._began)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.get("stream"):
             self._stream(_completion_chunks(rid, created, model, pieces, finish, usage, _include_usage(body)))
