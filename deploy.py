@@ -34,6 +34,14 @@ except (FleetError, ValueError) as exc:
 # every host of the inventory. A host of the `routers` group runs a router (`route`); one only in that group
 # serves no vLLM; a replica with a router in front of it is drained there before a restart (`behind`).
 topology = fleet.topology()
+cluster = topology.cluster_of(host.name)
+if cluster is not None:  # the plan of a cluster is built (vllm-fleet plan --nodes N); its deploy is not yet
+    abort(FleetError(
+        f"host {host.name}: vllm_cluster={cluster.name!r}: deploying one model across several hosts is not built yet "
+        f"(docs/multi-node.md: the planner and each rank's command are; the per-node units, start order and gate are "
+        f"not), and deploying each node as its own endpoint would not be a cluster\n"
+        f"    remedy: plan it with `vllm-fleet plan --gpus <N>x<GPU> --nodes {len(cluster.members)}`; to deploy now, unset "
+        f"vllm_cluster and vllm_cluster_rank and serve one replica per host (a router in front: docs/router.md)"))
 route = topology.route_on(host.name)
 serves = topology.serves_vllm(host.name)
 behind = topology.route_of(host.name) if serves else None

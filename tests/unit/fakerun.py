@@ -74,8 +74,10 @@ class FakeRun:
             yield
 
 
-def fake_run(data: dict, answer: Callable[[type, dict], object], name: str = "fake") -> FakeRun:
-    inventory = Inventory(([(name, data)], {}))
+def fake_run(data: dict, answer: Callable[[type, dict], object], name: str = "fake",
+             peers: tuple[tuple[str, dict], ...] = ()) -> FakeRun:
+    """The run of ``name`` (``data``), with ``peers`` (name, data) as the inventory's other hosts (the fleet)."""
+    inventory = Inventory(([(name, data), *peers], {}))
     state = State(inventory, Config())
     state.current_stage = StateStage.Prepare
     host = inventory.get_host(name)

@@ -89,3 +89,19 @@ def test_the_error_names_host_setting_value_and_remedy():
         topology(hosts({}, {"vllm_torch_backend": "cu128"}))
     text = str(e.value)
     assert "host a800-02" in text and "vllm_torch_backend='cu128'" in text and "head a800-01" in text and "remedy:" in text
+
+
+def test_a_deploy_of_a_cluster_node_stops_before_any_fact_with_one_clear_error():
+    """The plan of a cluster exists, its deploy does not: deploy.py refuses a cluster node (naming the host, the
+    setting and the remedy) before it reads a fact, instead of deploying each node as its own endpoint."""
+    from vllm_fleet.hostops.abort import FleetAbort
+    from tests.unit.fakerun import fake_run
+
+    (head, head_data), peer = hosts({}, {})
+    run = fake_run(head_data, lambda cls, args, kwargs: None, name=head, peers=(peer,))
+    with pytest.raises(FleetAbort) as e:
+        run.run_file("deploy.py")
+    text = str(e.value)
+    assert text.startswith("host a800-01: vllm_cluster='minimax-pair': ") and "not built yet" in text, text
+    assert "remedy: plan it with `vllm-fleet plan --gpus <N>x<GPU> --nodes 2`" in text, text
+    assert run.reads == [], run.reads  # nothing read, nothing changed
