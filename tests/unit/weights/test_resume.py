@@ -46,6 +46,16 @@ def _partials(dest: str) -> dict:
     return {p.name: p.stat().st_size for p in root.glob("*.safetensors")} if root.is_dir() else {}
 
 
+def _wait_every_shard_partial(dest: str, timeout_s: float = 30) -> None:
+    """Until every shard has at least 1 MiB on disk (a partial of each), or ``timeout_s``: the moment to cut in."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        parts = _partials(dest)
+        if len(parts) == SHARDS and all(MIB <= n for n in parts.values()):
+            return
+        time.sleep(0.05)
+
+
 MIRRORS = {
     "hf-mirror": (Mirror, lambda url: ({"kind": "hf", "repo": repo.REPO_ID, "endpoint": url}, {})),
     "hf-endpoint": (Mirror, lambda url: ({"kind": "hf", "repo": repo.REPO_ID}, {"HF_ENDPOINT": url})),
@@ -65,12 +75,7 @@ def test_a_kill_while_every_shard_is_partial_refetches_at_most_1_mib_per_file(re
         mirror.rate = 3 * MIB  # per response: four shards of 8 MiB take ~3 s
         proc = subprocess.Popen([sys.executable, str(PROGRAM), "run", str(cfg_path)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            parts = _partials(cfg["dest"])
-            if len(parts) == SHARDS and all(MIB <= n for n in parts.values()):
-                break
-            time.sleep(0.05)
+        _wait_every_shard_partial(cfg["dest"])
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         parts = _partials(cfg["dest"])
@@ -183,12 +188,7 @@ def test_a_mirror_restart_mid_download_resumes_every_partial(repo_dir, tmp_path)
         proc = subprocess.Popen([sys.executable, str(PROGRAM), "run", str(cfg_path)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                parts = _partials(cfg["dest"])
-                if len(parts) == SHARDS and all(MIB <= n for n in parts.values()):
-                    break
-                time.sleep(0.05)
+            _wait_every_shard_partial(cfg["dest"])
             port = mirror.port
             mirror.restart(down_s=5.0)
             assert mirror.port == port
