@@ -133,6 +133,41 @@ def test_the_unit_restarts_always_never_gives_up_and_stays_hardened(deployed):
                          "vllm-devices.service"]).returncode == 0
 
 
+# pidfd_getfd(2) of a child's descriptor, the call PyTorch's CUDA IPC makes with expandable_segments:True (measured
+# on the H200: `pidfd_getfd: Operation not permitted` under a filter without it); x86_64 syscall number 438
+PIDFD_GETFD = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r); import time; time.sleep(30); os._exit(0)
+fd = libc.syscall(438, os.pidfd_open(pid), w, 0)
+err = ctypes.get_errno()
+os.kill(pid, 9); os.waitpid(pid, 0)
+print("ok" if fd >= 0 else "errno %d %s" % (err, os.strerror(err)))
+"""
+
+
+def test_the_units_syscall_filter_lets_pidfd_getfd_through_and_without_its_allow_line_does_not(deployed):
+    """The installed unit's own syscall lines (filter, error number, architectures, no new privileges) and its user,
+    on a transient unit under the host's real systemd: pidfd_getfd passes; the control without the
+    `SystemCallFilter=pidfd_getfd` line gets EPERM, so the line is what admits it (it is in @debug only)."""
+    unit = host_exec(C, ["systemctl", "cat", "vllm.service"]).stdout.splitlines()
+    keys = ("SystemCallFilter=", "SystemCallErrorNumber=", "SystemCallArchitectures=", "NoNewPrivileges=", "User=")
+    lines = [line for line in unit if line.startswith(keys)]
+    assert "SystemCallFilter=pidfd_getfd" in lines and any(l.startswith("User=") for l in lines), lines
+
+    def run(props: list[str]) -> str:
+        argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *[f"--property={p}" for p in props],
+                "/usr/bin/python3", "-c", PIDFD_GETFD]
+        return host_exec(C, argv).stdout.strip()
+
+    assert run(lines) == "ok"
+    control = run([line for line in lines if line != "SystemCallFilter=pidfd_getfd"])
+    assert control == "errno 1 Operation not permitted", control
+
+
 def test_engine_sigkill_api_server_exits_0_and_systemd_restarts_it(deployed):
     before = _props()
     host_exec(C, ["kill", "-9", str(_engine_pid())])
