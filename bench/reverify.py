@@ -6,8 +6,9 @@ random bytes, then times, alternating R rounds, each over the same files:
   read:      `cat` of every file to /dev/null: what reading alone costs (the ceiling)
   serial:    the fetch program's verify_file over the files one after another (1 worker)
   parallel:  the same through a pool of W workers, as the fetch program's `_verify` does (vllm_weights_workers)
+  hashlib:   bare hashlib.sha256 over the same files in the same pool (the machine's own hashing ceiling)
 
-and prints the medians and the ratios parallel/read and serial/parallel. The files stay in the page cache after
+and prints the medians and the ratios parallel/read, parallel/hashlib and serial/parallel. The files stay in the page cache after
 the first round, so "read" here is memory speed, a stricter ceiling than a disk; sha256 releases the GIL, so the
 pool scales with the cores until it meets that ceiling.
 
@@ -68,7 +69,18 @@ def main() -> int:
             with ThreadPoolExecutor(max_workers=args.workers) as pool:
                 assert all(r is None for r in pool.map(fw.verify_file, paths, files))
 
-        series = {"read": read, "serial": serial, "parallel": parallel}
+        def bare(path: str) -> str:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        def hashlib_pool() -> None:
+            with ThreadPoolExecutor(max_workers=args.workers) as pool:
+                assert list(pool.map(bare, paths)) == [f.sha256 for f in files]
+
+        series = {"read": read, "serial": serial, "parallel": parallel, "hashlib": hashlib_pool}
         times: dict[str, list] = {k: [] for k in series}
         read()  # into the page cache: every series reads the same cached bytes
         for _ in range(args.n):
@@ -83,6 +95,7 @@ def main() -> int:
     for name, m in med.items():
         print(f"{name:9s} median {m:6.2f} s  {total / m:6.2f} GiB/s  (runs: {', '.join(f'{t:.2f}' for t in times[name])})")
     print(f"parallel / read: {med['parallel'] / med['read']:.2f}x the time of reading alone")
+    print(f"parallel / hashlib: {med['parallel'] / med['hashlib']:.2f}x (the program against bare hashlib in the same pool)")
     print(f"serial / parallel: {med['serial'] / med['parallel']:.2f}x (what the pool buys)")
     return 0
 
